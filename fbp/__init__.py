@@ -1,0 +1,1 @@
+"""feedback-predictor: command line and configuration shared by stream/ and trainer/."""
