@@ -1,0 +1,279 @@
+"""The worker's HTTP API (served by Faust's web server).
+
+Read endpoints (JSON):
+  GET  /health
+  GET  /api/v1/model                        serving model, version history
+  GET  /api/v1/users/{user_id}/scores?movies=1,2,3
+  GET  /api/v1/users/{user_id}/top?k=10
+  GET  /api/v1/users/{user_id}/profile
+  GET  /metrics                             Prometheus exposition
+Admin endpoints (need ``Authorization: Bearer <FBP_WORKER__ADMIN_TOKEN>``):
+  POST /api/v1/admin/reload                 re-read the published model now
+  POST /api/v1/admin/rollback  {"version": n?}
+  POST /api/v1/admin/finetune               ask the trainer for a fine-tune now
+
+Bad requests get a 4xx with ``{"error": ..., "detail": ...}``; a bug gets a
+500 with no internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+import orjson
+import torch
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from models import state as mstate
+from models.checkpoint import CheckpointError
+from stream import metrics as m
+from stream.app import app
+from stream.runtime import runtime
+
+log = logging.getLogger(__name__)
+MAX_ID = 2**53
+MAX_MOVIES_PER_QUERY = 1000
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str = "") -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def _token_ok(request: Request, secret: Any) -> bool:
+    if secret is None:
+        return True
+    header = request.headers.get("Authorization", "")
+    given = header[7:] if header.startswith("Bearer ") else ""
+    return hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
+
+
+def _require_read(request: Request) -> None:
+    if not _token_ok(request, runtime.settings.worker.read_token):
+        raise ApiError(401, "unauthorized", "send Authorization: Bearer <read token>")
+
+
+def _require_admin(request: Request) -> None:
+    token = runtime.settings.worker.admin_token
+    if token is None:
+        raise ApiError(403, "admin_disabled", "set FBP_WORKER__ADMIN_TOKEN to enable admin endpoints")
+    if not _token_ok(request, token):
+        raise ApiError(401, "unauthorized", "send Authorization: Bearer <admin token>")
+
+
+def _int(value: str, name: str, lo: int = 0, hi: int = MAX_ID) -> int:
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, "bad_parameter", f"{name} must be an integer") from None
+    if not lo <= v < hi:
+        raise ApiError(400, "bad_parameter", f"{name} must be in [{lo}, {hi})")
+    return v
+
+
+def _json(view: View, data: Any, status: int = 200) -> Response:
+    return view.bytes(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY),
+                      content_type="application/json", status=status)
+
+
+async def _guarded(view: View, fn: Callable[[], Awaitable[Any]]) -> Response:
+    try:
+        return _json(view, await fn())
+    except ApiError as e:
+        return _json(view, {"error": e.error, "detail": e.detail}, e.status)
+    except Exception:  # never leak internals; log them
+        log.exception("API error")
+        return _json(view, {"error": "internal"}, 500)
+
+
+async def _user_state(user_id: int) -> tuple[Any, mstate.State, bool]:
+    if not runtime.ready or runtime.store is None:
+        raise ApiError(503, "not_ready", "the worker has not loaded its model yet")
+    model = runtime.model
+    stored = await runtime.store.get(user_id)
+    device = model.device
+    st, stale = mstate.unpack_batch(model, [stored.blob], device)
+    if bool(stale.any()):
+        st = mstate.rederive(model, st)
+    return model, st, stored.blob is not None
+
+
+@app.page("/health")
+class Health(View):
+    async def get(self, request: Request) -> Response:
+        model = runtime.model
+        return _json(self, {
+            "status": "ok" if runtime.ready else "starting",
+            "model": model.name if model else None,
+            "model_version": model.version if model else None,
+            "device": str(model.device) if model else None,
+        }, 200)
+
+
+@app.page("/metrics")
+class Metrics(View):
+    async def get(self, request: Request) -> Response:
+        return self.bytes(generate_latest(m.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+
+@app.page("/api/v1/model")
+class ModelInfo(View):
+    async def get(self, request: Request) -> Response:
+        async def run() -> Any:
+            _require_read(request)
+            model = runtime.model
+            hist = await asyncio.to_thread(runtime.models.history) if runtime.models else []
+            return {"model": model.name if model else None,
+                    "version": model.version if model else None,
+                    "refused": runtime.refused, "history": hist}
+        return await _guarded(self, run)
+
+
+@app.page("/api/v1/users/{user_id}/scores")
+class Scores(View):
+    async def get(self, request: Request, user_id: str) -> Response:
+        async def run() -> Any:
+            _require_read(request)
+            uid = _int(user_id, "user_id")
+            raw = request.query.get("movies", "")
+            parts = [p for p in raw.split(",") if p.strip()]
+            if not parts:
+                raise ApiError(400, "bad_parameter", "movies=1,2,3 is required")
+            if len(parts) > MAX_MOVIES_PER_QUERY:
+                raise ApiError(400, "bad_parameter", f"at most {MAX_MOVIES_PER_QUERY} movies")
+            movies = [_int(p.strip(), "movie id", 0, 2**31) for p in parts]
+            model, st, known = await _user_state(uid)
+            ids = torch.tensor(movies, dtype=torch.int64, device=model.device)
+            with torch.inference_mode():
+                sc = model.score(st, ids.clamp(max=_capacity(model) - 1))[0].cpu().tolist()
+            return {"user_id": uid, "known_user": known, "model_version": model.version,
+                    "scores": {str(a): round(b, 4) for a, b in zip(movies, sc)}}
+        return await _guarded(self, run)
+
+
+@app.page("/api/v1/users/{user_id}/top")
+class Top(View):
+    async def get(self, request: Request, user_id: str) -> Response:
+        async def run() -> Any:
+            _require_read(request)
+            uid = _int(user_id, "user_id")
+            k = _int(request.query.get("k", "10"), "k", 1, 1001)
+            model, st, known = await _user_state(uid)
+            cands = torch.arange(1, _capacity(model), device=model.device)
+            with torch.inference_mode():
+                sc = model.score(st, cands)
+                seen = (st["win_movie"].unsqueeze(-1) == cands.view(1, 1, -1)).any(1)
+                sc = sc.masked_fill(seen, float("-inf"))
+                v, ix = torch.topk(sc[0], min(k, cands.numel()))
+            return {"user_id": uid, "known_user": known, "model_version": model.version,
+                    "top": [[int(cands[i]), round(float(s), 4)] for s, i in zip(v, ix)]}
+        return await _guarded(self, run)
+
+
+@app.page("/api/v1/users/{user_id}/profile")
+class Profile(View):
+    async def get(self, request: Request, user_id: str) -> Response:
+        async def run() -> Any:
+            _require_read(request)
+            uid = _int(user_id, "user_id")
+            model, st, known = await _user_state(uid)
+            n = int(st["count"][0].item()) if "count" in st else 0
+            mean = float(st["mean"][0].item()) if "mean" in st else None
+            return {"user_id": uid, "known_user": known, "ratings": n,
+                    "mean_rating": round(mean, 4) if n else None,
+                    "favourite_genres": _favourite_genres(model, st),
+                    "recent_movies": _recent(st), "model_version": model.version}
+        return await _guarded(self, run)
+
+
+@app.page("/api/v1/admin/reload")
+class Reload(View):
+    async def post(self, request: Request) -> Response:
+        async def run() -> Any:
+            _require_admin(request)
+            await runtime.check_model(app)
+            cur = await asyncio.to_thread(runtime.models.current) if runtime.models else None
+            return {"current_published": cur.version if cur else None,
+                    "serving": runtime.model.version if runtime.model else None}
+        return await _guarded(self, run)
+
+
+@app.page("/api/v1/admin/rollback")
+class Rollback(View):
+    async def post(self, request: Request) -> Response:
+        async def run() -> Any:
+            _require_admin(request)
+            body = await _body(request)
+            version = body.get("version")
+            if version is not None and not isinstance(version, int):
+                raise ApiError(400, "bad_parameter", "version must be an integer")
+            if runtime.models is None:
+                raise ApiError(503, "not_ready", "worker not ready")
+            try:
+                pub = await asyncio.to_thread(runtime.models.rollback, version)
+            except CheckpointError as exc:
+                raise ApiError(409, "rollback_refused", str(exc)) from None
+            await runtime.check_model(app)
+            return {"current": pub.version}
+        return await _guarded(self, run)
+
+
+@app.page("/api/v1/admin/finetune")
+class Finetune(View):
+    async def post(self, request: Request) -> Response:
+        async def run() -> Any:
+            _require_admin(request)
+            if runtime.models is None:
+                raise ApiError(503, "not_ready", "worker not ready")
+            key = f"{runtime.settings.redis.key_prefix}:trainer:requests"
+            await asyncio.to_thread(runtime.models.r.rpush, key, orjson.dumps({"at": time.time()}))
+            return {"requested": True}
+        return await _guarded(self, run)
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "bad_json", "request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_json", "request body must be a JSON object")
+    return body
+
+
+def _capacity(model: Any) -> int:
+    return int(getattr(model, "capacity", 2048))
+
+
+def _recent(st: mstate.State) -> list[int]:
+    if "win_movie" not in st:
+        return []
+    n = int(st["win_len"][0].item()) if "win_len" in st else 0
+    return [int(x) for x in st["win_movie"][0].tolist() if x > 0][:n]
+
+
+def _favourite_genres(model: Any, st: mstate.State, top: int = 3) -> list[str]:
+    """Genres of the movies the user rated above their own mean, within the window."""
+    vocab = getattr(model, "genre_vocab", None)
+    feats = getattr(model, "movie_features", None)
+    if not vocab or feats is None or "win_movie" not in st:
+        return []
+    movies = st["win_movie"][0]
+    ratings = st["win_rating"][0]
+    keep = movies > 0
+    if not bool(keep.any()):
+        return []
+    weight = (ratings[keep] - float(st["mean"][0])).clamp(min=0) + 1e-3
+    g = feats[movies[keep].clamp(max=feats.shape[0] - 1), : len(vocab)]
+    totals = (g * weight.unsqueeze(1)).sum(0)
+    order = torch.argsort(totals, descending=True)[:top]
+    return [vocab[i] for i in order.tolist() if totals[i] > 0]

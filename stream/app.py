@@ -1,0 +1,99 @@
+"""The Faust application: topics, the prediction agent and the model watcher.
+
+Run it with ``fbp worker`` (or ``faust -A stream.app worker``).  The agent
+is a short loop over micro-batches; the work of a batch lives in
+``stream.predictor`` so it can be read and tested without Faust.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+import faust
+
+from fbp.settings import KafkaSettings, get_settings
+from stream.predictor import Incoming
+from stream.runtime import runtime
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+
+
+def _credentials(k: KafkaSettings) -> faust.types.auth.CredentialsT | None:
+    """TLS / SASL from settings (None for PLAINTEXT)."""
+    ctx = None
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+        ctx.check_hostname = k.ssl_check_hostname
+        if k.ssl_certfile:
+            ctx.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)
+    if k.sasl_mechanism:
+        return faust.SASLCredentials(
+            username=k.sasl_username,
+            password=k.sasl_password.get_secret_value() if k.sasl_password else None,
+            mechanism=k.sasl_mechanism,
+            ssl_context=ctx,
+        )
+    if ctx is not None:
+        return faust.SSLCredentials(ctx)
+    return None
+
+
+app = faust.App(
+    settings.worker.app_id,
+    broker=[f"kafka://{s}" for s in settings.kafka.servers],
+    broker_credentials=_credentials(settings.kafka),
+    store="memory://",
+    key_serializer="raw",
+    value_serializer="raw",
+    topic_partitions=settings.kafka.partitions,
+    topic_replication_factor=settings.kafka.replication_factor,
+    consumer_auto_offset_reset="earliest",
+    producer_acks=-1,
+    producer_linger=0.005,
+    broker_commit_interval=1.0,
+    web_host=settings.worker.web_host,
+    web_port=settings.worker.web_port,
+    web_bind=settings.worker.web_host,
+    datadir=str(settings.stack.data_dir / "faust" / f"{settings.worker.app_id}-{settings.worker.web_port}"),
+)
+
+ratings_topic = app.topic(
+    settings.kafka.ratings_topic, key_type=bytes, value_type=bytes,
+    key_serializer="raw", value_serializer="raw",
+)
+
+
+@app.agent(ratings_topic, concurrency=1)
+async def predict(stream: faust.StreamT) -> None:
+    """Micro-batches of rating events -> predictions (events acked after the batch)."""
+    w = settings.worker
+    async for events in stream.take_events(w.batch_size, within=w.batch_timeout_s):
+        predictor = await runtime.predictor(app)
+        await predictor.process([
+            Incoming(e.value, e.message.partition, e.message.offset, e.message.timestamp, e.message.topic)
+            for e in events
+        ])
+
+
+@app.task
+async def load_model_on_start() -> None:
+    """Load the model before the first batch so /health turns ok early."""
+    await runtime.predictor(app)
+
+
+@app.timer(interval=1.0)
+async def watch_model() -> None:
+    """Pick up a newly published (or rolled back) model version from Redis."""
+    await runtime.check_model(app)
+
+
+@app.timer(interval=2.0)
+async def refresh_gauges() -> None:
+    """Users in state and consumer lag per partition."""
+    await runtime.refresh_gauges(app)
+
+
+# Web routes: the query API, health, /metrics and the live page.
+from stream import api  # noqa: E402,F401  (registers views on ``app``)

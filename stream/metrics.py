@@ -1,0 +1,107 @@
+"""Prometheus metrics of the stream worker.
+
+Names follow Prometheus conventions (``_total`` counters, ``_seconds``
+durations, base units); ``promtool check metrics`` runs over them in the tests.
+Online error is exported two ways: gauges over a rolling window of recent
+predictions (what a person reads), and cumulative sums (what PromQL turns
+into RMSE over any range: ``sqrt(rate(sq_sum) / rate(count))``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+STAGES = ("decode", "redis_load", "model_step", "topk", "redis_store", "produce")
+
+EVENTS = Counter(
+    "fbp_events_processed_total", "Valid rating events turned into predictions", registry=REGISTRY
+)
+REJECTED = Counter(
+    "fbp_events_rejected_total", "Malformed events sent to the dead-letter topic", ["reason"],
+    registry=REGISTRY,
+)
+SKIPPED = Counter(
+    "fbp_events_skipped_total",
+    "Redelivered events already folded into the user's state (watermark)",
+    registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    "fbp_batch_size_events", "Events per micro-batch",
+    buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=REGISTRY,
+)
+STAGE_SECONDS = Histogram(
+    "fbp_stage_duration_seconds", "Time per micro-batch spent in each stage", ["stage"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
+LATENCY = Histogram(
+    "fbp_event_to_prediction_seconds",
+    "From the rating's Kafka timestamp to its prediction being acknowledged by Kafka",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+ONLINE_RMSE = Gauge(
+    "fbp_online_rmse", "RMSE of the latest predictions (rolling window)", registry=REGISTRY
+)
+ONLINE_MAE = Gauge(
+    "fbp_online_mae", "MAE of the latest predictions (rolling window)", registry=REGISTRY
+)
+SQ_ERR = Counter(
+    "fbp_prediction_squared_error_total", "Sum of squared prediction errors", registry=REGISTRY
+)
+ABS_ERR = Counter(
+    "fbp_prediction_absolute_error_total", "Sum of absolute prediction errors", registry=REGISTRY
+)
+USERS = Gauge("fbp_users_in_state", "Users with a state in Redis", registry=REGISTRY)
+STATE_BYTES = Gauge(
+    "fbp_state_bytes_per_user", "Size of one user's packed state", registry=REGISTRY
+)
+MODEL_VERSION = Gauge("fbp_model_version", "Version of the serving model", registry=REGISTRY)
+MODEL_INFO = Gauge(
+    "fbp_model_info", "The serving model (value 1)", ["model", "device"], registry=REGISTRY
+)
+REDERIVED = Counter(
+    "fbp_states_rederived_total",
+    "User states re-derived from their window after a model swap",
+    registry=REGISTRY,
+)
+SWAPS = Counter("fbp_model_swaps_total", "Models hot-swapped into this worker", registry=REGISTRY)
+SWAP_REFUSED = Counter(
+    "fbp_model_swaps_refused_total", "Published models this worker refused", ["reason"],
+    registry=REGISTRY,
+)
+CONSUMER_LAG = Gauge(
+    "fbp_consumer_lag_messages", "Messages in the partition not yet processed by this worker",
+    ["topic", "partition"], registry=REGISTRY,
+)
+LAST_BATCH = Gauge(
+    "fbp_last_batch_timestamp_seconds", "Unix time the last batch finished", registry=REGISTRY
+)
+
+
+class RollingError:
+    """Online RMSE/MAE over the last ``window`` predictions."""
+
+    def __init__(self, window: int = 2000) -> None:
+        self.errors: deque[float] = deque(maxlen=window)
+
+    def add(self, predicted: float, actual: float) -> None:
+        e = predicted - actual
+        self.errors.append(e)
+        SQ_ERR.inc(e * e)
+        ABS_ERR.inc(abs(e))
+
+    def publish(self) -> tuple[float, float]:
+        n = len(self.errors)
+        if not n:
+            return math.nan, math.nan
+        rmse = math.sqrt(sum(e * e for e in self.errors) / n)
+        mae = sum(abs(e) for e in self.errors) / n
+        ONLINE_RMSE.set(rmse)
+        ONLINE_MAE.set(mae)
+        return rmse, mae

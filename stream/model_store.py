@@ -1,0 +1,119 @@
+"""Published model checkpoints in Redis, so every worker on every machine can
+fetch the serving model without a shared filesystem.
+
+Keys (``<prefix>`` from settings.redis.key_prefix):
+
+* ``<prefix>:model:seq``            version counter (INCR)
+* ``<prefix>:model:v:<n>``          checkpoint bytes of version n (``models.checkpoint`` format)
+* ``<prefix>:model:v:<n>:meta``     JSON: sha256, model, metrics, published_at, reason
+* ``<prefix>:model:current``        the serving version number
+* ``<prefix>:model:history``        JSON lines of every publish/rollback, newest first
+
+A checkpoint is checked against its sha256 before anything loads it; a
+mismatch is refused and the worker keeps the model it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis
+
+from models.base import RatingModel
+from models.checkpoint import CheckpointError, checkpoint_from_bytes, checkpoint_to_bytes
+
+
+@dataclass(frozen=True)
+class Published:
+    version: int
+    sha256: str
+    meta: dict[str, Any]
+
+
+class ModelStore:
+    """Blocking access (publishing is rare; workers poll it from a timer)."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "fbp") -> None:
+        self.r = client
+        self.p = f"{prefix}:model"
+
+    def publish(self, model: RatingModel, meta: dict[str, Any] | None = None, *, reason: str = "publish") -> Published:
+        """Give ``model`` the next version, store it and make it current."""
+        version = int(self.r.incr(f"{self.p}:seq"))
+        model.version = version
+        meta = dict(meta or {}, version=version)
+        blob = checkpoint_to_bytes(model, meta)
+        return self.put(version, blob, meta, reason=reason)
+
+    def put(self, version: int, blob: bytes, meta: dict[str, Any], *, reason: str = "publish") -> Published:
+        """Store raw checkpoint bytes as ``version`` and make it current."""
+        sha = hashlib.sha256(blob).hexdigest()
+        info = {"version": version, "sha256": sha, "model": meta.get("model"),
+                "metrics": meta.get("metrics", {}), "published_at": time.time(), "reason": reason}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(f"{self.p}:v:{version}", blob)
+        pipe.set(f"{self.p}:v:{version}:meta", orjson.dumps(info))
+        pipe.set(f"{self.p}:current", version)
+        pipe.lpush(f"{self.p}:history", orjson.dumps(info))
+        pipe.execute()
+        return Published(version, sha, info)
+
+    def current(self) -> Published | None:
+        v = self.r.get(f"{self.p}:current")
+        if v is None:
+            return None
+        return self.info(int(v))
+
+    def info(self, version: int) -> Published | None:
+        raw = self.r.get(f"{self.p}:v:{version}:meta")
+        if raw is None:
+            return None
+        meta = orjson.loads(raw)
+        return Published(version, meta["sha256"], meta)
+
+    def load(self, version: int) -> RatingModel:
+        """Fetch, verify and build version ``version``; CheckpointError if unusable."""
+        info = self.info(version)
+        blob = self.r.get(f"{self.p}:v:{version}")
+        if info is None or blob is None:
+            raise CheckpointError(f"model version {version} is not published in Redis")
+        sha = hashlib.sha256(blob).hexdigest()
+        if sha != info.sha256:
+            raise CheckpointError(
+                f"model version {version}: sha256 {sha[:12]}… does not match the published "
+                f"{info.sha256[:12]}…; republish the checkpoint"
+            )
+        model, _meta = checkpoint_from_bytes(blob)
+        model.version = version
+        return model
+
+    def history(self, limit: int = 50) -> list[dict[str, Any]]:
+        return [orjson.loads(x) for x in self.r.lrange(f"{self.p}:history", 0, limit - 1)]
+
+    def versions(self) -> list[int]:
+        keys = self.r.scan_iter(match=f"{self.p}:v:*:meta", count=1000)
+        return sorted(int(k.decode().split(":")[-2]) for k in keys)
+
+    def rollback(self, to_version: int | None = None) -> Published:
+        """Make an earlier version current again (default: the one before current)."""
+        cur = self.current()
+        if to_version is None:
+            older = [v for v in self.versions() if cur is None or v < cur.version]
+            if not older:
+                raise CheckpointError("no earlier model version to roll back to")
+            to_version = older[-1]
+        info = self.info(to_version)
+        if info is None:
+            raise CheckpointError(f"model version {to_version} is not published")
+        self.load(to_version)  # refuse to roll back onto a corrupt checkpoint
+        entry = dict(info.meta, reason=f"rollback from {cur.version if cur else None}",
+                     published_at=time.time())
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(f"{self.p}:current", to_version)
+        pipe.lpush(f"{self.p}:history", orjson.dumps(entry))
+        pipe.execute()
+        return Published(to_version, info.sha256, entry)

@@ -1,0 +1,135 @@
+"""What a running worker holds: the model, the Redis clients and the predictor.
+
+Built lazily on the first batch (Faust's loop is running by then) so that
+importing ``stream.app`` stays cheap and side-effect free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import torch
+
+from fbp.settings import Settings, get_settings
+from models.base import RatingModel
+from models.checkpoint import CheckpointError, load_checkpoint
+from stream import metrics as m
+from stream.model_store import ModelStore
+from stream.predictor import Predictor
+from stream.redis_conn import async_redis, sync_redis
+from stream.state_store import StateStore
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(want: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is refused."""
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is visible; use auto or cpu")
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(want)
+
+
+def initial_model(settings: Settings, models: ModelStore) -> RatingModel:
+    """The published current model if there is one, else the local checkpoint."""
+    cur = models.current()
+    if cur is not None:
+        return models.load(cur.version)
+    path = settings.worker.checkpoint
+    try:
+        model, _ = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise RuntimeError(
+            f"no published model in Redis and the checkpoint {path} is unusable ({exc}); "
+            "train one with `fbp train --out PATH` and set FBP_WORKER__CHECKPOINT, "
+            "or publish one with `fbp model publish PATH`"
+        ) from None
+    return model
+
+
+class Runtime:
+    def __init__(self) -> None:
+        self.settings: Settings = get_settings()
+        self._predictor: Predictor | None = None
+        self._lock = asyncio.Lock()
+        self.refused: dict[int, str] = {}
+        self.store: StateStore | None = None
+        self.models: ModelStore | None = None
+
+    async def predictor(self, app: Any) -> Predictor:
+        if self._predictor is not None:
+            return self._predictor
+        async with self._lock:
+            if self._predictor is None:
+                s = self.settings
+                self.models = ModelStore(sync_redis(s.redis), s.redis.key_prefix)
+                self.store = StateStore(async_redis(s.redis), s.redis.key_prefix)
+                device = pick_device(s.worker.device)
+                model = initial_model(s, self.models)
+
+                async def send(topic: str, key: bytes | None, value: bytes) -> Any:
+                    return await app.producer.send(topic, key, value, None, None, None)
+
+                self._predictor = Predictor(
+                    model, self.store, send,
+                    predictions_topic=s.kafka.predictions_topic, dlq_topic=s.kafka.dlq_topic,
+                    top_k=s.worker.top_k, max_payload_bytes=s.worker.max_payload_bytes,
+                    min_ts=s.worker.min_ts, max_future_s=s.worker.max_future_s, device=device,
+                )
+                log.info("serving %s v%d on %s", model.name, model.version, device)
+        return self._predictor
+
+    @property
+    def ready(self) -> bool:
+        return self._predictor is not None
+
+    @property
+    def model(self) -> RatingModel | None:
+        p = self._predictor
+        if p is None:
+            return None
+        return p._pending or p.model
+
+    async def check_model(self, app: Any) -> None:
+        """Load a newly current published version; refuse (and remember) a bad one."""
+        if self._predictor is None or self.models is None:
+            return
+        cur = await asyncio.to_thread(self.models.current)
+        serving = self.model
+        if cur is None or serving is None or cur.version == serving.version or cur.version in self.refused:
+            return
+        try:
+            model = await asyncio.to_thread(self.models.load, cur.version)
+        except (CheckpointError, ValueError, RuntimeError) as exc:
+            reason = "sha256_mismatch" if "sha256" in str(exc) else "unloadable"
+            self.refused[cur.version] = str(exc)
+            m.SWAP_REFUSED.labels(reason).inc()
+            log.error("refusing model version %d (%s): %s; still serving v%d",
+                      cur.version, reason, exc, serving.version)
+            return
+        self._predictor.offer_model(model)
+
+    async def refresh_gauges(self, app: Any) -> None:
+        if self.store is not None:
+            m.USERS.set(await self.store.users())
+        p = self._predictor
+        if p is None:
+            return
+        try:
+            assigned = app.consumer.assignment()
+        except Exception:  # consumer not started or rebalancing
+            return
+        for tp in assigned:
+            if tp.topic != self.settings.kafka.ratings_topic:
+                continue
+            high = app.consumer.highwater(tp)
+            if high is None:
+                continue
+            done = p.last_offset.get(tp.partition, -1)
+            m.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - done - 1))
+
+
+runtime = Runtime()

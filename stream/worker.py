@@ -1,0 +1,42 @@
+"""``fbp worker``: start one Faust stream processor.
+
+Equivalent to ``faust -A stream.app worker``; settings (ports, batch size,
+device, checkpoint) come from ``fbp.settings``.  Several workers with the same
+app id share the ``ratings`` partitions; give each its own web port
+(``FBP_WORKER__WEB_PORT``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from fbp.settings import ConfigError, load_settings
+
+
+def cli(
+    web_port: int = typer.Option(None, help="HTTP port for the API and /metrics (default from settings)"),
+    batch_size: int = typer.Option(None, help="events per micro-batch"),
+    device: str = typer.Option(None, help="auto, cpu or cuda"),
+    loglevel: str = typer.Option("info", help="Faust log level"),
+) -> None:
+    """Consume ratings, update per-user state in Redis, publish predictions."""
+    for name, value in (("WEB_PORT", web_port), ("BATCH_SIZE", batch_size), ("DEVICE", device)):
+        if value is not None:
+            os.environ[f"FBP_WORKER__{name}"] = str(value)
+    try:
+        settings = load_settings()  # fail fast, with a readable message
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    from stream.app import app
+
+    sys.argv = [
+        "fbp-worker", "worker", "-l", loglevel,
+        "--web-port", str(settings.worker.web_port),
+        "--web-host", settings.worker.web_host,
+        "--with-web",
+    ]
+    app.main()
