@@ -96,6 +96,8 @@ class StackSettings(BaseModel):
     # Targets Prometheus scrapes (the workers' and trainer's /metrics endpoints).
     scrape_targets: list[str] = ["127.0.0.1:6066", "127.0.0.1:6067", "127.0.0.1:6068"]
     scrape_interval_s: float = 2.0
+    # Redis AOF durability: "always" loses nothing on a crash, "everysec" up to ~1 s.
+    redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
 
 
 class WorkerSettings(BaseModel):
