@@ -1,0 +1,298 @@
+"""``fbp bench stream``: the full path against a bare aiokafka loop, side by side.
+
+Both consume the *same* pre-loaded events from the same topic in the same
+run, so their ratio is meaningful on a shared, noisy machine:
+
+* baseline: aiokafka ``getmany`` -> produce one small record per message
+  (not awaited one by one) -> commit.  Kafka's floor on this machine.
+* full path: real ``fbp worker`` processes (Faust, Redis state, model step,
+  top-K, predictions), each in its own isolated topic/prefix namespace.
+
+Throughput is measured from a backlog (first to last output record), so
+worker start-up is excluded.  Latency is measured separately at a fixed
+fraction of the measured throughput: rating send time -> prediction read by
+this process.  Stage timings come from the workers' own histograms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from fbp.settings import Settings, get_settings
+from stream.events import RatingEvent, encode_rating, rating_key
+
+STAGES = ("decode", "redis_load", "model_step", "topk", "redis_store", "produce")
+
+
+@dataclass
+class Namespace:
+    """Isolated topics and Redis prefix for one measured configuration."""
+
+    tag: str
+    partitions: int
+    settings: Settings
+
+    @property
+    def ratings(self) -> str:
+        return f"bench-{self.tag}-ratings"
+
+    @property
+    def predictions(self) -> str:
+        return f"bench-{self.tag}-predictions"
+
+    @property
+    def dlq(self) -> str:
+        return f"bench-{self.tag}-dlq"
+
+    def env(self, batch_size: int, port: int) -> dict[str, str]:
+        return {
+            "FBP_KAFKA__RATINGS_TOPIC": self.ratings,
+            "FBP_KAFKA__PREDICTIONS_TOPIC": self.predictions,
+            "FBP_KAFKA__DLQ_TOPIC": self.dlq,
+            "FBP_KAFKA__PARTITIONS": str(self.partitions),
+            "FBP_REDIS__KEY_PREFIX": f"bench-{self.tag}",
+            "FBP_WORKER__APP_ID": f"bench-{self.tag}",
+            "FBP_WORKER__BATCH_SIZE": str(batch_size),
+            "FBP_WORKER__WEB_PORT": str(port),
+        }
+
+    def create(self) -> None:
+        admin = KafkaAdminClient(**self.settings.kafka.kafka_python_kwargs())
+        try:
+            admin.create_topics([
+                NewTopic(t, self.partitions, 1) for t in (self.ratings, self.predictions, self.dlq)
+            ])
+        finally:
+            admin.close()
+
+    def drop(self) -> None:
+        admin = KafkaAdminClient(**self.settings.kafka.kafka_python_kwargs())
+        try:
+            admin.delete_topics([self.ratings, self.predictions, self.dlq])
+        except Exception:
+            pass
+        finally:
+            admin.close()
+        from stream.redis_conn import sync_redis
+
+        r = sync_redis(self.settings.redis)
+        keys = list(r.scan_iter(match=f"bench-{self.tag}:*", count=5000))
+        for i in range(0, len(keys), 5000):
+            r.delete(*keys[i : i + 5000])
+
+
+def _events(source: str, n: int) -> list[RatingEvent]:
+    from trainer.data import load_dataset
+
+    df = load_dataset(source).ratings.iloc[:n]
+    return [
+        RatingEvent(f"b{i}", int(u), int(mv), float(r), int(t))
+        for i, (u, mv, r, t) in enumerate(
+            zip(df.user_id.to_numpy(), df.movie_id.to_numpy(), df.rating.to_numpy(), df.ts.to_numpy())
+        )
+    ]
+
+
+def preload(settings: Settings, topic: str, events: list[RatingEvent]) -> None:
+    p = KafkaProducer(**settings.kafka.kafka_python_kwargs(), acks="all", linger_ms=20,
+                      batch_size=256 * 1024)
+    for ev in events:
+        p.send(topic, key=rating_key(ev), value=encode_rating(ev))
+    p.flush()
+    p.close()
+
+
+def _count_until(settings: Settings, topic: str, n: int, timeout: float) -> tuple[float, float, int]:
+    """Read ``topic`` from the start until ``n`` distinct records: (first_ts, last_ts, count)
+    using the records' Kafka (create) timestamps."""
+    c = KafkaConsumer(topic, **settings.kafka.kafka_python_kwargs(), group_id=None,
+                      auto_offset_reset="earliest", enable_auto_commit=False,
+                      consumer_timeout_ms=1000)
+    first, last, seen = None, 0.0, 0
+    deadline = time.monotonic() + timeout
+    try:
+        while seen < n and time.monotonic() < deadline:
+            for msg in c:
+                ts = msg.timestamp / 1000.0
+                first = ts if first is None else min(first, ts)
+                last = max(last, ts)
+                seen += 1
+                if seen >= n:
+                    break
+    finally:
+        c.close()
+    return (first or 0.0), last, seen
+
+
+async def _baseline_loop(settings: Settings, src: str, dst: str, n: int) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    kw = {"bootstrap_servers": settings.kafka.bootstrap_servers}
+    cons = AIOKafkaConsumer(src, group_id=f"bench-base-{uuid.uuid4().hex[:6]}",
+                            auto_offset_reset="earliest", enable_auto_commit=False, **kw)
+    prod = AIOKafkaProducer(acks="all", linger_ms=5, **kw)
+    await cons.start()
+    await prod.start()
+    done = 0
+    try:
+        while done < n:
+            batches = await cons.getmany(timeout_ms=200, max_records=2000)
+            futs = []
+            for tp, msgs in batches.items():
+                for msg in msgs:
+                    ev = orjson.loads(msg.value)
+                    out = orjson.dumps({"event_id": ev["event_id"], "user_id": ev["user_id"]})
+                    futs.append(await prod.send(dst, out, key=msg.key))
+            if futs:
+                await asyncio.gather(*futs)
+                await cons.commit()
+                done += len(futs)
+    finally:
+        await cons.stop()
+        await prod.stop()
+
+
+def run_baseline(settings: Settings, events: list[RatingEvent], partitions: int) -> float:
+    ns = Namespace(uuid.uuid4().hex[:8], partitions, settings)
+    ns.create()
+    try:
+        preload(settings, ns.ratings, events)
+        asyncio.run(_baseline_loop(settings, ns.ratings, ns.predictions, len(events)))
+        first, last, seen = _count_until(settings, ns.predictions, len(events), 60)
+        return seen / max(last - first, 1e-6)
+    finally:
+        ns.drop()
+
+
+def _stage_sums(url: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    text = httpx.get(url + "/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith("fbp_stage_duration_seconds_sum{"):
+            stage = line.split('stage="')[1].split('"')[0]
+            out[stage] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+@dataclass
+class PathResult:
+    events_per_s: float
+    stages_s: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int, batch_size: int,
+                  partitions: int, logdir: Path, base_port: int = 6170) -> PathResult:
+    from fbp import procs
+
+    ns = Namespace(uuid.uuid4().hex[:8], partitions, settings)
+    ns.create()
+    started = []
+    try:
+        preload(settings, ns.ratings, events)
+        t0 = time.monotonic()
+        for i in range(workers):
+            started.append(procs.start_worker(base_port + i, logdir, ns.env(batch_size, base_port + i)))
+        first, last, seen = _count_until(settings, ns.predictions, len(events), 600)
+        wall = time.monotonic() - t0
+        stages: dict[str, float] = {}
+        for p in started:
+            for k, v in _stage_sums(p.url).items():
+                stages[k] = stages.get(k, 0.0) + v
+        if seen < len(events):
+            raise RuntimeError(f"only {seen}/{len(events)} predictions; worker log:\n{started[0].tail()}")
+        return PathResult(seen / max(last - first, 1e-6), stages, wall)
+    finally:
+        for p in started:
+            p.stop()
+        ns.drop()
+
+
+def run_latency(settings: Settings, events: list[RatingEvent], *, rate: float, batch_size: int,
+                partitions: int, logdir: Path, port: int = 6179) -> dict[str, float]:
+    """Send at ``rate`` events/s to a warm worker; latency = send -> prediction read here."""
+    from fbp import procs
+
+    ns = Namespace(uuid.uuid4().hex[:8], partitions, settings)
+    ns.create()
+    worker = procs.start_worker(port, logdir, ns.env(batch_size, port))
+    try:
+        cons = KafkaConsumer(ns.predictions, **settings.kafka.kafka_python_kwargs(), group_id=None,
+                             auto_offset_reset="earliest", consumer_timeout_ms=200)
+        prod = KafkaProducer(**settings.kafka.kafka_python_kwargs(), acks="all", linger_ms=1)
+        sent: dict[str, float] = {}
+        lat: list[float] = []
+        t0 = time.perf_counter()
+        i = 0
+        while i < len(events) or len(lat) < len(events):
+            now = time.perf_counter()
+            due = min(len(events), int((now - t0) * rate) + 1)
+            while i < due:
+                ev = events[i]
+                sent[ev.event_id] = time.time()
+                prod.send(ns.ratings, key=rating_key(ev), value=encode_rating(ev))
+                i += 1
+            prod.flush()
+            for msg in _poll(cons):
+                eid = orjson.loads(msg.value)["event_id"]
+                if eid in sent:
+                    lat.append((time.time() - sent.pop(eid)) * 1000.0)
+            if now - t0 > len(events) / rate + 60:
+                break
+        cons.close()
+        prod.close()
+        arr = np.array(lat) if lat else np.array([np.nan])
+        return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)),
+                "n": len(lat), "rate": rate}
+    finally:
+        worker.stop()
+        ns.drop()
+
+
+def _poll(cons: KafkaConsumer) -> list[Any]:
+    out = []
+    for recs in cons.poll(timeout_ms=20, max_records=5000).values():
+        out.extend(recs)
+    return out
+
+
+def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: list[int],
+                 partitions: int, latency_fraction: float, logdir: Path) -> dict[str, Any]:
+    settings = get_settings()
+    evs = _events(source, events)
+    base = run_baseline(settings, evs, partitions)
+    sweep = []
+    for b in batch_sizes:
+        for w in workers:
+            r = run_full_path(settings, evs, workers=w, batch_size=b, partitions=partitions, logdir=logdir)
+            sweep.append({"batch_size": b, "workers": w, "events_per_s": r.events_per_s,
+                          "ratio": r.events_per_s / base, "stages_s": r.stages_s})
+    main = next((s for s in sweep if s["workers"] == 1 and s["batch_size"] == batch_sizes[0]), sweep[0])
+    n_lat = min(len(evs), max(2000, int(main["events_per_s"] * latency_fraction * 20)))
+    lat = run_latency(settings, evs[:n_lat], rate=main["events_per_s"] * latency_fraction,
+                      batch_size=batch_sizes[0], partitions=partitions, logdir=logdir)
+    total_stage = sum(main["stages_s"].values())
+    return {
+        "events_per_s": main["events_per_s"],
+        "baseline_events_per_s": base,
+        "ratio": main["events_per_s"] / base,
+        "latency_ms": {"p50": lat["p50"], "p99": lat["p99"]},
+        "latency_rate_events_per_s": lat["rate"],
+        "events": len(evs),
+        "partitions": partitions,
+        "sweep": sweep,
+        "stage_share": {k: v / total_stage for k, v in main["stages_s"].items()} if total_stage else {},
+        "machine": {"cpus": os.cpu_count()},
+    }
