@@ -1,0 +1,83 @@
+"""``mf``: biased matrix factorisation with the user side folded into the state.
+
+Each movie has a factor ``q_i`` (k) and a bias ``b_i``.  With the augmented
+factor ``q~_i = [q_i, 1]`` the state keeps the ridge-regression statistics of
+the user's residuals ``y = r - mu - b_i``::
+
+    A = sum q~ q~^T          ((k+1) x (k+1))
+    b = sum q~ * y           (k+1)
+    p~_u = (A + diag(lambda_f,...,lambda_f, lambda_u))^-1 b
+
+and predicts ``mu + b_i + q~_i . p~_u``.  The last component of ``p~_u`` is the
+user bias: with no factors it reduces exactly to the baseline's
+``resid_sum / (n + lambda_u)``.  A new user has ``p~ = 0`` (-> ``mu + b_i``);
+an unknown movie has ``q~ = [0, 1]`` (-> ``mu + b_u``).  Gradients flow through
+the solve, so Adam on MSE through ``forward_sequence`` learns item factors
+that make this online least-squares user estimate predictive.  Solves run in
+float64 so step and sequence agree to ~1e-6.
+
+State bytes per user (k=10, W=32): 1231 payload + header.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.base import State, StateSpec
+from models.common import StatefulModel, excl_cumsum, incl_total, lookup
+
+
+class MFModel(StatefulModel):
+    name = "mf"
+    movie_tables = ("movie_bias", "movie_features", "item_factors")
+    uses_resid_bias = False
+
+    def __init__(self, k: int = 10, lambda_f: float = 1.0, init_std: float = 0.1, **kw) -> None:
+        super().__init__(**kw)
+        self._hp.update(k=int(k), lambda_f=float(lambda_f), init_std=float(init_std))
+        self.k = int(k)
+        self.lambda_f = float(lambda_f)
+        self.item_factors = self._emb(self.capacity, self.k, init_std)
+
+    def _spec_extra(self) -> StateSpec:
+        K = self.k + 1
+        return {"A": ((K, K), torch.float32), "b": ((K,), torch.float32)}
+
+    def _qt(self, ids: Tensor) -> Tensor:
+        q = lookup(self.item_factors, ids)
+        return torch.cat([q, torch.ones_like(q[..., :1])], -1)
+
+    def _ridge(self) -> Tensor:
+        d = torch.full((self.k + 1,), self.lambda_f, dtype=torch.float64, device=self.movie_bias.device)
+        d[-1] = self.lambda_u
+        return torch.diag(d)
+
+    def _solve(self, A: Tensor, b: Tensor) -> Tensor:
+        p = torch.linalg.solve(A.double() + self._ridge(), b.double().unsqueeze(-1)).squeeze(-1)
+        return p.to(torch.float32)
+
+    def _predict_state(self, state: State, ids: Tensor) -> Tensor:
+        p = self._solve(state["A"], state["b"])  # [B, K]
+        qt = self._qt(ids)  # [B, M, K]
+        return self.global_mean + self._bias(ids) + torch.einsum("bmk,bk->bm", qt, p)
+
+    def _step_extra(self, state, movie, rating, ts):
+        qt = self._qt(movie)
+        y = rating - self.global_mean - self._bias(movie)
+        return {"A": state["A"] + qt[:, :, None] * qt[:, None, :], "b": state["b"] + qt * y[:, None]}
+
+    def _sequence(self, state, movie, rating, ts, mask, want_state):
+        mf = mask.to(torch.float32)
+        qt = self._qt(movie) * mf[..., None]  # [B,T,K]
+        y = (rating - self.global_mean - self._bias(movie)) * mf
+        outer = qt[..., :, None] * qt[..., None, :]  # [B,T,K,K]
+        by = qt * y[..., None]
+        A_before = excl_cumsum(state["A"], outer)
+        b_before = excl_cumsum(state["b"], by)
+        p = self._solve(A_before, b_before)  # [B,T,K]
+        pred = self.global_mean + self._bias(movie) + (self._qt(movie) * p).sum(-1)
+        extra = {}
+        if want_state:
+            extra = {"A": incl_total(state["A"], outer), "b": incl_total(state["b"], by)}
+        return pred, extra

@@ -1,0 +1,74 @@
+"""Cold start, capacity growth, score shapes, state blobs and their refusals."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from models import state as S
+from models.registry import UnknownModel, available, build
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name", available())
+def test_cold_start_and_growth(name):
+    torch.manual_seed(0)
+    m = build(name, n_movies=8, genre_vocab=["x", "y"])
+    with torch.no_grad():
+        m.movie_bias.normal_(0, 0.5)
+        m.global_mean.fill_(3.5)
+    st = m.init_state(2)
+    ids = torch.tensor([1, 3, 500])
+    sc = m.score(st, ids)
+    assert sc.shape == (2, 3)
+    # new user: mu + b_i; unknown movie: mu
+    assert torch.allclose(sc[0], (3.5 + torch.stack([m.movie_bias[1], m.movie_bias[3], torch.tensor(0.0)]).detach()).clamp(1, 5), atol=1e-6)
+    st, p = m.step(st, torch.tensor([1, 900]), torch.tensor([5.0, 1.0]), torch.tensor([10, 20]))
+    assert torch.isfinite(p).all() and torch.isfinite(m.score(st, ids)).all()
+    assert m.ensure_capacity(900) and m.capacity == 1024 and not m.ensure_capacity(900)
+    assert float(m.movie_bias[900].detach()) == 0.0
+    sc2 = m.score(st, torch.tensor([[900, 901], [1, 2]]))
+    assert sc2.shape == (2, 2) and torch.isfinite(sc2).all()
+
+
+def test_movie_features():
+    m = build("lstm", n_movies=4, genre_vocab=["Drama", "Comedy"], year_min=1900, year_max=2000)
+    movies = pd.DataFrame({"movie_id": [1, 9], "title": ["a", "b"], "year": [1950.0, float("nan")],
+                           "genres": [["Comedy"], ["Drama", "Nope"]]})
+    m.set_movies(movies)
+    assert m.capacity == 16
+    assert m.movie_features[1].tolist() == [0.0, 1.0, 0.5, 1.0]
+    assert m.movie_features[9].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_state_blobs_versions_and_mismatch():
+    m = build("lstm")
+    st = m.init_state(3)
+    st, _ = m.step(st, torch.tensor([1, 2, 3]), torch.tensor([4.0, 2.0, 5.0]), torch.tensor([5, 6, 7]))
+    blobs = S.pack_batch(m, st)
+    assert len(blobs[0]) == S.state_bytes(m) < 2048
+    m.version = 7
+    newer = S.pack_batch(m, S.select(st, torch.tensor([0])))
+    state, stale = S.unpack_batch(m, [blobs[0], None, newer[0]], "cpu")
+    assert stale.tolist() == [True, False, False]
+    assert int(state["count"][1]) == 0 and int(state["count"][2]) == 1
+    fixed = S.after_swap(m, state, stale)
+    assert int(fixed["count"][0]) == 1
+    with pytest.raises(S.StateMismatch):
+        S.unpack_batch(build("cnn"), [blobs[0]])
+    with pytest.raises(S.StateMismatch):
+        S.unpack_batch(build("lstm", hidden=32), [blobs[0]])
+    with pytest.raises(S.StateMismatch):
+        S.unpack_batch(m, [b"garbage"])
+
+
+def test_bytes_per_user():
+    sizes = {n: S.state_bytes(build(n)) for n in available()}
+    assert sizes["lstm"] < 1300 and all(v < 2048 for v in sizes.values()), sizes
+
+
+def test_unknown_model():
+    with pytest.raises(UnknownModel):
+        build("transformer")
