@@ -1,0 +1,95 @@
+"""The four topics the system uses, created idempotently.
+
+Auto-creation is off on our broker (a typo must not silently create a topic
+with the wrong partition count), so everything that produces or consumes calls
+:func:`ensure_topics` first; ``fbp stack up`` does too.  ``reset_topics`` gives
+tests a clean slate and waits until the broker has really finished deleting.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
+
+from fbp.settings import Settings
+from stream.kafka_io import make_admin
+
+
+def topic_specs(settings: Settings) -> dict[str, int]:
+    """Topic name -> partition count.  model-updates has one partition: it is a
+    totally ordered log of model versions."""
+    k = settings.kafka
+    return {
+        k.ratings_topic: k.partitions,
+        k.predictions_topic: k.partitions,
+        k.dlq_topic: k.partitions,
+        k.model_updates_topic: 1,
+    }
+
+
+def _create(admin, settings: Settings, specs: dict[str, int], timeout_s: float) -> list[str]:
+    """Create the missing topics, retrying while a just-deleted one is still going away."""
+    rf = settings.kafka.replication_factor
+    created: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    existing = set(admin.list_topics())
+    todo = {t: p for t, p in specs.items() if t not in existing}
+    while todo:
+        res = admin.create_topics(
+            {t: {"num_partitions": p, "replication_factor": rf} for t, p in todo.items()},
+            timeout_ms=int(timeout_s * 1000),
+            raise_errors=False,
+        )
+        retry = {}
+        for t in res.get("topics", []):
+            name, code = t["name"], t["error_code"]
+            if code == 0:
+                created.append(name)
+            elif code == TopicAlreadyExistsError.errno:
+                # Exists (another process won the race) -- or is still being deleted.
+                if name not in set(admin.list_topics()):
+                    retry[name] = todo[name]
+            else:
+                raise KafkaError(f"creating topic {name}: error {code} {t.get('error_message')}")
+        todo = retry
+        if todo and time.monotonic() > deadline:
+            raise KafkaError(f"topics {sorted(todo)} still being deleted after {timeout_s}s")
+        if todo:
+            time.sleep(0.2)
+    admin.wait_for_topics(list(specs), timeout_ms=int(timeout_s * 1000))
+    return created
+
+
+def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
+    """Create any missing topic; returns the names created (empty if all existed)."""
+    admin = make_admin(settings)
+    try:
+        return _create(admin, settings, topic_specs(settings), timeout_s)
+    finally:
+        admin.close()
+
+
+def reset_topics(
+    settings: Settings, topics: list[str] | None = None, *, timeout_s: float = 60.0
+) -> None:
+    """Delete and recreate topics (default: all four), empty and with fresh offsets."""
+    specs = topic_specs(settings)
+    if topics is not None:
+        specs = {t: specs[t] for t in topics}
+    admin = make_admin(settings)
+    try:
+        present = [t for t in specs if t in set(admin.list_topics())]
+        if present:
+            try:
+                admin.delete_topics(present, timeout_ms=int(timeout_s * 1000))
+            except UnknownTopicOrPartitionError:
+                pass
+            deadline = time.monotonic() + timeout_s
+            while set(present) & set(admin.list_topics()):
+                if time.monotonic() > deadline:
+                    raise KafkaError(f"topics {present} not deleted after {timeout_s}s")
+                time.sleep(0.1)
+        _create(admin, settings, specs, timeout_s)
+    finally:
+        admin.close()
