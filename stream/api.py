@@ -33,6 +33,7 @@ from models import state as mstate
 from models.checkpoint import CheckpointError
 from stream import metrics as m
 from stream.app import app
+from stream.predictor import candidate_movies, seen_mask
 from stream.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class Scores(View):
             model, st, known = await _user_state(uid)
             ids = torch.tensor(movies, dtype=torch.int64, device=model.device)
             with torch.inference_mode():
-                sc = model.score(st, ids.clamp(max=_capacity(model) - 1))[0].cpu().tolist()
+                sc = model.score(st, ids)[0].cpu().tolist()  # unknown movies score as cold start
             return {"user_id": uid, "known_user": known, "model_version": model.version,
                     "scores": {str(a): round(b, 4) for a, b in zip(movies, sc)}}
         return await _guarded(self, run)
@@ -165,11 +166,9 @@ class Top(View):
             uid = _int(user_id, "user_id")
             k = _int(request.query.get("k", "10"), "k", 1, 1001)
             model, st, known = await _user_state(uid)
-            cands = torch.arange(1, _capacity(model), device=model.device)
+            cands = candidate_movies(model)
             with torch.inference_mode():
-                sc = model.score(st, cands)
-                seen = (st["win_movie"].unsqueeze(-1) == cands.view(1, 1, -1)).any(1)
-                sc = sc.masked_fill(seen, float("-inf"))
+                sc = model.score(st, cands).masked_fill(seen_mask(st, cands), float("-inf"))
                 v, ix = torch.topk(sc[0], min(k, cands.numel()))
             return {"user_id": uid, "known_user": known, "model_version": model.version,
                     "top": [[int(cands[i]), round(float(s), 4)] for s, i in zip(v, ix)]}
@@ -250,15 +249,10 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _capacity(model: Any) -> int:
-    return int(getattr(model, "capacity", 2048))
-
-
 def _recent(st: mstate.State) -> list[int]:
-    if "win_movie" not in st:
-        return []
-    n = int(st["win_len"][0].item()) if "win_len" in st else 0
-    return [int(x) for x in st["win_movie"][0].tolist() if x > 0][:n]
+    """Newest first (the window is right-aligned: the last ``win_len`` slots are real)."""
+    n = int(st["win_len"][0].item())
+    return [int(x) for x in reversed(st["win_movie"][0].tolist()[st["win_movie"].shape[1] - n:])]
 
 
 def _favourite_genres(model: Any, st: mstate.State, top: int = 3) -> list[str]:
@@ -269,7 +263,8 @@ def _favourite_genres(model: Any, st: mstate.State, top: int = 3) -> list[str]:
         return []
     movies = st["win_movie"][0]
     ratings = st["win_rating"][0]
-    keep = movies > 0
+    W = movies.shape[0]
+    keep = torch.arange(W, device=movies.device) >= W - int(st["win_len"][0])
     if not bool(keep.any()):
         return []
     weight = (ratings[keep] - float(st["mean"][0])).clamp(min=0) + 1e-3

@@ -5,10 +5,13 @@ For a batch of raw Kafka messages:
 1. decode and validate each (bad ones become dead-letter records with a reason);
 2. load the states of the batch's users from Redis in one round trip, and
    drop events at or below a user's watermark (already applied: redelivery);
-3. step the model in *rounds*: round r holds the r-th event of every user in
-   the batch, so one user's events are applied in order while different
-   users share one batched ``step`` call;
-4. score every movie for the users of each round to get their top-K;
+3. run the model once for the whole batch: with one event per user that is
+   one batched ``step``; when a user has several events in the batch, their
+   new events form a padded [users, T] sequence fed to ``forward_sequence``
+   *from the stored state* (property-tested to equal T steps), so one user's
+   events apply in order and no history is ever re-read;
+4. score the known movies for each user once, after all of its events in
+   the batch, to get the top-K attached to that user's records;
 5. produce predictions and dead letters, and wait until Kafka has them;
 6. only then store states and watermarks in one atomic Redis call.
 
@@ -183,57 +186,55 @@ class Predictor:
 
         max_movie = max(ev.movie_id for ev, _ in fresh)
         model.ensure_capacity(max_movie)
-        state, stale = mstate.unpack_batch(model, [s.blob for s in stored], self.device)
-        if stale.any():
-            idx = torch.nonzero(stale).flatten().to(self.device)
-            state = mstate.scatter(state, idx, mstate.rederive(model, mstate.select(state, idx)))
-            res.rederived = int(idx.numel())
+        # Only users with something new; their stored states (stale ones re-derived).
+        fusers = list(last_coord)
+        frow = {u: i for i, u in enumerate(fusers)}
+        state, stale = mstate.unpack_batch(
+            model, [stored[users[u]].blob for u in fusers], self.device
+        )
+        res.rederived = int(stale.sum())
+        if res.rederived:
+            state = mstate.after_swap(model, state, stale)
 
-        # Rank of each event within its user's events in this batch -> rounds.
-        uidx = np.fromiter((users[ev.user_id] for ev, _ in fresh), dtype=np.int64, count=len(fresh))
+        # Each user's new events as a row of a padded [U, T] batch, in order.
+        uidx = np.fromiter((frow[ev.user_id] for ev, _ in fresh), dtype=np.int64, count=len(fresh))
         rank = np.zeros(len(fresh), dtype=np.int64)
         seen: dict[int, int] = {}
         for i, u in enumerate(uidx.tolist()):
             rank[i] = seen.get(u, 0)
             seen[u] = rank[i] + 1
-        movie = torch.tensor([ev.movie_id for ev, _ in fresh], dtype=torch.int64)
-        rating = torch.tensor([ev.rating for ev, _ in fresh], dtype=torch.float32)
-        ts = torch.tensor([ev.ts for ev, _ in fresh], dtype=torch.int64)
+        U, T = len(fusers), int(rank.max()) + 1
+        movie = torch.zeros((U, T), dtype=torch.int64)
+        rating = torch.zeros((U, T), dtype=torch.float32)
+        ts = torch.zeros((U, T), dtype=torch.int64)
+        mask = torch.zeros((U, T), dtype=torch.bool)
+        ui, ri = torch.from_numpy(uidx), torch.from_numpy(rank)
+        movie[ui, ri] = torch.tensor([ev.movie_id for ev, _ in fresh], dtype=torch.int64)
+        rating[ui, ri] = torch.tensor([ev.rating for ev, _ in fresh], dtype=torch.float32)
+        ts[ui, ri] = torch.tensor([ev.ts for ev, _ in fresh], dtype=torch.int64)
+        mask[ui, ri] = True
 
-        preds = np.empty(len(fresh), dtype=np.float32)
-        top_ids: list[list[int]] = [[] for _ in fresh]
-        top_sc: list[list[float]] = [[] for _ in fresh]
-        t_topk = 0.0
         with torch.inference_mode():
-            for r in range(int(rank.max()) + 1):
-                ev_idx = np.nonzero(rank == r)[0]
-                u_t = torch.from_numpy(uidx[ev_idx]).to(self.device)
-                e_t = torch.from_numpy(ev_idx)
-                sub = mstate.select(state, u_t)
-                sub, p = model.step(
-                    sub, movie[e_t].to(self.device), rating[e_t].to(self.device), ts[e_t].to(self.device)
-                )
-                state = mstate.scatter(state, u_t, sub)
-                preds[ev_idx] = p.float().cpu().numpy()
-                if self.top_k:
-                    tk = time.perf_counter()
-                    ids, sc = self._top_k(sub)
-                    for j, i in enumerate(ev_idx.tolist()):
-                        top_ids[i], top_sc[i] = ids[j], sc[j]
-                    t_topk += time.perf_counter() - tk
-        t3 = time.perf_counter()
-        res.stage_s["topk"] = t_topk
-        res.stage_s["model_step"] = t3 - t2 - t_topk
+            movie, rating, ts, mask = (x.to(self.device, non_blocking=True) for x in (movie, rating, ts, mask))
+            if T == 1:  # the common steady-state case: one event per user
+                state, p = model.step(state, movie[:, 0], rating[:, 0], ts[:, 0])
+                preds = p.float().cpu().numpy()[uidx]
+            else:  # several events of a user in this batch: same result as T steps
+                p, state = model.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)
+                preds = p.float().cpu().numpy()[uidx, rank]
+            t3 = time.perf_counter()
+            res.stage_s["model_step"] = t3 - t2
+            # Top-K once per user, from the state after all of its events in this batch.
+            top_ids, top_sc = self._top_k(state) if self.top_k else ([[]] * U, [[]] * U)
+        res.stage_s["topk"] = time.perf_counter() - t3
 
         blobs = mstate.pack_batch(model, state)
-        rows = [
-            (u, blobs[users[u]], *last_coord[u]) for u in user_ids if u in last_coord
-        ]
+        rows = [(u, blobs[frow[u]], *last_coord[u]) for u in fusers]
         m.STATE_BYTES.set(len(blobs[0]))
 
         futs = []
         produced_at = time.time()
-        batch_ms = (t3 - t1) * 1000.0
+        batch_ms = (time.perf_counter() - t1) * 1000.0
         for i, (ev, msg) in enumerate(fresh):
             rec = PredictionRecord(
                 event_id=ev.event_id,
@@ -242,7 +243,7 @@ class Predictor:
                 predicted=float(preds[i]),
                 actual=float(ev.rating),
                 model_version=model.version,
-                top_k=[[a, round(b, 4)] for a, b in zip(top_ids[i], top_sc[i])],
+                top_k=[[a, round(b, 4)] for a, b in zip(top_ids[uidx[i]], top_sc[uidx[i]])],
                 timings={
                     "event_to_prediction_ms": round((produced_at - msg.kafka_ts) * 1000.0, 3),
                     "batch_ms": round(batch_ms, 3),
@@ -258,15 +259,9 @@ class Predictor:
         return rows, futs
 
     def _top_k(self, sub: mstate.State) -> tuple[list[list[int]], list[list[float]]]:
-        """Best ``top_k`` movies per user, excluding those in the user's window."""
-        model = self.model
-        cands = model.known_movies() if hasattr(model, "known_movies") else None
-        if cands is None:
-            cands = torch.arange(1, _capacity(model), device=self.device)
-        scores = model.score(sub, cands)
-        if "win_movie" in sub:
-            seen = (sub["win_movie"].unsqueeze(-1) == cands.view(1, 1, -1)).any(1)
-            scores = scores.masked_fill(seen, float("-inf"))
+        """Best ``top_k`` known movies per user, excluding those in the user's window."""
+        cands = candidate_movies(self.model)
+        scores = self.model.score(sub, cands).masked_fill(seen_mask(sub, cands), float("-inf"))
         k = min(self.top_k, scores.shape[1])
         sc, ix = torch.topk(scores, k, dim=1)
         return cands[ix].cpu().tolist(), sc.float().cpu().tolist()
@@ -288,5 +283,35 @@ class Predictor:
         m.LAST_BATCH.set(done)
 
 
-def _capacity(model: RatingModel) -> int:
-    return int(getattr(model, "capacity", 2048))
+_CANDS: dict[int, tuple[int, torch.Tensor]] = {}
+
+
+def candidate_movies(model: RatingModel) -> torch.Tensor:
+    """Movies worth recommending: rows the model knows (trained bias or side
+    features).  Cached per model object and capacity; recomputed after growth."""
+    cap = int(getattr(model, "capacity", 0))
+    hit = _CANDS.get(id(model))
+    if hit is not None and hit[0] == cap:
+        return hit[1]
+    known = None
+    for name in ("movie_bias", "movie_features"):
+        t = getattr(model, name, None)
+        if isinstance(t, torch.Tensor) and t.shape[0] == cap:
+            rows = (t.detach().reshape(cap, -1) != 0).any(1)
+            known = rows if known is None else known | rows
+    if known is None or not bool(known.any()):
+        cands = torch.arange(cap, device=model.device)
+    else:
+        cands = torch.nonzero(known).flatten().to(model.device)
+    _CANDS[id(model)] = (cap, cands)
+    return cands
+
+
+def seen_mask(state: mstate.State, cands: torch.Tensor) -> torch.Tensor:
+    """[B, M] True where the candidate is among the user's stored window events
+    (the window is right-aligned: the last ``win_len`` slots are real)."""
+    win = state["win_movie"]
+    W = win.shape[1]
+    real = torch.arange(W, device=win.device)[None, :] >= (W - state["win_len"].to(torch.int64))[:, None]
+    hit = (win.unsqueeze(-1) == cands.view(1, 1, -1)) & real.unsqueeze(-1)
+    return hit.any(1)
