@@ -239,6 +239,8 @@ def _kafka_health(settings: Settings, timeout_s: float = 3.0) -> tuple[bool, str
 
 def _redis_health(settings: Settings, timeout_s: float = 2.0) -> tuple[bool, str]:
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     r = settings.redis
     client = redis.Redis(
@@ -248,6 +250,7 @@ def _redis_health(settings: Settings, timeout_s: float = 2.0) -> tuple[bool, str
         password=r.password.get_secret_value() if r.password else None,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),  # a health probe must answer now, not after retries
     )
     try:
         return bool(client.ping()), "PONG"
@@ -344,6 +347,10 @@ def kafka_server_properties(settings: Settings) -> str:
         "log.segment.bytes": str(64 * 1024 * 1024),
         "log.retention.check.interval.ms": "300000",
         "num.recovery.threads.per.data.dir": "2",
+        # After a crash the restarted broker must wait out its old session before
+        # it is unfenced; the 9 s default would make every kill-restart slow.
+        "broker.session.timeout.ms": "2500",
+        "broker.heartbeat.interval.ms": "500",
     }
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
