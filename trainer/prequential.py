@@ -1,0 +1,223 @@
+"""Prequential (test-then-train) simulation of the streaming pipeline.
+
+Events are taken in timestamp order (ties: input order).  Each event is first
+predicted from its user's current state, then folded into the state with
+``step`` -- the weights stay fixed between fine-tunes, exactly as in the
+stream.  Events are processed in chunks of ``batch_events``; inside a chunk the
+events of a user are applied in order (round r handles each user's r-th event
+of the chunk), so chunking never changes a prediction.
+
+Every ``finetune_every`` events the model is fine-tuned (warm start, ``epochs``
+epochs, no hold-out) on all events seen so far, and the users' states are then
+brought in line with the new weights by :func:`refresh_states`, which
+implements the state-after-swap policies:
+
+* ``"window"`` (default, what the stream does): every state is re-derived from
+  its stored window of the last W events (:func:`models.state.rederive`, the
+  same function the worker calls for rows whose version is stale);
+* ``"replay"``: a full pass of each user's whole seen history through the new
+  weights (exact, but needs the history -- the stream does not keep it);
+* ``"keep"``: states stay as computed by the old weights.
+
+Figures on ML-100K for the three policies are in ``trainer/evaluate.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from models import state as mstate
+from models.base import RatingModel, State
+from trainer.train import fit, make_model, replay_states
+
+POLICIES = ("window", "replay", "keep")
+
+
+@dataclass
+class PrequentialResult:
+    model: str
+    rmse: float
+    mae: float
+    n: int
+    rolling: np.ndarray  # rolling RMSE after each event (window ``rolling_window``)
+    predictions: np.ndarray  # float32, in stream (time) order
+    seconds: float = 0.0
+    finetunes: int = 0
+    policy: str = "window"
+    finetune_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rmse": self.rmse, "mae": self.mae, "n": self.n, "seconds": round(self.seconds, 2),
+                "finetunes": self.finetunes, "policy": self.policy}
+
+
+def rolling_rmse(err: np.ndarray, window: int) -> np.ndarray:
+    sq = np.asarray(err, dtype=np.float64) ** 2
+    c = np.cumsum(np.r_[0.0, sq])
+    n = np.arange(1, len(sq) + 1)
+    lo = np.maximum(n - window, 0)
+    return np.sqrt((c[n] - c[lo]) / (n - lo)).astype(np.float32)
+
+
+def _result(name: str, y: np.ndarray, p: np.ndarray, window: int, **kw: Any) -> PrequentialResult:
+    err = p - y
+    n = len(y)
+    return PrequentialResult(
+        model=name,
+        rmse=float(np.sqrt(np.mean(err**2))) if n else math.nan,
+        mae=float(np.mean(np.abs(err))) if n else math.nan,
+        n=n,
+        rolling=rolling_rmse(err, window) if n else np.zeros(0, np.float32),
+        predictions=p.astype(np.float32),
+        **kw,
+    )
+
+
+def stream_order(ratings: pd.DataFrame) -> pd.DataFrame:
+    order = np.lexsort((np.arange(len(ratings)), ratings["ts"].to_numpy()))
+    return ratings.iloc[order].reset_index(drop=True)
+
+
+def occurrence_rank(keys: np.ndarray) -> np.ndarray:
+    """For each position, how many earlier positions have the same key."""
+    s = pd.Series(keys)
+    return s.groupby(s).cumcount().to_numpy()
+
+
+@torch.no_grad()
+def step_events(
+    model: RatingModel, states: State, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray
+) -> np.ndarray:
+    """Predict-then-learn a chunk of events (rows ``uidx`` of ``states``)."""
+    dev = model.device
+    preds = np.empty(len(uidx), dtype=np.float32)
+    rank = occurrence_rank(uidx)
+    mv, rt, tt = (torch.tensor(a, device=dev) for a in (movie, rating.astype(np.float32), ts))
+    for r in range(int(rank.max()) + 1 if len(rank) else 0):
+        ev = np.nonzero(rank == r)[0]
+        e = torch.from_numpy(ev).to(dev)
+        u = torch.from_numpy(uidx[ev]).to(dev)
+        sub, p = model.step(mstate.select(states, u), mv[e], rt[e], tt[e])
+        mstate.scatter(states, u, sub)
+        preds[ev] = p.float().cpu().numpy()
+    return preds
+
+
+def refresh_states(
+    model: RatingModel, states: State, seen: pd.DataFrame, user_index: dict[int, int], policy: str
+) -> State:
+    """Bring states in line with new weights (see the module docstring)."""
+    if policy == "keep" or len(seen) == 0:
+        return states
+    if policy == "window":
+        active = torch.nonzero(states["count"] > 0).flatten()
+        if active.numel():
+            mstate.scatter(states, active, mstate.rederive(model, mstate.select(states, active)))
+        return states
+    if policy == "replay":
+        users, fresh = replay_states(model, seen)
+        idx = torch.tensor([user_index[int(u)] for u in users], dtype=torch.int64, device=model.device)
+        return mstate.scatter(states, idx, fresh)
+    raise ValueError(f"unknown state policy {policy!r}; use one of {POLICIES}")
+
+
+def run_prequential(
+    model_name: str,
+    ratings: pd.DataFrame,
+    movies: pd.DataFrame | None = None,
+    *,
+    finetune_every: int = 5000,
+    epochs: int = 2,
+    seed: int = 0,
+    batch_events: int = 1024,
+    genre_vocab: list[str] | None = None,
+    hparams: dict[str, Any] | None = None,
+    policy: str = "window",
+    lr: float | None = None,
+    batch_users: int = 64,
+    rolling_window: int = 2000,
+    device: str = "cpu",
+    progress: bool = False,
+) -> PrequentialResult:
+    """Test-then-train over ``ratings`` with periodic warm-start fine-tuning."""
+    from tqdm.auto import tqdm
+
+    if policy not in POLICIES:
+        raise ValueError(f"unknown state policy {policy!r}; use one of {POLICIES}")
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    df = stream_order(ratings)
+    model = make_model(model_name, movies, genre_vocab, int(df["movie_id"].max()) if len(df) else 0, **(hparams or {}))
+    # the vocabulary grows as the stream runs: start with the movies known up front
+    model.to(device)
+    model.eval()
+    users = df["user_id"].to_numpy(np.int64)
+    uniq = np.unique(users)
+    user_index = {int(u): i for i, u in enumerate(uniq)}
+    uidx = np.searchsorted(uniq, users)
+    movie = df["movie_id"].to_numpy(np.int64)
+    rating = df["rating"].to_numpy(np.float32)
+    ts = df["ts"].to_numpy(np.int64)
+    states = model.init_state(len(uniq), model.device)
+    preds = np.empty(len(df), dtype=np.float32)
+    n = len(df)
+    finetunes, ft_s = 0, 0.0
+    bar = tqdm(total=n, desc=f"prequential {model_name}", disable=not progress, unit="ev")
+    pos = 0
+    while pos < n:
+        seg_end = min(n, (pos // finetune_every + 1) * finetune_every) if finetune_every else n
+        while pos < seg_end:
+            end = min(seg_end, pos + batch_events)
+            model.ensure_capacity(int(movie[pos:end].max()))
+            preds[pos:end] = step_events(model, states, uidx[pos:end], movie[pos:end], rating[pos:end], ts[pos:end])
+            bar.update(end - pos)
+            pos = end
+        if finetune_every and pos < n:
+            t1 = time.perf_counter()
+            seen = df.iloc[:pos]
+            fit(model, seen, epochs=epochs, lr=lr, batch_users=batch_users, device=device,
+                valid_frac=0.0, seed=seed + finetunes, progress=False)
+            model.eval()
+            refresh_states(model, states, seen, user_index, policy)
+            finetunes += 1
+            ft_s += time.perf_counter() - t1
+    bar.close()
+    return _result(model_name, rating, preds, rolling_window, seconds=time.perf_counter() - t0,
+                   finetunes=finetunes, policy=policy, finetune_seconds=ft_s)
+
+
+def run_river_prequential(ratings: pd.DataFrame, *, rolling_window: int = 2000, seed: int = 73) -> PrequentialResult:
+    """River's ``BiasedMF`` (the configuration of River's MovieLens example),
+    predict-then-learn per event, users/items as strings."""
+    t0 = time.perf_counter()
+    model = river_biasedmf(seed)
+    df = stream_order(ratings)
+    preds = np.empty(len(df), dtype=np.float32)
+    for i, (u, m, r) in enumerate(zip(df["user_id"].to_numpy(), df["movie_id"].to_numpy(), df["rating"].to_numpy())):
+        us, ms = str(u), str(m)
+        preds[i] = model.predict_one(us, ms)
+        model.learn_one(us, ms, float(r))
+    return _result("river-biasedmf", df["rating"].to_numpy(np.float32), preds, rolling_window,
+                   seconds=time.perf_counter() - t0, policy="online")
+
+
+def river_biasedmf(seed: int = 73) -> Any:
+    from river import optim, reco
+
+    return reco.BiasedMF(
+        n_factors=10,
+        bias_optimizer=optim.SGD(0.025),
+        latent_optimizer=optim.SGD(0.05),
+        weight_initializer=optim.initializers.Zeros(),
+        latent_initializer=optim.initializers.Normal(mu=0.0, sigma=0.1, seed=seed),
+        l2_bias=0.0,
+        l2_latent=0.0,
+    )
