@@ -1,0 +1,298 @@
+"""The worker's live page: what this worker is doing right now, in a browser.
+
+Routes (registered on the Faust ``app``):
+  GET /live           the page (stream/static/live.html: plain JS + inline SVG,
+                      no external resources); it polls the JSON below every second.
+  GET /api/v1/live    JSON: events processed, events/s, latency p50/p99 of recent
+                      predictions, online RMSE/MAE, a per-second history of those
+                      (bounded), the model version history and the last 20 predictions.
+
+The agent feeds it: after each micro-batch, ``stats.observe(result)`` with the
+``BatchResult`` from ``Predictor.process``.  A 1 s timer samples the running
+figures into the history.  Everything is per worker process (Prometheus has the
+fleet view); memory is bounded by the deques' lengths.
+
+When ``FBP_WORKER__READ_TOKEN`` is set, /api/v1/live wants
+``Authorization: Bearer <token>``; open the page as ``/live?token=<token>`` and
+it sends the header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterable
+
+import orjson
+from faust.web import Request, Response, View
+
+from stream.app import app
+from stream.runtime import runtime
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+LIVE_HTML = STATIC / "live.html"
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    """Linear-interpolated quantile of an already sorted list (None when empty)."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+
+
+def _num(x: float | None, nd: int = 4) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return round(float(x), nd)
+
+
+def _record(rec: Any) -> dict[str, Any]:
+    """A PredictionRecord as the page shows it."""
+    timings = getattr(rec, "timings", None) or {}
+    predicted = float(rec.predicted)
+    actual = float(rec.actual)
+    return {
+        "event_id": rec.event_id,
+        "user_id": rec.user_id,
+        "movie_id": rec.movie_id,
+        "predicted": round(predicted, 3),
+        "actual": actual,
+        "error": round(predicted - actual, 3),
+        "model_version": rec.model_version,
+        "top_k": [[int(m), float(s)] for m, s in (getattr(rec, "top_k", None) or [])[:5]],
+        "timings": {k: _num(v, 3) for k, v in timings.items()},
+        "produced_at": getattr(rec, "produced_at", None),
+    }
+
+
+class LiveStats:
+    """Running figures of one worker, fed by ``observe`` and sampled every second.
+
+    ``observe`` runs in the agent after each batch, so it only appends to
+    bounded deques (O(batch)); sorting and summing happen once a second in
+    ``sample``.
+    """
+
+    def __init__(
+        self,
+        *,
+        history: int = 600,          # seconds of per-second samples kept
+        rate_window_s: float = 5.0,  # events/s over this many seconds
+        latency_window_s: float = 30.0,
+        latency_keep: int = 20_000,  # most recent latencies kept for the percentiles
+        error_window: int = 2000,    # predictions in the rolling RMSE/MAE (as stream.metrics)
+        last: int = 20,
+        clock=time.time,
+    ) -> None:
+        self.clock = clock
+        self.started_at = clock()
+        self.rate_window_s = rate_window_s
+        self.latency_window_s = latency_window_s
+        self.events = 0
+        self.rejected = 0
+        self.skipped = 0
+        self.batches = 0
+        self.last_batch_at: float | None = None
+        self.model_version: int | None = None
+        self._latency: deque[tuple[float, float]] = deque(maxlen=latency_keep)  # (t, ms)
+        self._batch_ms: deque[tuple[float, float]] = deque(maxlen=1000)          # (t, ms)
+        self._errors: deque[float] = deque(maxlen=error_window)
+        self._last: deque[Any] = deque(maxlen=last)
+        self._counts: deque[tuple[float, int]] = deque()  # (t, events) for events/s
+        self.history: deque[dict[str, Any]] = deque(maxlen=history)
+        self.current: dict[str, Any] = self._empty_sample(self.started_at)
+        self._versions: list[tuple[float, int]] = []  # (first seen, version), for the page
+
+    # -- fed by the agent ------------------------------------------------
+    def observe(self, result: Any) -> None:
+        """Fold one ``BatchResult`` in.  Never raises (it runs on the hot path)."""
+        try:
+            self._observe(result)
+        except Exception:  # pragma: no cover - defensive: stats must not break the stream
+            log.exception("live stats: could not observe a batch")
+
+    def _observe(self, result: Any) -> None:
+        now = self.clock()
+        preds = getattr(result, "predictions", None) or []
+        self.batches += 1
+        self.events += len(preds)
+        self.rejected += len(getattr(result, "rejected", None) or [])
+        self.skipped += int(getattr(result, "skipped", 0) or 0)
+        self.last_batch_at = now
+        batch_ms = None
+        for rec in preds:
+            self._errors.append(float(rec.predicted) - float(rec.actual))
+            t = rec.timings or {}
+            lat = t.get("event_to_prediction_ms")
+            if lat is not None:
+                self._latency.append((now, float(lat)))
+            batch_ms = t.get("batch_ms", batch_ms)
+        if batch_ms is None and getattr(result, "stage_s", None):
+            batch_ms = 1000.0 * sum(result.stage_s.values())
+        if batch_ms is not None:
+            self._batch_ms.append((now, float(batch_ms)))
+        if preds:
+            self._last.extend(preds[-self._last.maxlen:])
+            version = preds[-1].model_version
+            if version != self.model_version:
+                self.model_version = version
+                self._versions.append((now, version))
+                del self._versions[:-50]
+
+    # -- sampled every second -------------------------------------------
+    def _empty_sample(self, t: float) -> dict[str, Any]:
+        return {"t": round(t, 3), "events": 0, "events_per_s": 0.0, "p50_ms": None, "p99_ms": None,
+                "batch_ms": None, "rmse": None, "mae": None, "model_version": None}
+
+    def sample(self) -> dict[str, Any]:
+        """Compute the current figures and append them to the history."""
+        now = self.clock()
+        self._counts.append((now, self.events))
+        while len(self._counts) > 2 and self._counts[1][0] <= now - self.rate_window_s:
+            self._counts.popleft()
+        t0, n0 = self._counts[0]
+        eps = (self.events - n0) / (now - t0) if now > t0 else 0.0
+
+        horizon = now - self.latency_window_s
+        lat = sorted(ms for t, ms in self._latency if t >= horizon)
+        bms = [ms for t, ms in self._batch_ms if t >= horizon]
+        errs = list(self._errors)
+        rmse = math.sqrt(sum(e * e for e in errs) / len(errs)) if errs else None
+        mae = sum(abs(e) for e in errs) / len(errs) if errs else None
+        s = {
+            "t": round(now, 3),
+            "events": self.events,
+            "events_per_s": round(eps, 2),
+            "p50_ms": _num(_quantile(lat, 0.50), 2),
+            "p99_ms": _num(_quantile(lat, 0.99), 2),
+            "batch_ms": _num(sum(bms) / len(bms), 2) if bms else None,
+            "rmse": _num(rmse),
+            "mae": _num(mae),
+            "model_version": self.model_version,
+        }
+        self.current = s
+        self.history.append(s)
+        return s
+
+    # -- read by the API --------------------------------------------------
+    def snapshot(self, *, model: dict[str, Any] | None = None,
+                 model_history: Iterable[dict[str, Any]] | None = None,
+                 history_points: int | None = None) -> dict[str, Any]:
+        now = self.clock()
+        cur = self.current
+        hist = list(self.history)
+        if history_points is not None:
+            hist = hist[-history_points:]
+        return {
+            "now": round(now, 3),
+            "started_at": round(self.started_at, 3),
+            "uptime_s": round(now - self.started_at, 1),
+            "events_processed": self.events,
+            "events_rejected": self.rejected,
+            "events_skipped": self.skipped,
+            "batches": self.batches,
+            "last_batch_at": self.last_batch_at,
+            "events_per_s": cur["events_per_s"],
+            "latency_ms": {"p50": cur["p50_ms"], "p99": cur["p99_ms"], "batch_mean": cur["batch_ms"],
+                           "window_s": self.latency_window_s},
+            "error": {"rmse": cur["rmse"], "mae": cur["mae"], "window": self._errors.maxlen,
+                      "n": len(self._errors)},
+            "history": hist,
+            "model": model or {"version": self.model_version},
+            "versions_seen": [{"t": round(t, 3), "version": v} for t, v in self._versions],
+            "model_history": list(model_history or []),
+            "recent": [_record(r) for r in reversed(self._last)],
+        }
+
+
+stats = LiveStats()
+
+# Model history from Redis is cached briefly: every open page polls each second.
+_MODEL_HISTORY_TTL_S = 5.0
+_model_history_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
+
+
+async def _model_history() -> list[dict[str, Any]]:
+    global _model_history_cache
+    if runtime.models is None:
+        return []
+    at, cached = _model_history_cache
+    now = time.monotonic()
+    if now - at < _MODEL_HISTORY_TTL_S:
+        return cached
+    try:
+        hist = await asyncio.to_thread(runtime.models.history, 20)
+    except Exception as exc:  # Redis hiccup: keep the page alive with the last copy
+        log.warning("live page: model history unavailable: %s", exc)
+        return cached
+    _model_history_cache = (now, hist)
+    return hist
+
+
+def _serving_model() -> dict[str, Any]:
+    model = runtime.model
+    if model is None:
+        return {"ready": False, "name": None, "version": stats.model_version, "device": None}
+    return {"ready": True, "name": getattr(model, "name", None), "version": model.version,
+            "device": str(getattr(model, "device", "")) or None}
+
+
+def _read_allowed(request: Request) -> bool:
+    secret = runtime.settings.worker.read_token
+    if secret is None:
+        return True
+    header = request.headers.get("Authorization", "")
+    given = header[7:] if header.startswith("Bearer ") else ""
+    return hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
+
+
+@app.timer(interval=1.0)
+async def sample_live_stats() -> None:
+    """Once a second: events/s, latency percentiles, RMSE/MAE into the history."""
+    stats.sample()
+
+
+@app.page("/live")
+class LivePage(View):
+    async def get(self, request: Request) -> Response:
+        try:
+            html = LIVE_HTML.read_text(encoding="utf-8")
+        except OSError:
+            log.exception("live page: %s missing", LIVE_HTML)
+            return self.text("live page not installed", status=500)
+        return self.html(html, headers={"Cache-Control": "no-store"})
+
+
+@app.page("/api/v1/live")
+class LiveData(View):
+    async def get(self, request: Request) -> Response:
+        if not _read_allowed(request):
+            body = {"error": "unauthorized", "detail": "send Authorization: Bearer <read token>"}
+            return self.bytes(orjson.dumps(body), content_type="application/json", status=401)
+        try:
+            points = request.query.get("points")
+            n = max(1, min(int(points), 3600)) if points else None
+        except ValueError:
+            body = {"error": "bad_parameter", "detail": "points must be an integer"}
+            return self.bytes(orjson.dumps(body), content_type="application/json", status=400)
+        try:
+            data = stats.snapshot(model=_serving_model(), model_history=await _model_history(),
+                                  history_points=n)
+        except Exception:
+            log.exception("live API error")
+            return self.bytes(orjson.dumps({"error": "internal"}), content_type="application/json",
+                              status=500)
+        return self.bytes(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY),
+                          content_type="application/json", headers={"Cache-Control": "no-store"})
