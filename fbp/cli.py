@@ -11,6 +11,13 @@ import typer
 
 app = typer.Typer(no_args_is_help=True, help="feedback-predictor: streaming movie-rating prediction")
 
+
+
+@app.callback()
+def main() -> None:
+    """feedback-predictor: streaming movie-rating prediction."""
+
+
 # name -> (module, attribute, kind): kind "group" is a typer.Typer, "command" a function.
 _COMMANDS: dict[str, tuple[str, str, str]] = {
     "stack": ("fbp.stack", "app", "group"),

@@ -89,7 +89,7 @@ def start_worker(port: int, logdir: Path, env: dict[str, str] | None = None, wai
     """A real ``fbp worker`` on ``port`` (settings from ``env`` overrides)."""
     env = dict(env or {})
     env["FBP_WORKER__WEB_PORT"] = str(port)
-    proc = _start("worker", ["worker", "--loglevel", "warning"], port, logdir, env)
+    proc = _start("worker", ["worker", "--loglevel", "warn"], port, logdir, env)
     if wait:
         wait_healthy(proc)
     return proc

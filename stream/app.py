@@ -40,6 +40,9 @@ def _credentials(k: KafkaSettings) -> faust.types.auth.CredentialsT | None:
     return None
 
 
+_datadir = settings.stack.data_dir / "faust" / f"{settings.worker.app_id}-{settings.worker.web_port}"
+_datadir.parent.mkdir(parents=True, exist_ok=True)
+
 app = faust.App(
     settings.worker.app_id,
     broker=[f"kafka://{s}" for s in settings.kafka.servers],
@@ -56,7 +59,7 @@ app = faust.App(
     web_host=settings.worker.web_host,
     web_port=settings.worker.web_port,
     web_bind=settings.worker.web_host,
-    datadir=str(settings.stack.data_dir / "faust" / f"{settings.worker.app_id}-{settings.worker.web_port}"),
+    datadir=str(_datadir),
 )
 
 ratings_topic = app.topic(
