@@ -679,3 +679,19 @@ def status(service: list[str] | None = _ServiceOpt) -> None:
     typer.echo(_table(rows))
     if not all(r.healthy for r in rows):
         raise typer.Exit(1)
+
+
+@app.command()
+def topics() -> None:
+    """Create missing topics on the configured Kafka (settings.kafka) and show record counts.
+
+    Works against any Kafka (also docker-compose's), not only the local stack.
+    """
+    from stream.topics import ensure_topics, topic_counts
+
+    settings = get_settings()
+    created = ensure_topics(settings)
+    if created:
+        typer.echo("created: " + ", ".join(created))
+    for name, n in topic_counts(settings).items():
+        typer.echo(f"{name:<20} {n:>10,} records")

@@ -93,3 +93,27 @@ def reset_topics(
         _create(admin, settings, specs, timeout_s)
     finally:
         admin.close()
+
+
+def topic_counts(settings: Settings, topics: list[str] | None = None) -> dict[str, int]:
+    """Records currently held per topic (end minus beginning offsets, all partitions)."""
+    from kafka import TopicPartition
+
+    from stream.kafka_io import make_consumer
+
+    specs = topic_specs(settings)
+    names = topics or list(specs)
+    consumer = make_consumer(settings)
+    try:
+        out = {}
+        for t in names:
+            parts = consumer.partitions_for_topic(t) or set()
+            tps = [TopicPartition(t, p) for p in sorted(parts)]
+            if not tps:
+                out[t] = 0
+                continue
+            begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+            out[t] = sum(end[tp] - begin[tp] for tp in tps)
+        return out
+    finally:
+        consumer.close()

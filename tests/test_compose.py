@@ -1,0 +1,111 @@
+"""docker-compose.yml and deploy/ configs are valid and agree with settings.
+
+No container engine is needed: ``docker-compose config`` only parses and
+validates, and Prometheus configs are checked with promtool.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fbp.settings import REPO_ROOT, load_settings
+
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _host_ports(service: dict) -> set[int]:
+    out = set()
+    for p in service.get("ports", []):
+        parts = str(p).split(":")
+        out.add(int(parts[-2]))  # [ip:]host:container
+    return out
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_compose_config_is_valid():
+    res = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "config", "-q"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+
+
+def test_compose_ports_match_settings(compose):
+    s = load_settings()
+    svc = compose["services"]
+    assert s.stack.kafka_port in _host_ports(svc["kafka"])
+    assert s.stack.redis_port in _host_ports(svc["redis"])
+    assert s.stack.prometheus_port in _host_ports(svc["prometheus"])
+    assert s.worker.web_port in _host_ports(svc["worker"])
+    assert s.trainer.web_port in _host_ports(svc["trainer"])
+    kafka_env = svc["kafka"]["environment"]
+    assert f"127.0.0.1:{s.stack.kafka_port}" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
+    assert kafka_env["KAFKA_NUM_PARTITIONS"] == str(s.kafka.partitions)
+    assert kafka_env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+
+
+def test_compose_services_present(compose):
+    assert {"kafka", "redis", "prometheus", "grafana", "worker", "trainer", "producer"} <= set(
+        compose["services"]
+    )
+    assert compose["services"]["kafka"]["image"] == "apache/kafka:3.9.1"
+    assert "--appendonly" in compose["services"]["redis"]["command"]
+
+
+def test_compose_app_env_is_valid_config(compose, monkeypatch):
+    """The FBP_ variables given to the app containers load without error."""
+    for name in ("worker", "trainer", "producer"):
+        env = compose["services"][name]["environment"]
+        assert env["FBP_KAFKA__BOOTSTRAP_SERVERS"].startswith("kafka:")
+        for k, v in env.items():
+            monkeypatch.setenv(k, str(v))
+        s = load_settings()
+        assert s.redis.url.startswith("redis://redis:")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_prometheus_configs_pass_promtool(tmp_path):
+    from fbp.stack import prometheus_config
+
+    res = subprocess.run(
+        ["promtool", "check", "config", "--syntax-only", str(REPO_ROOT / "deploy/prometheus/prometheus.yml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    local = tmp_path / "prometheus.yml"
+    local.write_text(prometheus_config(load_settings()))
+    res = subprocess.run(["promtool", "check", "config", str(local)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_grafana_datasource_matches_dashboards():
+    ds = yaml.safe_load((REPO_ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    uids = {d["uid"] for d in ds["datasources"]}
+    assert "prometheus" in uids
+    used: set[str] = set()
+
+    def walk(o):
+        if isinstance(o, dict):
+            d = o.get("datasource")
+            if isinstance(d, dict) and d.get("type") == "prometheus" and "uid" in d:
+                used.add(d["uid"])
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+
+    for f in Path(REPO_ROOT / "deploy/grafana/dashboards").glob("*.json"):
+        walk(json.loads(f.read_text()))
+    assert used <= uids | {"${DS_PROMETHEUS}", "${datasource}"}, used
