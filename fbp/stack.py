@@ -453,6 +453,18 @@ def _prometheus_cmd(settings: Settings) -> list[str]:
     ]
 
 
+def _reload_prometheus(settings: Settings) -> None:
+    """Rewrite prometheus.yml and hot-reload it, so targets and rule files
+    added since the server started are picked up without a restart."""
+    yml = service_dir("prometheus", settings) / "prometheus.yml"
+    yml.write_text(prometheus_config(settings))
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{settings.stack.prometheus_port}/-/reload", method="POST"
+    )
+    with contextlib.suppress(OSError):
+        urllib.request.urlopen(req, timeout=5).close()  # noqa: S310 - local URL
+
+
 _COMMAND = {"kafka": _kafka_cmd, "redis": _redis_cmd, "prometheus": _prometheus_cmd}
 
 
@@ -522,6 +534,8 @@ def _start_many(names: Sequence[str], settings: Settings, timeout_s: float) -> l
             pid = _read_pid(n, settings)
             if pid is not None and _pid_alive(pid, n):
                 pending.append((n, pid, -1.0))  # ours, maybe still starting: just wait
+                if n == "prometheus":
+                    _reload_prometheus(settings)
                 continue
             _pid_file(n, settings).unlink(missing_ok=True)
             ok, detail = _HEALTH[n](settings, 2.0)
