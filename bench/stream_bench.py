@@ -28,69 +28,12 @@ import httpx
 import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
 
+from fbp.procs import Namespace
 from fbp.settings import Settings, get_settings
 from stream.events import RatingEvent, encode_rating, rating_key
 
 STAGES = ("decode", "redis_load", "model_step", "topk", "redis_store", "produce")
-
-
-@dataclass
-class Namespace:
-    """Isolated topics and Redis prefix for one measured configuration."""
-
-    tag: str
-    partitions: int
-    settings: Settings
-
-    @property
-    def ratings(self) -> str:
-        return f"bench-{self.tag}-ratings"
-
-    @property
-    def predictions(self) -> str:
-        return f"bench-{self.tag}-predictions"
-
-    @property
-    def dlq(self) -> str:
-        return f"bench-{self.tag}-dlq"
-
-    def env(self, batch_size: int, port: int) -> dict[str, str]:
-        return {
-            "FBP_KAFKA__RATINGS_TOPIC": self.ratings,
-            "FBP_KAFKA__PREDICTIONS_TOPIC": self.predictions,
-            "FBP_KAFKA__DLQ_TOPIC": self.dlq,
-            "FBP_KAFKA__PARTITIONS": str(self.partitions),
-            "FBP_REDIS__KEY_PREFIX": f"bench-{self.tag}",
-            "FBP_WORKER__APP_ID": f"bench-{self.tag}",
-            "FBP_WORKER__BATCH_SIZE": str(batch_size),
-            "FBP_WORKER__WEB_PORT": str(port),
-        }
-
-    def create(self) -> None:
-        admin = KafkaAdminClient(**self.settings.kafka.kafka_python_kwargs())
-        try:
-            admin.create_topics([
-                NewTopic(t, self.partitions, 1) for t in (self.ratings, self.predictions, self.dlq)
-            ])
-        finally:
-            admin.close()
-
-    def drop(self) -> None:
-        admin = KafkaAdminClient(**self.settings.kafka.kafka_python_kwargs())
-        try:
-            admin.delete_topics([self.ratings, self.predictions, self.dlq])
-        except Exception:
-            pass
-        finally:
-            admin.close()
-        from stream.redis_conn import sync_redis
-
-        r = sync_redis(self.settings.redis)
-        keys = list(r.scan_iter(match=f"bench-{self.tag}:*", count=5000))
-        for i in range(0, len(keys), 5000):
-            r.delete(*keys[i : i + 5000])
 
 
 def _events(source: str, n: int) -> list[RatingEvent]:
@@ -165,7 +108,7 @@ async def _baseline_loop(settings: Settings, src: str, dst: str, n: int) -> None
 
 
 def run_baseline(settings: Settings, events: list[RatingEvent], partitions: int) -> float:
-    ns = Namespace(uuid.uuid4().hex[:8], partitions, settings)
+    ns = Namespace.fresh(partitions, settings)
     ns.create()
     try:
         preload(settings, ns.ratings, events)
@@ -197,7 +140,7 @@ def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int
                   partitions: int, logdir: Path, base_port: int = 6170) -> PathResult:
     from fbp import procs
 
-    ns = Namespace(uuid.uuid4().hex[:8], partitions, settings)
+    ns = Namespace.fresh(partitions, settings)
     ns.create()
     started = []
     try:
@@ -225,7 +168,7 @@ def run_latency(settings: Settings, events: list[RatingEvent], *, rate: float, b
     """Send at ``rate`` events/s to a warm worker; latency = send -> prediction read here."""
     from fbp import procs
 
-    ns = Namespace(uuid.uuid4().hex[:8], partitions, settings)
+    ns = Namespace.fresh(partitions, settings)
     ns.create()
     worker = procs.start_worker(port, logdir, ns.env(batch_size, port))
     try:

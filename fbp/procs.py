@@ -11,10 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from fbp.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 FBP = [sys.executable, "-m", "fbp.cli"]
@@ -99,3 +103,78 @@ def start_trainer(port: int, logdir: Path, env: dict[str, str] | None = None) ->
     env = dict(env or {})
     env["FBP_TRAINER__WEB_PORT"] = str(port)
     return _start("trainer", ["trainer"], port, logdir, env)
+
+
+@dataclass
+class Namespace:
+    """Isolated topics and Redis prefix for one measured configuration."""
+
+    tag: str
+    partitions: int
+    settings: Settings
+
+    @property
+    def ratings(self) -> str:
+        return f"bench-{self.tag}-ratings"
+
+    @property
+    def predictions(self) -> str:
+        return f"bench-{self.tag}-predictions"
+
+    @property
+    def dlq(self) -> str:
+        return f"bench-{self.tag}-dlq"
+
+    @classmethod
+    def fresh(cls, partitions: int, settings: Settings) -> "Namespace":
+        return cls(uuid.uuid4().hex[:10], partitions, settings)
+
+    @property
+    def prefix(self) -> str:
+        return f"bench-{self.tag}"
+
+    def scoped(self) -> Settings:
+        """Settings as a process in this namespace sees them."""
+        s = self.settings
+        return s.model_copy(update={
+            "kafka": s.kafka.model_copy(update={
+                "ratings_topic": self.ratings, "predictions_topic": self.predictions,
+                "dlq_topic": self.dlq, "partitions": self.partitions}),
+            "redis": s.redis.model_copy(update={"key_prefix": self.prefix}),
+        })
+
+    def env(self, batch_size: int, port: int) -> dict[str, str]:
+        return {
+            "FBP_KAFKA__RATINGS_TOPIC": self.ratings,
+            "FBP_KAFKA__PREDICTIONS_TOPIC": self.predictions,
+            "FBP_KAFKA__DLQ_TOPIC": self.dlq,
+            "FBP_KAFKA__PARTITIONS": str(self.partitions),
+            "FBP_REDIS__KEY_PREFIX": f"bench-{self.tag}",
+            "FBP_WORKER__APP_ID": f"bench-{self.tag}",
+            "FBP_WORKER__BATCH_SIZE": str(batch_size),
+            "FBP_WORKER__WEB_PORT": str(port),
+        }
+
+    def create(self) -> None:
+        admin = KafkaAdminClient(**self.settings.kafka.kafka_python_kwargs())
+        try:
+            admin.create_topics([
+                NewTopic(t, self.partitions, 1) for t in (self.ratings, self.predictions, self.dlq)
+            ])
+        finally:
+            admin.close()
+
+    def drop(self) -> None:
+        admin = KafkaAdminClient(**self.settings.kafka.kafka_python_kwargs())
+        try:
+            admin.delete_topics([self.ratings, self.predictions, self.dlq])
+        except Exception:
+            pass
+        finally:
+            admin.close()
+        from stream.redis_conn import sync_redis
+
+        r = sync_redis(self.settings.redis)
+        keys = list(r.scan_iter(match=f"{self.prefix}:*", count=5000))
+        for i in range(0, len(keys), 5000):
+            r.delete(*keys[i : i + 5000])

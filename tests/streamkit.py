@@ -1,0 +1,110 @@
+"""Helpers for end-to-end tests of the streaming path (real Kafka, Redis, workers).
+
+Every test runs in its own :class:`fbp.procs.Namespace` (topics and Redis key
+prefix), so tests never see each other's events or states.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+import torch
+from kafka import KafkaConsumer
+
+from fbp.procs import Namespace
+from fbp.settings import Settings
+from models import state as mstate
+from models.base import RatingModel, State
+from stream.redis_conn import sync_redis
+from trainer.prequential import step_events, stream_order
+
+
+def read_topic(settings: Settings, topic: str, *, until: int, timeout: float,
+               on_progress=None) -> list[dict]:
+    """All records of ``topic`` from the beginning, until ``until`` distinct
+    event ids were seen or ``timeout`` seconds passed."""
+    c = KafkaConsumer(topic, **settings.kafka.kafka_python_kwargs(), group_id=None,
+                      auto_offset_reset="earliest", enable_auto_commit=False,
+                      consumer_timeout_ms=500)
+    out: list[dict] = []
+    ids: set[str] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(ids) < until and time.monotonic() < deadline:
+            for msg in c:
+                rec = orjson.loads(msg.value)
+                out.append(rec)
+                ids.add(rec.get("event_id"))
+                if on_progress is not None:
+                    on_progress(len(ids))
+                if len(ids) >= until:
+                    break
+    finally:
+        c.close()
+    return out
+
+
+def simulate(model: RatingModel, ratings: pd.DataFrame, batch_events: int = 1024
+             ) -> tuple[np.ndarray, dict[int, int], State]:
+    """The in-process reference (``trainer.prequential`` with fine-tuning off):
+    predictions in stream order, user index, final states."""
+    df = stream_order(ratings)
+    users = df["user_id"].to_numpy(np.int64)
+    uniq = np.unique(users)
+    uidx = np.searchsorted(uniq, users)
+    states = model.init_state(len(uniq), model.device)
+    mv, rt, ts = (df[c].to_numpy() for c in ("movie_id", "rating", "ts"))
+    preds = np.empty(len(df), np.float32)
+    model.eval()
+    for a in range(0, len(df), batch_events):
+        b = min(len(df), a + batch_events)
+        model.ensure_capacity(int(mv[a:b].max()))
+        preds[a:b] = step_events(model, states, uidx[a:b], mv[a:b].astype(np.int64),
+                                 rt[a:b].astype(np.float32), ts[a:b].astype(np.int64))
+    return preds, {int(u): i for i, u in enumerate(uniq)}, states
+
+
+def redis_states(ns: Namespace, model: RatingModel, users: Iterable[int]) -> tuple[State, list[int]]:
+    """States stored by the workers for ``users`` (missing users -> init state)."""
+    r = sync_redis(ns.settings.redis)
+    users = list(users)
+    pipe = r.pipeline(transaction=False)
+    for u in users:
+        pipe.hget(f"{ns.prefix}:u:{u}", "s")
+    blobs = pipe.execute()
+    missing = [u for u, b in zip(users, blobs) if b is None]
+    st, _ = mstate.unpack_batch(model, blobs, "cpu")
+    return st, missing
+
+
+def state_mismatches(a: State, b: State, atol: float = 1e-4) -> int:
+    """Users whose states differ (exact for integer fields, ``atol`` for floats)."""
+    bad = torch.zeros(next(iter(a.values())).shape[0], dtype=torch.bool)
+    for k, x in a.items():
+        y = b[k].to(x.device)
+        if x.dtype.is_floating_point:
+            diff = ~torch.isclose(x, y, atol=atol, rtol=1e-4)
+        else:
+            diff = x != y
+        bad |= diff.reshape(diff.shape[0], -1).any(1).cpu()
+    return int(bad.sum())
+
+
+def checkpoint(tmp: Path, ratings: pd.DataFrame, movies: pd.DataFrame, genre_vocab: list[str],
+               name: str = "lstm", epochs: int = 1) -> Path:
+    """A small trained checkpoint (seeded) for stream tests."""
+    from models.checkpoint import save_checkpoint
+    from trainer.train import fit, make_model
+
+    torch.manual_seed(0)
+    model = make_model(name, movies, genre_vocab, int(ratings["movie_id"].max()))
+    fit(model, ratings, epochs=epochs, device="cpu", valid_frac=0.0, seed=0, progress=False)
+    model.version = 1
+    path = tmp / f"{name}-model"
+    save_checkpoint(model, path, {"note": "stream test bootstrap"})
+    return path
