@@ -279,7 +279,10 @@ class Feeder:
 def worker_with_traffic(stack, tmp_path: Path, port: int, *, rate: float = 100.0,
                         extra_env: dict[str, str] | None = None):
     """A real worker on ``port`` with its own topics, consumer group and Redis prefix
-    (so it cannot disturb, or be disturbed by, other tests), fed by a Feeder."""
+    (so it cannot disturb, or be disturbed by, other tests), fed by a Feeder.
+
+    Yields a namespace: ``proc``, ``settings`` (with this test's topics/prefix),
+    ``feeder`` and ``env`` (the FBP_* overrides, for other processes to share)."""
     from fbp.procs import start_worker, wait_healthy
     from models.checkpoint import save_checkpoint
     from models.registry import build
@@ -314,7 +317,7 @@ def worker_with_traffic(stack, tmp_path: Path, port: int, *, rate: float = 100.0
             wait_healthy(proc, timeout=180)  # healthy once the first batch loaded the model
         except (RuntimeError, TimeoutError) as exc:
             pytest.fail(f"worker did not become healthy: {exc}")
-        yield proc, s, feeder
+        yield types.SimpleNamespace(proc=proc, settings=s, feeder=feeder, env=env)
     finally:
         feeder.stop()
         proc.stop()
@@ -344,7 +347,8 @@ def _cleanup(s) -> None:
 @needs_chromium
 def test_live_page_moves_while_events_flow(stack, tmp_path):
     port = free_port()
-    with worker_with_traffic(stack, tmp_path, port, rate=100.0) as (proc, _s, feeder):
+    with worker_with_traffic(stack, tmp_path, port, rate=100.0) as w:
+        proc, feeder = w.proc, w.feeder
         r = httpx.get(f"{proc.url}/live", timeout=10)
         assert r.status_code == 200, (
             f"/live answered {r.status_code}: stream/app.py must end with `from stream import live`")
