@@ -85,6 +85,8 @@ class LiveStats:
     ``sample``.
     """
 
+    LATENCY_SAMPLES_PER_BATCH = 1000
+
     def __init__(
         self,
         *,
@@ -131,9 +133,15 @@ class LiveStats:
         self.rejected += len(getattr(result, "rejected", None) or [])
         self.skipped += int(getattr(result, "skipped", 0) or 0)
         self.last_batch_at = now
+        # Bounded work per batch, whatever its size: the error window only ever
+        # holds the last ``error_window`` predictions, and latencies are an even
+        # subsample (at most LATENCY_SAMPLES_PER_BATCH) of the batch.
+        errors = self._errors
+        for rec in preds[-errors.maxlen:]:
+            errors.append(float(rec.predicted) - float(rec.actual))
+        stride = max(1, len(preds) // self.LATENCY_SAMPLES_PER_BATCH)
         batch_ms = None
-        for rec in preds:
-            self._errors.append(float(rec.predicted) - float(rec.actual))
+        for rec in preds[::stride]:
             t = rec.timings or {}
             lat = t.get("event_to_prediction_ms")
             if lat is not None:

@@ -134,6 +134,17 @@ def test_livestats_counts_rates_percentiles_and_errors():
     assert snap["error"]["rmse"] is not None  # error window is by count, not time
 
 
+def test_livestats_bounds_the_work_of_a_big_batch():
+    from stream.live import LiveStats
+
+    s = LiveStats(error_window=2000)
+    s.observe(fake_result(10_000, lat_ms=0.0))  # latencies 0..9999 ms
+    assert s.events == 10_000
+    assert len(s._errors) == 2000 and len(s._latency) <= 1000
+    cur = s.sample()
+    assert cur["p50_ms"] == pytest.approx(5000, rel=0.02) and cur["p99_ms"] == pytest.approx(9900, rel=0.02)
+
+
 def test_livestats_observe_never_raises():
     from stream.live import LiveStats
 
@@ -347,26 +358,32 @@ def _cleanup(s) -> None:
 @needs_chromium
 def test_live_page_moves_while_events_flow(stack, tmp_path):
     port = free_port()
-    with worker_with_traffic(stack, tmp_path, port, rate=100.0) as w:
+    token = "live-read-token"
+    auth = {"Authorization": f"Bearer {token}"}
+    with worker_with_traffic(stack, tmp_path, port, rate=100.0,
+                             extra_env={"FBP_WORKER__READ_TOKEN": token}) as w:
         proc, feeder = w.proc, w.feeder
         r = httpx.get(f"{proc.url}/live", timeout=10)
         assert r.status_code == 200, (
             f"/live answered {r.status_code}: stream/app.py must end with `from stream import live`")
         assert "text/html" in r.headers["content-type"]
+        # The data wants the read token (the page sends the one from its ?token=).
+        assert httpx.get(f"{proc.url}/api/v1/live", timeout=10).status_code == 401
 
         # The API moves: events processed grows (needs `live.stats.observe(result)` in the agent).
         deadline = time.monotonic() + 60
-        first = httpx.get(f"{proc.url}/api/v1/live", timeout=10).json()
+        first = httpx.get(f"{proc.url}/api/v1/live", headers=auth, timeout=10).json()
         while time.monotonic() < deadline and first["events_processed"] == 0:
             time.sleep(1)
-            first = httpx.get(f"{proc.url}/api/v1/live", timeout=10).json()
+            first = httpx.get(f"{proc.url}/api/v1/live", headers=auth, timeout=10).json()
         assert first["events_processed"] > 0, (
             "LiveStats saw no batch: the agent must call `live.stats.observe(result)` after each batch\n"
             + proc.tail())
 
-        dom1 = dump_dom(f"{proc.url}/live", tmp_path)
+        page = f"{proc.url}/live?token={token}"
+        dom1 = dump_dom(page, tmp_path)
         time.sleep(3)
-        dom2 = dump_dom(f"{proc.url}/live", tmp_path)
+        dom2 = dump_dom(page, tmp_path)
         assert feeder.error is None, feeder.error
 
         n1, n2 = dom_number(dom1, "events-processed"), dom_number(dom2, "events-processed")
@@ -382,6 +399,6 @@ def test_live_page_moves_while_events_flow(stack, tmp_path):
         assert dom2.count("<tr><td>ops-") == 20  # the last 20 predictions, by event id
         assert dom2.count("<polyline") >= 3
 
-        data = httpx.get(f"{proc.url}/api/v1/live?points=5", timeout=10).json()
+        data = httpx.get(f"{proc.url}/api/v1/live?points=5", headers=auth, timeout=10).json()
         assert len(data["history"]) <= 5 and data["model"]["ready"] is True
         assert data["recent"][0]["timings"]["event_to_prediction_ms"] is not None
