@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,22 +26,38 @@ class ConfigError(RuntimeError):
 
 class KafkaSettings(BaseModel):
     """How to reach Kafka and which topics carry what."""
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated host:port list of Kafka brokers."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."""
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    """PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with a SASL protocol)."""
     sasl_username: str | None = None
+    """SASL user."""
     sasl_password: SecretStr | None = None
+    """SASL password (never logged)."""
     ssl_cafile: Path | None = None
+    """CA bundle that signed the brokers' certificates."""
     ssl_certfile: Path | None = None
+    """Client certificate for mutual TLS."""
     ssl_keyfile: Path | None = None
+    """Client key for mutual TLS."""
     ssl_check_hostname: bool = True
+    """Verify the broker's hostname against its certificate."""
     ratings_topic: str = "ratings"
+    """Topic producers publish rating events to (keyed by user id)."""
     predictions_topic: str = "predictions"
+    """Topic the workers publish predictions to (keyed by user id)."""
     dlq_topic: str = "ratings-dlq"
+    """Dead-letter topic for malformed events, with a reason."""
     model_updates_topic: str = "model-updates"
+    """Announcements of promoted models."""
     partitions: int = Field(4, ge=1, le=1024)
+    """Partitions of ratings/predictions/DLQ: the most workers that can share the load."""
     replication_factor: int = Field(1, ge=1)
+    """Replication factor of created topics."""
 
     @property
     def servers(self) -> list[str]:
@@ -69,12 +85,18 @@ class KafkaSettings(BaseModel):
 
 class RedisSettings(BaseModel):
     """Where per-user state lives.  ``rediss://`` URLs turn on TLS."""
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     url: str = "redis://127.0.0.1:6379/0"
+    """redis://host:port/db, rediss:// for TLS, or unix://."""
     username: str | None = None
+    """Redis ACL user."""
     password: SecretStr | None = None
+    """Redis password (never logged)."""
     ssl_ca_certs: Path | None = None
+    """CA bundle for rediss:// connections."""
     key_prefix: str = "fbp"
+    """Prefix of every Redis key, so deployments can share one Redis."""
 
     @field_validator("url")
     @classmethod
@@ -86,61 +108,111 @@ class RedisSettings(BaseModel):
 
 class StackSettings(BaseModel):
     """The local, Docker-free stack started by ``fbp stack up``."""
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     data_dir: Path = REPO_ROOT / ".stack"
+    """Where the local stack keeps Kafka logs, Redis AOF and Prometheus data."""
     kafka_port: int = 9092
+    """Local Kafka broker port."""
     kafka_controller_port: int = 9093
+    """Local KRaft controller port."""
     kafka_heap: str = "384m"
+    """JVM heap of the local broker."""
     redis_port: int = 6379
+    """Local Redis port."""
     prometheus_port: int = 9090
+    """Local Prometheus port."""
     # Targets Prometheus scrapes (the workers' and trainer's /metrics endpoints).
     scrape_targets: list[str] = ["127.0.0.1:6066", "127.0.0.1:6067", "127.0.0.1:6068"]
+    """host:port of every /metrics endpoint Prometheus scrapes (workers, trainer)."""
     scrape_interval_s: float = 2.0
+    """Prometheus scrape interval."""
     # Redis AOF durability: "always" loses nothing on a crash, "everysec" up to ~1 s.
     redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    """Redis AOF fsync policy: 'always' loses nothing on a crash, 'everysec' up to ~1 s."""
 
 
 class WorkerSettings(BaseModel):
     """The Faust stream processor."""
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     app_id: str = "fbp-worker"
+    """Faust app id = Kafka consumer group of the workers."""
     web_host: str = "127.0.0.1"
+    """Address the worker's HTTP API binds to."""
     web_port: int = 6066
+    """Port of the worker's HTTP API, /metrics and /live."""
     batch_size: int = Field(512, ge=1, le=65536)
+    """Most events per micro-batch."""
     batch_timeout_s: float = Field(0.05, gt=0, le=60)
+    """Longest wait to fill a micro-batch."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs: auto picks CUDA when present."""
     top_k: int = Field(10, ge=0, le=1000)
+    """Movies recommended in each prediction record (0 = none)."""
     checkpoint: Path = REPO_ROOT / "runs" / "bootstrap" / "model"
+    """Model used when Redis has no published model."""
     max_payload_bytes: int = Field(4096, ge=128)
+    """Larger rating payloads go to the DLQ as oversized_payload."""
     # Timestamps outside [min_ts, now + max_future_s] are refused as absurd.
     min_ts: int = 0
+    """Earliest acceptable event timestamp (unix s)."""
     max_future_s: int = 7 * 24 * 3600
+    """How far in the future an event timestamp may be."""
     admin_token: SecretStr | None = None
+    """Bearer token for admin endpoints (unset = admin endpoints disabled)."""
     read_token: SecretStr | None = None
+    """Bearer token for read endpoints (unset = open)."""
 
 
 class TrainerSettings(BaseModel):
     """Offline training defaults and the continuous fine-tuning service."""
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     app_id: str = "fbp-trainer"
+    """Kafka consumer group of the fine-tuning service."""
     web_port: int = 6068
+    """Port of the fine-tuning service's /metrics."""
     seed: int = 0
+    """Random seed of training and fine-tuning."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     buffer_events: int = Field(50_000, ge=100)
+    """Recent events the fine-tuning service keeps (in Redis)."""
     finetune_every_events: int = Field(5_000, ge=10)
+    """Fine-tune after this many new events..."""
     finetune_every_s: float = Field(300.0, gt=0)
+    """...or after this many seconds, whichever comes first."""
     finetune_epochs: int = Field(2, ge=1)
+    """Epochs of one fine-tune (warm start)."""
     replay_fraction: float = Field(0.5, ge=0, le=1)
+    """Share of older events replayed in a fine-tune so the model does not forget."""
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
+    """Newest share of the buffer held out to compare champion and challenger."""
     promote_margin: float = Field(0.0, ge=0)
+    """A challenger must beat the champion's holdout RMSE by this much."""
     drift_margin: float = Field(0.05, ge=0)
+    """Online RMSE this far above its value at the last promotion triggers a fine-tune."""
+    # Continuous fine-tuning (``fbp trainer``, trainer/service.py):
+    #: reservoir sample of all events seen, the source of the replay of older data
+    reservoir_events: int = Field(20_000, ge=0)
+    #: a time trigger fires only when at least this many events arrived since the last run
+    min_new_events: int = Field(200, ge=1)
+    #: a comparison on fewer unseen holdout events than this is not trusted (rejected)
+    min_holdout_events: int = Field(100, ge=1)
+    #: predictions in the rolling online RMSE the drift trigger watches
+    drift_window: int = Field(2_000, ge=10)
+    #: Adam learning rate of fine-tunes (None: the model's offline default)
+    finetune_lr: float | None = Field(None, gt=0)
+    #: torch intra-op threads of the fine-tune (0: torch's default)
+    threads: int = Field(0, ge=0)
 
 
 class Settings(BaseSettings):
     """Root of the configuration tree."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FBP_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="FBP_", env_nested_delimiter="__", extra="forbid",
+        use_attribute_docstrings=True,
     )
 
     kafka: KafkaSettings = KafkaSettings()

@@ -74,10 +74,11 @@ async def predict(stream: faust.StreamT) -> None:
     w = settings.worker
     async for events in stream.take_events(w.batch_size, within=w.batch_timeout_s):
         predictor = await runtime.predictor(app)
-        await predictor.process([
+        result = await predictor.process([
             Incoming(e.value, e.message.partition, e.message.offset, e.message.timestamp, e.message.topic)
             for e in events
         ])
+        live.stats.observe(result)
 
 
 @app.task
@@ -100,3 +101,4 @@ async def refresh_gauges() -> None:
 
 # Web routes: the query API, health, /metrics and the live page.
 from stream import api  # noqa: E402,F401  (registers views on ``app``)
+from stream import live  # noqa: E402  (/live, /api/v1/live and its 1 s sampler)
