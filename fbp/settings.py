@@ -142,6 +142,8 @@ class WorkerSettings(BaseModel):
     """Address the worker's HTTP API binds to."""
     web_port: int = 6066
     """Port of the worker's HTTP API, /metrics and /live."""
+    session_timeout_s: float = Field(10.0, ge=6, le=300)
+    """Kafka group session timeout: how soon partitions of a dead worker move on."""
     batch_size: int = Field(512, ge=1, le=65536)
     """Most events per micro-batch."""
     batch_timeout_s: float = Field(0.05, gt=0, le=60)

@@ -90,7 +90,8 @@ def test_sigkill_mid_replay_loses_nothing(stack, ns, ckpt, ml100k, tmp_path):
     df = ml100k.ratings.iloc[:20_000]
     env = _env(ns, ckpt, 6082, batch=256)
     worker = procs.start_worker(6082, tmp_path, env)
-    replay(ns.scoped(), df, progress=False)
+    feeder = threading.Thread(target=replay, args=(ns.scoped(), df), kwargs={"rate": 1500, "progress": False})
+    feeder.start()  # paced, so the kills land mid-stream
     kills = 0
     seen = 0
 
@@ -103,6 +104,7 @@ def test_sigkill_mid_replay_loses_nothing(stack, ns, ckpt, ml100k, tmp_path):
         worker.kill()
         kills += 1
         worker = procs.start_worker(6082, tmp_path, env)
+    feeder.join()
     recs = read_topic(stack, ns.predictions, until=len(df), timeout=300)
     worker.stop()
     by_id = _by_event(recs)
