@@ -1,18 +1,21 @@
-"""``lstm`` (the default): a recurrent user state over the rating history.
+"""``lstm`` (the default): a recurrent user state on top of the state-based MF.
 
-Input per event: movie embedding ⊕ (r - mu) ⊕ (r - mu - b_i) ⊕ log time gap ⊕
-movie side features (genre multi-hot, normalised year, year-known flag) ->
-LSTM (``nn.LSTM`` for sequences, the same weights through the cell equations
-in ``step``).  The prediction for a candidate movie uses the hidden state
-*before* the event::
+The prediction for a candidate movie ``i`` uses the state *before* the event::
 
-    mu + b_i + b_u + w . h + (P h) . (e_i + G f_i)
+    mu + b_i + q~_i . p~_u  +  w . h + (P h) . (e_i + G f_i)
 
-with ``b_u = resid_sum / (resid_n + lambda_u)`` kept in the state.  All
-user-side projections are bias-free, so a new user (h = 0) gets ``mu + b_i``
-and an unknown movie (zero rows) ``mu + b_u + w . h``.
+* ``mu + b_i + q~_i . p~_u`` is exactly :class:`models.mf.MFModel` (ridge user
+  factor and user bias from the running statistics A, b kept in the state);
+* ``h`` is the hidden state of an LSTM over the user's events.  Input per
+  event: movie embedding ⊕ (r - mu) ⊕ (r - mu - b_i) ⊕ (r - MF prediction) ⊕
+  log time gap ⊕ 1 ⊕ movie side features (genre multi-hot, normalised year,
+  year-known flag).  ``nn.LSTM`` runs it over sequences; ``step`` uses the same
+  weights through the cell equations.
 
-State bytes per user (hidden=64, W=32): 1231 payload + header ≈ 1.25 KB.
+All user-side projections are bias-free, so a new user (h = 0, p~ = 0) gets
+``mu + b_i`` and an unknown movie (zero rows) ``mu + b_u + w . h``.
+
+State bytes per user (defaults hidden=32, k=8, W=32): see ``models.state``.
 """
 
 from __future__ import annotations
@@ -22,36 +25,41 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.base import State, StateSpec
-from models.common import StatefulModel, lookup
+from models.common import lookup
+from models.mf import MFModel
 
 
-class LSTMModel(StatefulModel):
+class LSTMModel(MFModel):
     name = "lstm"
-    movie_tables = ("movie_bias", "movie_features", "movie_emb", "item_out")
+    movie_tables = ("movie_bias", "movie_features", "item_factors", "movie_emb", "item_out")
 
-    def __init__(self, emb_dim: int = 32, hidden: int = 64, item_dim: int = 32, **kw) -> None:
-        super().__init__(**kw)
+    def __init__(self, emb_dim: int = 16, hidden: int = 32, item_dim: int = 16, k: int = 8, **kw) -> None:
+        super().__init__(k=k, **kw)
         self._hp.update(emb_dim=int(emb_dim), hidden=int(hidden), item_dim=int(item_dim))
         self.hidden = int(hidden)
         self.movie_emb = self._emb(self.capacity, emb_dim)
         self.item_out = self._emb(self.capacity, item_dim)
-        self.lstm = nn.LSTM(emb_dim + 4 + self.n_features, hidden, batch_first=True)
+        self.lstm = nn.LSTM(emb_dim + 5 + self.n_features, hidden, batch_first=True)
         self.user_proj = nn.Linear(hidden, item_dim, bias=False)
         self.user_bias_head = nn.Linear(hidden, 1, bias=False)
         self.feat_proj = nn.Linear(self.n_features, item_dim, bias=False)
         with torch.no_grad():
             self.user_bias_head.weight.zero_()
+            self.user_proj.weight.mul_(0.1)
 
     def _spec_extra(self) -> StateSpec:
-        return {"h": ((self.hidden,), torch.float32), "c": ((self.hidden,), torch.float32)}
+        spec = super()._spec_extra()
+        spec.update({"h": ((self.hidden,), torch.float32), "c": ((self.hidden,), torch.float32)})
+        return spec
 
-    def _inputs(self, movie: Tensor, rating: Tensor, gap: Tensor) -> Tensor:
+    def _inputs(self, movie: Tensor, rating: Tensor, mf_pred: Tensor, gap: Tensor) -> Tensor:
         r0 = rating - self.global_mean
         return torch.cat(
             [
                 lookup(self.movie_emb, movie),
                 r0.unsqueeze(-1),
                 (r0 - self._bias(movie)).unsqueeze(-1),
+                (rating - mf_pred).unsqueeze(-1),
                 gap.unsqueeze(-1),
                 torch.ones_like(r0).unsqueeze(-1),
                 self._feats(movie),
@@ -62,16 +70,14 @@ class LSTMModel(StatefulModel):
     def _item_vec(self, ids: Tensor) -> Tensor:
         return lookup(self.item_out, ids) + self.feat_proj(self._feats(ids))
 
-    def _head(self, h: Tensor, bu: Tensor, ids: Tensor) -> Tensor:
-        """h [..., H], bu [...], ids [..., M] -> [..., M]"""
+    def _rnn_term(self, h: Tensor, ids: Tensor) -> Tensor:
+        """h [B, H], ids [B, M] -> [B, M]"""
         u = self.user_proj(h)
         v = self._item_vec(ids)
-        inter = (v * u.unsqueeze(-2)).sum(-1)
-        return self.global_mean + self._bias(ids) + (bu + self.user_bias_head(h)[..., 0]).unsqueeze(-1) + inter
+        return self.user_bias_head(h) + (v * u.unsqueeze(-2)).sum(-1)
 
     def _predict_state(self, state: State, ids: Tensor) -> Tensor:
-        bu = self._user_bias(state["resid_sum"], state["resid_n"])
-        return self._head(state["h"], bu, ids)
+        return self._mf_predict_state(state, ids) + self._rnn_term(state["h"], ids)
 
     def _cell(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         lstm = self.lstm
@@ -81,26 +87,27 @@ class LSTMModel(StatefulModel):
         return torch.sigmoid(o) * torch.tanh(c2), c2
 
     def _step_extra(self, state, movie, rating, ts):
-        x = self._inputs(movie, rating, self._gap_step(state, ts))
-        h, c = self._cell(x, state["h"], state["c"])
-        return {"h": h, "c": c}
+        out = self._mf_step(state, movie, rating)
+        mf_pred = self._mf_predict_state(state, movie[:, None])[:, 0]
+        x = self._inputs(movie, rating, mf_pred, self._gap_step(state, ts))
+        out["h"], out["c"] = self._cell(x, state["h"], state["c"])
+        return out
 
     def _sequence(self, state, movie, rating, ts, mask, want_state):
         B, T = movie.shape
-        x = self._inputs(movie, rating, self._gap_seq(state, ts))
+        mf_pred, extra = self._mf_sequence(state, movie, rating, mask, want_state)
+        x = self._inputs(movie, rating, mf_pred, self._gap_seq(state, ts))
         L = mask.sum(1)
         h0, c0 = state["h"], state["c"]
         packed = pack_padded_sequence(x, L.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
         out, (hn, cn) = self.lstm(packed, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
         h_before = torch.cat([h0.unsqueeze(1), out[:, :-1]], 1)
-        s, n = self._resid_before(state, movie, rating, mask)
-        bu = self._user_bias(s, n)
         u = self.user_proj(h_before)
         v = self._item_vec(movie)
-        pred = self.global_mean + self._bias(movie) + bu + self.user_bias_head(h_before)[..., 0] + (u * v).sum(-1)
-        extra = {}
+        pred = mf_pred + self.user_bias_head(h_before)[..., 0] + (u * v).sum(-1)
         if want_state:
             has = (L > 0)[:, None]
-            extra = {"h": torch.where(has, hn[0], h0), "c": torch.where(has, cn[0], c0)}
+            extra["h"] = torch.where(has, hn[0], h0)
+            extra["c"] = torch.where(has, cn[0], c0)
         return pred, extra

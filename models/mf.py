@@ -33,7 +33,7 @@ class MFModel(StatefulModel):
     movie_tables = ("movie_bias", "movie_features", "item_factors")
     uses_resid_bias = False
 
-    def __init__(self, k: int = 10, lambda_f: float = 1.0, init_std: float = 0.1, **kw) -> None:
+    def __init__(self, k: int = 10, lambda_f: float = 5.0, init_std: float = 0.1, **kw) -> None:
         super().__init__(**kw)
         self._hp.update(k=int(k), lambda_f=float(lambda_f), init_std=float(init_std))
         self.k = int(k)
@@ -57,17 +57,18 @@ class MFModel(StatefulModel):
         p = torch.linalg.solve(A.double() + self._ridge(), b.double().unsqueeze(-1)).squeeze(-1)
         return p.to(torch.float32)
 
-    def _predict_state(self, state: State, ids: Tensor) -> Tensor:
+    # -- ridge user factor, reusable by subclasses ---------------------------
+    def _mf_predict_state(self, state: State, ids: Tensor) -> Tensor:
         p = self._solve(state["A"], state["b"])  # [B, K]
         qt = self._qt(ids)  # [B, M, K]
         return self.global_mean + self._bias(ids) + torch.einsum("bmk,bk->bm", qt, p)
 
-    def _step_extra(self, state, movie, rating, ts):
+    def _mf_step(self, state: State, movie: Tensor, rating: Tensor) -> State:
         qt = self._qt(movie)
         y = rating - self.global_mean - self._bias(movie)
         return {"A": state["A"] + qt[:, :, None] * qt[:, None, :], "b": state["b"] + qt * y[:, None]}
 
-    def _sequence(self, state, movie, rating, ts, mask, want_state):
+    def _mf_sequence(self, state: State, movie: Tensor, rating: Tensor, mask: Tensor, want_state: bool):
         mf = mask.to(torch.float32)
         qt = self._qt(movie) * mf[..., None]  # [B,T,K]
         y = (rating - self.global_mean - self._bias(movie)) * mf
@@ -81,3 +82,12 @@ class MFModel(StatefulModel):
         if want_state:
             extra = {"A": incl_total(state["A"], outer), "b": incl_total(state["b"], by)}
         return pred, extra
+
+    def _predict_state(self, state: State, ids: Tensor) -> Tensor:
+        return self._mf_predict_state(state, ids)
+
+    def _step_extra(self, state, movie, rating, ts):
+        return self._mf_step(state, movie, rating)
+
+    def _sequence(self, state, movie, rating, ts, mask, want_state):
+        return self._mf_sequence(state, movie, rating, mask, want_state)

@@ -59,14 +59,14 @@ def test_state_blobs_versions_and_mismatch():
     with pytest.raises(S.StateMismatch):
         S.unpack_batch(build("cnn"), [blobs[0]])
     with pytest.raises(S.StateMismatch):
-        S.unpack_batch(build("lstm", hidden=32), [blobs[0]])
+        S.unpack_batch(build("lstm", hidden=16), [blobs[0]])
     with pytest.raises(S.StateMismatch):
         S.unpack_batch(m, [b"garbage"])
 
 
 def test_bytes_per_user():
     sizes = {n: S.state_bytes(build(n)) for n in available()}
-    assert sizes["lstm"] < 1300 and all(v < 2048 for v in sizes.values()), sizes
+    assert sizes["lstm"] < 1400 and all(v < 2048 for v in sizes.values()), sizes
 
 
 def test_unknown_model():
