@@ -194,19 +194,18 @@ class TrainerSettings(BaseModel):
     """A challenger must beat the champion's holdout RMSE by this much."""
     drift_margin: float = Field(0.05, ge=0)
     """Online RMSE this far above its value at the last promotion triggers a fine-tune."""
-    # Continuous fine-tuning (``fbp trainer``, trainer/service.py):
-    #: reservoir sample of all events seen, the source of the replay of older data
     reservoir_events: int = Field(20_000, ge=0)
-    #: a time trigger fires only when at least this many events arrived since the last run
+    """Reservoir sample of every event seen, the source of the replay of older data."""
     min_new_events: int = Field(200, ge=1)
-    #: a comparison on fewer unseen holdout events than this is not trusted (rejected)
+    """A time trigger fires only when at least this many events arrived since the last run."""
     min_holdout_events: int = Field(100, ge=1)
-    #: predictions in the rolling online RMSE the drift trigger watches
+    """A comparison on fewer unseen holdout events is not trusted (the run is skipped)."""
     drift_window: int = Field(2_000, ge=10)
-    #: Adam learning rate of fine-tunes (None: the model's offline default)
+    """Predictions in the rolling online RMSE the drift trigger watches."""
     finetune_lr: float | None = Field(None, gt=0)
-    #: torch intra-op threads of the fine-tune (0: torch's default)
+    """Adam learning rate of fine-tunes (None: the model's offline default)."""
     threads: int = Field(0, ge=0)
+    """Torch intra-op threads of a fine-tune (0: torch's default)."""
 
 
 class Settings(BaseSettings):
