@@ -1,0 +1,81 @@
+"""Prequential simulator and `fbp evaluate` on a small synthetic stream."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from trainer.data import synthetic_stream
+from trainer.prequential import occurrence_rank, rolling_rmse, run_prequential, run_river_prequential
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_stream(5000, n_users=80, n_movies=200, seed=4)
+
+
+def _running_mean_rmse(y):
+    c = np.cumsum(np.r_[0.0, y])[:-1]
+    p = np.where(np.arange(len(y)) > 0, c / np.maximum(np.arange(len(y)), 1), 3.0)
+    return float(np.sqrt(np.mean((p - y) ** 2)))
+
+
+@pytest.mark.parametrize("policy", ["window", "replay"])
+def test_prequential_beats_global_mean(data, policy):
+    r = run_prequential("mf", data.ratings, data.movies, genre_vocab=data.genre_vocab,
+                        finetune_every=1000, epochs=2, batch_events=256, policy=policy, lr=1e-2)
+    y = data.ratings.sort_values("ts", kind="stable")["rating"].to_numpy(np.float64)
+    assert r.n == len(y) and r.finetunes == 4 and len(r.rolling) == r.n
+    assert np.isfinite(r.predictions).all()
+    assert r.rmse < _running_mean_rmse(y) - 0.05, (r.rmse, _running_mean_rmse(y))
+
+
+def test_chunking_does_not_change_predictions(data):
+    df = data.ratings.iloc[:1500]
+    a = run_prequential("lstm", df, data.movies, genre_vocab=data.genre_vocab, finetune_every=0, batch_events=1)
+    b = run_prequential("lstm", df, data.movies, genre_vocab=data.genre_vocab, finetune_every=0, batch_events=700)
+    assert np.allclose(a.predictions, b.predictions, atol=1e-5)
+
+
+def test_helpers():
+    assert occurrence_rank(np.array([5, 5, 2, 5, 2])).tolist() == [0, 1, 0, 2, 1]
+    assert np.allclose(rolling_rmse(np.array([1.0, 3.0, 3.0]), 2), [1.0, np.sqrt(5), 3.0])
+
+
+def test_river_runs(data):
+    r = run_river_prequential(data.ratings.iloc[:500])
+    assert r.n == 500 and np.isfinite(r.rmse)
+
+
+def test_evaluate_cli_json_shape(tmp_path):
+    from trainer.evaluate import cli
+
+    app = typer.Typer()
+    app.command()(cli)
+    args = ["--data", "synthetic:2000", "--models", "baseline,mf", "--finetune-every", "1000", "--epochs", "1",
+            "--train-epochs", "2", "--seed", "0", "--device", "cpu"]
+    one = tmp_path / "one.json"
+    res = CliRunner().invoke(app, args + ["--protocol", "prequential", "--json", str(one),
+                                          "--markdown", str(tmp_path / "t.md"), "--plot", str(tmp_path / "p.png")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(one.read_text())
+    assert doc["protocol"] == "prequential" and doc["dataset"].startswith("synthetic")
+    assert set(doc["models"]) == {"baseline", "mf", "river-biasedmf"}
+    for v in doc["models"].values():
+        assert {"rmse", "mae"} <= set(v) and v["rmse"] > 0
+    assert (tmp_path / "p.png").stat().st_size > 1000 and "| mf |" in (tmp_path / "t.md").read_text()
+    both = tmp_path / "both.json"
+    res = CliRunner().invoke(app, args + ["--protocol", "both", "--json", str(both), "--no-river"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(both.read_text())
+    assert doc["protocol"] == "both" and set(doc["protocols"]) == {"time-split", "prequential"}
+    ts = doc["protocols"]["time-split"]
+    assert ts["protocol"] == "time-split" and set(ts["models"]) == {"baseline", "mf"}
+    assert "surprise-svd" in ts["references"]
