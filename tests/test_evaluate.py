@@ -39,9 +39,12 @@ def test_prequential_beats_global_mean(data, policy):
 
 def test_chunking_does_not_change_predictions(data):
     df = data.ratings.iloc[:1500]
-    a = run_prequential("lstm", df, data.movies, genre_vocab=data.genre_vocab, finetune_every=0, batch_events=1)
-    b = run_prequential("lstm", df, data.movies, genre_vocab=data.genre_vocab, finetune_every=0, batch_events=700)
+    kw = dict(genre_vocab=data.genre_vocab, finetune_every=600, epochs=1)
+    a = run_prequential("lstm", df, data.movies, batch_events=1, mode="step", **kw)
+    b = run_prequential("lstm", df, data.movies, batch_events=700, mode="step", **kw)
+    c = run_prequential("lstm", df, data.movies, mode="sequence", **kw)
     assert np.allclose(a.predictions, b.predictions, atol=1e-5)
+    assert np.allclose(a.predictions, c.predictions, atol=1e-4)
 
 
 def test_helpers():
