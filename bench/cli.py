@@ -55,3 +55,35 @@ def stream(
         for k, v in sorted(res["stage_share"].items(), key=lambda kv: -kv[1]):
             typer.echo(f"  {k:12s} {100 * v:5.1f}%")
     _write_json(json_path, res)
+
+
+@app.command()
+def model(
+    models: str = typer.Option("lstm,cnn,mf,baseline", help="comma-separated models"),
+    batch_sizes: str = typer.Option("1,16,256,4096,65536", help="comma-separated batch sizes"),
+    devices: str = typer.Option(None, help="cpu and/or cuda (default: cpu, plus cuda when present)"),
+    threads: int = typer.Option(1, help="torch CPU threads (CPU figures are CPU time)"),
+    json_path: Path = typer.Option(None, "--json", help="write the figures here"),
+) -> None:
+    """Batched incremental step throughput, and its cost vs recomputing from history."""
+    from bench.model_bench import bench_model
+
+    res = bench_model([m for m in models.split(",") if m], _ints(batch_sizes),
+                      devices.split(",") if devices else None, threads)
+    typer.echo("user-steps/s of the batched incremental step:")
+    typer.echo(f"  {'model':9s} {'device':6s} {'amp':4s} " + " ".join(f"{b:>10d}" for b in _ints(batch_sizes)))
+    rows: dict[tuple, list[float]] = {}
+    for r in res["throughput"]:
+        rows.setdefault((r["model"], r["device"], r["amp"]), []).append(r["user_steps_per_s"])
+    for (m, d, a), v in rows.items():
+        typer.echo(f"  {m:9s} {d:6s} {'bf16' if a else '-':4s} " + " ".join(f"{x:10.0f}" for x in v))
+    typer.echo("per-event cost, incremental step vs recompute from the full history:")
+    for r in res["history"]:
+        typer.echo(f"  {r['model']:9s} {r['device']:5s} L={r['history']:5d}  step {r['incremental_s_per_event'] * 1e6:8.2f} us"
+                   f"  recompute {r['recompute_s_per_event'] * 1e6:9.2f} us  speed-up {r['speedup']:8.1f}x")
+    typer.echo(f"{res['model']} on {res['device']}: history cost ratio (L=1000 / L=10) "
+               f"{res['history_cost_ratio']:.2f}; speed-up over recompute "
+               + ", ".join(f"L={k}: {v:.0f}x" for k, v in res["recompute_speedup"].items()))
+    for m, d in res["amp_max_abs_prediction_diff"].items():
+        typer.echo(f"  bf16 autocast max |prediction diff| {m}: {d:.4f}")
+    _write_json(json_path, res)
