@@ -52,8 +52,13 @@ def ckpt(ml100k, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def ns(stack):
+    from stream.topics import ensure_topics
+
     n = Namespace.fresh(2, stack)
     n.create()
+    sc = n.scoped()
+    ensure_topics(sc.model_copy(update={"kafka": sc.kafka.model_copy(
+        update={"model_updates_topic": f"{n.prefix}-model-updates"})}))
     yield n
     n.drop()
     from tests.test_trainer_service import _drop_topic
@@ -163,14 +168,14 @@ def _challenger(boot, ml100k):
 
 
 def test_promotion_mid_replay_no_gap_no_duplicate_and_rederived_states(stack, ns, ckpt, ml100k, tmp_path):
-    df = ml100k.ratings.iloc[BOOT:BOOT + 12_000]
+    df = ml100k.ratings.iloc[BOOT:BOOT + 8_000]
     store, boot = _publish_bootstrap(stack, ns, ckpt)
     res = _challenger(boot, ml100k)
-    worker = procs.start_worker(6195, tmp_path, _worker_env(ns, ckpt, 6195, batch=64))
+    worker = procs.start_worker(6195, tmp_path, _worker_env(ns, ckpt, 6195, batch=128))
     try:
         feeder = threading.Thread(target=replay, args=(ns.scoped(), df), kwargs={"rate": 400, "progress": False})
         feeder.start()
-        read_topic(stack, ns.predictions, until=5000, timeout=180)
+        read_topic(stack, ns.predictions, until=3500, timeout=180)
         from trainer.finetune import promote
 
         prod = KafkaProducer(**stack.kafka.kafka_python_kwargs())

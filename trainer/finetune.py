@@ -254,9 +254,12 @@ def promote(store: Any, producer: Any, topic: str, result: FinetuneResult, *, tr
                 f"vs champion v{result.champion_version} {d.champion_rmse:.4f}"),
     )
     if producer is not None:
-        fut = producer.send(topic, key=b"model", value=announcement(
-            pub, result.challenger, metrics, trigger=trigger, previous=result.champion_version))
-        fut.get(timeout=timeout)
+        try:
+            fut = producer.send(topic, key=b"model", value=announcement(
+                pub, result.challenger, metrics, trigger=trigger, previous=result.champion_version))
+            fut.get(timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - workers poll Redis; the announcement is a courtesy
+            log.error("model v%d published but not announced on %s: %s", pub.version, topic, exc)
     return pub
 
 
