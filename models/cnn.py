@@ -13,7 +13,7 @@ The training path runs the same convolution along whole histories
 (``[old window | events]``), so it equals step exactly.  Bias-free layers: a
 new user (empty window) gets ``mu + b_i``.
 
-State bytes per user (W=32): 719 payload + header (only the generic window
+State bytes per user (W=32): 691 = 670 payload + 21 header (only the generic window
 and user bias: the CNN re-reads the window each step).
 """
 

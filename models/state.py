@@ -11,8 +11,10 @@ Blob layout (all little-endian)::
     payload                   raw tensor bytes in ``state_spec`` order
 
 The payload uses each tensor's dtype from ``state_spec`` (float32, int64,
-int16).  Bytes per user at default hparams (W=32): baseline and cnn 719 + 17
-header = 736, mf (k=10) 1231 + 11 = 1242, lstm (hidden=64) 1231 + 13 = 1244.
+int16).  Bytes per user at default hparams (W=32; payload + header):
+baseline 670 + 26 = 696, cnn 670 + 21 = 691, mf (k=10) 1190 + 20 = 1210,
+lstm (hidden=32, k=8) 1278 + 22 = 1300.  The generic part (count, mean,
+last_ts, window of 32 events, win_len) is 662 bytes of that.
 
 Model version changes keep the layout (same fingerprint) but make a user's
 model-specific state stale (it was computed with other weights):
