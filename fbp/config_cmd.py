@@ -67,3 +67,19 @@ def show() -> None:
 def reference() -> None:
     """Print the configuration reference as a Markdown table."""
     typer.echo(reference_markdown())
+
+
+@app.command()
+def readme(path: str = "README.md") -> None:
+    """Rewrite the configuration reference section of README.md in place."""
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text()
+    if BEGIN not in text or END not in text:
+        typer.echo(f"{path} has no {BEGIN} ... {END} section", err=True)
+        raise typer.Exit(2)
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    p.write_text(f"{head}{BEGIN}\n{reference_markdown()}\n{END}{tail}")
+    typer.echo(f"updated {path}")

@@ -150,6 +150,8 @@ class WorkerSettings(BaseModel):
     """Longest wait to fill a micro-batch."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs: auto picks CUDA when present."""
+    torch_threads: int = Field(1, ge=1, le=256)
+    """CPU threads torch may use in a worker (1 suits a small box shared with Kafka and Redis)."""
     top_k: int = Field(10, ge=0, le=1000)
     """Movies recommended in each prediction record (0 = none)."""
     checkpoint: Path = REPO_ROOT / "runs" / "bootstrap" / "model"

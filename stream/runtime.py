@@ -67,6 +67,7 @@ class Runtime:
                 s = self.settings
                 self.models = ModelStore(sync_redis(s.redis), s.redis.key_prefix)
                 self.store = StateStore(async_redis(s.redis), s.redis.key_prefix)
+                torch.set_num_threads(s.worker.torch_threads)
                 device = pick_device(s.worker.device)
                 model = initial_model(s, self.models)
 
