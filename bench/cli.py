@@ -87,3 +87,46 @@ def model(
     for m, d in res["amp_max_abs_prediction_diff"].items():
         typer.echo(f"  bf16 autocast max |prediction diff| {m}: {d:.4f}")
     _write_json(json_path, res)
+
+
+@app.command()
+def swap(
+    source: str = typer.Option("ml-100k", help="dataset whose events are streamed"),
+    rate: float = typer.Option(200.0, help="steady send rate, events/s"),
+    duration: float = typer.Option(90.0, help="seconds of sending"),
+    swap_at: float = typer.Option(None, help="seconds into the run to promote (default: half-way)"),
+    window: float = typer.Option(30.0, help="seconds of events around the swap measured separately"),
+    warmup: float = typer.Option(10.0, help="seconds at the start left out of steady state"),
+    batch_size: int = typer.Option(256, help="worker batch size"),
+    port: int = typer.Option(6197, help="worker web port"),
+    logdir: Path = typer.Option(Path("runs/bench/logs"), help="worker logs"),
+    json_path: Path = typer.Option(None, "--json", help="write the figures here"),
+) -> None:
+    """p99 event-to-prediction latency around a promoted model's hot swap vs steady state."""
+    from bench.swap_bench import bench_swap
+
+    res = bench_swap(source=source, rate=rate, duration_s=duration, swap_at_s=swap_at, window_s=window,
+                     warmup_s=warmup, batch_size=batch_size, port=port, logdir=logdir,
+                     progress=lambda m: typer.echo(f"  {m}"))
+    typer.echo(f"p99 event-to-prediction, steady state   : {res['p99_ms_steady']} ms "
+               f"(p50 {res['p50_ms_steady']} ms, {res['events_steady']} events)")
+    typer.echo(f"p99 event-to-prediction, {res['window_s']:.0f} s around swap: {res['p99_ms_swap']} ms "
+               f"(p50 {res['p50_ms_swap']} ms, max {res['max_ms_swap']} ms, {res['events_swap_window']} events)")
+    typer.echo(f"client-side p99 (send -> read)         : steady {res['client_p99_ms_steady']} ms, "
+               f"swap {res['client_p99_ms_swap']} ms")
+    typer.echo(f"events lost: {res['events_lost']} of {res['events_sent']} (duplicates {res['duplicates']}); "
+               f"promoted v{res['promoted_version']} at {res['promoted_at_s']} s, first prediction by it at "
+               f"{res['first_new_prediction_s']} s; states re-derived {res['states_rederived']:.0f}")
+    _write_json(json_path, {"p99_ms_steady": res["p99_ms_steady"], "p99_ms_swap": res["p99_ms_swap"],
+                            "events_lost": res["events_lost"], **res})
+
+
+@app.command()
+def report(
+    results: Path = typer.Option(Path("runs/bench"), help="folder of benchmark JSON files"),
+    out: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown file to write"),
+) -> None:
+    """Write BENCHMARKS.md (with plots under docs/bench/) from the benchmark JSON files."""
+    from bench.report import write_report
+
+    typer.echo(f"wrote {write_report(results, out)}")
