@@ -55,6 +55,16 @@ def stream(
         for k, v in sorted(res["stage_share"].items(), key=lambda kv: -kv[1]):
             typer.echo(f"  {k:12s} {100 * v:5.1f}%")
     _write_json(json_path, res)
+    if json_path:
+        from bench import plots
+
+        bs = sorted({s["batch_size"] for s in res["sweep"]})
+        series = {f"{w} worker(s)": [next((s["events_per_s"] for s in res["sweep"]
+                                           if s["batch_size"] == b and s["workers"] == w), None) for b in bs]
+                  for w in sorted({s["workers"] for s in res["sweep"]})}
+        typer.echo(f"wrote {plots.plot_throughput_vs_batch(bs, series, json_path.with_suffix('.png'))}")
+        lt = res["latency_over_time"]
+        typer.echo(f"wrote {plots.plot_latency_over_time(lt['t'], lt['p50'], lt['p99'], json_path.with_name(json_path.stem + '-latency.png'))}")
 
 
 @app.command()
@@ -87,6 +97,12 @@ def model(
     for m, d in res["amp_max_abs_prediction_diff"].items():
         typer.echo(f"  bf16 autocast max |prediction diff| {m}: {d:.4f}")
     _write_json(json_path, res)
+    if json_path:
+        from bench import plots
+
+        bs = _ints(batch_sizes)
+        series = {f"{m} {d} {'bf16' if a else 'fp32'}": v for (m, d, a), v in rows.items()}
+        typer.echo(f"wrote {plots.plot_throughput_vs_batch(bs, series, json_path.with_suffix('.png'))}")
 
 
 @app.command()
@@ -123,7 +139,7 @@ def swap(
 
 @app.command()
 def report(
-    results: Path = typer.Option(Path("runs/bench"), help="folder of benchmark JSON files"),
+    results: Path = typer.Option(Path("bench/results"), help="folder of benchmark JSON files"),
     out: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown file to write"),
 ) -> None:
     """Write BENCHMARKS.md (with plots under docs/bench/) from the benchmark JSON files."""

@@ -177,6 +177,7 @@ def run_latency(settings: Settings, events: list[RatingEvent], *, rate: float, b
         prod = KafkaProducer(**settings.kafka.kafka_python_kwargs(), acks="all", linger_ms=1)
         sent: dict[str, float] = {}
         lat: list[float] = []
+        at: list[float] = []
         t0 = time.perf_counter()
         i = 0
         while i < len(events) or len(lat) < len(events):
@@ -191,17 +192,34 @@ def run_latency(settings: Settings, events: list[RatingEvent], *, rate: float, b
             for msg in _poll(cons):
                 eid = orjson.loads(msg.value)["event_id"]
                 if eid in sent:
-                    lat.append((time.time() - sent.pop(eid)) * 1000.0)
+                    now_s = time.time()
+                    lat.append((now_s - sent.pop(eid)) * 1000.0)
+                    at.append(now_s)
             if now - t0 > len(events) / rate + 60:
                 break
         cons.close()
         prod.close()
         arr = np.array(lat) if lat else np.array([np.nan])
         return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)),
-                "n": len(lat), "rate": rate}
+                "n": len(lat), "rate": rate, "over_time": _per_second(at, lat)}
     finally:
         worker.stop()
         ns.drop()
+
+
+def _per_second(at: list[float], lat: list[float]) -> dict[str, list]:
+    """p50/p99 latency of the predictions read in each second of the run."""
+    if not at:
+        return {"t": [], "p50": [], "p99": []}
+    a, l = np.array(at) - at[0], np.array(lat)
+    t, p50, p99 = [], [], []
+    for s in range(int(a.max()) + 1):
+        sel = l[(a >= s) & (a < s + 1)]
+        if len(sel):
+            t.append(s)
+            p50.append(float(np.percentile(sel, 50)))
+            p99.append(float(np.percentile(sel, 99)))
+    return {"t": t, "p50": p50, "p99": p99}
 
 
 def _poll(cons: KafkaConsumer) -> list[Any]:
@@ -233,6 +251,7 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
         "ratio": main["events_per_s"] / base,
         "latency_ms": {"p50": lat["p50"], "p99": lat["p99"]},
         "latency_rate_events_per_s": lat["rate"],
+        "latency_over_time": lat["over_time"],
         "events": len(evs),
         "partitions": partitions,
         "sweep": sweep,

@@ -26,7 +26,7 @@ def _say(msg: str) -> None:
 def cli(
     bootstrap_frac: float = typer.Option(0.2, help="share of ML-100K (by time) the bootstrap model trains on"),
     epochs: int = typer.Option(8, help="bootstrap training epochs (early stopping applies)"),
-    rate: float = typer.Option(0.0, help="replay rate in events/s (0 = flat out)"),
+    rate: float = typer.Option(800.0, help="replay rate in events/s (0 = flat out; latency then measures the backlog)"),
     finetune: bool = typer.Option(True, help="run the fine-tuning service during the replay"),
     finetune_every: int = typer.Option(10_000, help="fine-tune every N events"),
     limit: int = typer.Option(None, help="replay at most this many events"),
