@@ -32,14 +32,14 @@ def test_prequential_beats_global_mean(data, policy):
     r = run_prequential("mf", data.ratings, data.movies, genre_vocab=data.genre_vocab,
                         finetune_every=1000, epochs=2, batch_events=256, policy=policy, lr=1e-2)
     y = data.ratings.sort_values("ts", kind="stable")["rating"].to_numpy(np.float64)
-    assert r.n == len(y) and r.finetunes == 4 and len(r.rolling) == r.n
+    assert r.n == len(y) and r.finetunes == 7 and len(r.rolling) == r.n
     assert np.isfinite(r.predictions).all()
     assert r.rmse < _running_mean_rmse(y) - 0.05, (r.rmse, _running_mean_rmse(y))
 
 
 def test_chunking_does_not_change_predictions(data):
     df = data.ratings.iloc[:1500]
-    kw = dict(genre_vocab=data.genre_vocab, finetune_every=600, epochs=1)
+    kw = dict(genre_vocab=data.genre_vocab, finetune_every=600, epochs=1, warmup=0)
     a = run_prequential("lstm", df, data.movies, batch_events=1, mode="step", **kw)
     b = run_prequential("lstm", df, data.movies, batch_events=700, mode="step", **kw)
     c = run_prequential("lstm", df, data.movies, mode="sequence", **kw)
@@ -48,6 +48,10 @@ def test_chunking_does_not_change_predictions(data):
 
 
 def test_helpers():
+    from trainer.prequential import finetune_points
+
+    assert finetune_points(5000, 1000) == [125, 250, 500, 1000, 2000, 3000, 4000]
+    assert finetune_points(5000, 0) == [] and finetune_points(5000, 1000, warmup=0) == [1000, 2000, 3000, 4000]
     assert occurrence_rank(np.array([5, 5, 2, 5, 2])).tolist() == [0, 1, 0, 2, 1]
     assert np.allclose(rolling_rmse(np.array([1.0, 3.0, 3.0]), 2), [1.0, np.sqrt(5), 3.0])
 

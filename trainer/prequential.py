@@ -7,7 +7,9 @@ stream.  Events are processed in chunks of ``batch_events``; inside a chunk the
 events of a user are applied in order (round r handles each user's r-th event
 of the chunk), so chunking never changes a prediction.
 
-Every ``finetune_every`` events the model is fine-tuned (warm start, ``epochs``
+Every ``finetune_every`` events (plus ``warmup`` geometric early points,
+``N/8, N/4, N/2``, so the first period is not served by an untrained model --
+:func:`finetune_points`) the model is fine-tuned (warm start, ``epochs``
 epochs, no hold-out) on all events seen so far, and the users' states are then
 brought in line with the new weights by :func:`refresh_states`, which
 implements the state-after-swap policies:
@@ -57,6 +59,16 @@ class PrequentialResult:
     def to_dict(self) -> dict[str, Any]:
         return {"rmse": self.rmse, "mae": self.mae, "n": self.n, "seconds": round(self.seconds, 2),
                 "finetunes": self.finetunes, "policy": self.policy}
+
+
+def finetune_points(n: int, every: int, warmup: int = 3) -> list[int]:
+    """Event counts after which to fine-tune: ``every, 2*every, ...`` below ``n``,
+    preceded by ``warmup`` geometric early ones (every/2^warmup, ..., every/2) so
+    the model is not left untrained for the whole first period."""
+    if not every:
+        return []
+    early = [every >> k for k in range(warmup, 0, -1) if (every >> k) >= 50]
+    return [p for p in early + list(range(every, n, every)) if 0 < p < n]
 
 
 def rolling_rmse(err: np.ndarray, window: int) -> np.ndarray:
@@ -172,6 +184,7 @@ def run_prequential(
     device: str = "cpu",
     progress: bool = False,
     mode: str = "sequence",
+    warmup: int = 3,
 ) -> PrequentialResult:
     """Test-then-train over ``ratings`` with periodic warm-start fine-tuning.
 
@@ -203,8 +216,9 @@ def run_prequential(
     finetunes, ft_s = 0, 0.0
     bar = tqdm(total=n, desc=f"prequential {model_name}", disable=not progress, unit="ev")
     pos = 0
+    points = finetune_points(n, finetune_every, warmup)
     while pos < n:
-        seg_end = min(n, (pos // finetune_every + 1) * finetune_every) if finetune_every else n
+        seg_end = next((p for p in points if p > pos), n)
         while pos < seg_end:
             end = min(seg_end, pos + batch_events) if mode == "step" else seg_end
             model.ensure_capacity(int(movie[pos:end].max()))
@@ -212,7 +226,7 @@ def run_prequential(
             preds[pos:end] = run(model, states, uidx[pos:end], movie[pos:end], rating[pos:end], ts[pos:end])
             bar.update(end - pos)
             pos = end
-        if finetune_every and pos < n:
+        if pos in points:
             t1 = time.perf_counter()
             seen = df.iloc[:pos]
             fit(model, seen, epochs=epochs, lr=lr, batch_users=batch_users, device=device,
