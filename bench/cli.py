@@ -34,6 +34,7 @@ def stream(
     partitions: int = typer.Option(4, help="partitions of the bench topics"),
     latency_fraction: float = typer.Option(0.5, help="latency run's rate as a fraction of measured throughput"),
     logdir: Path = typer.Option(Path("runs/bench/logs"), help="worker logs"),
+    checkpoint: Path = typer.Option(None, help="model to serve (default: the worker checkpoint, else an untrained LSTM)"),
     json_path: Path = typer.Option(None, "--json", help="write the figures here"),
 ) -> None:
     """Full path vs a bare aiokafka consume-and-produce loop over the same events."""
@@ -41,9 +42,12 @@ def stream(
 
     res = bench_stream(source=source, events=events, batch_sizes=_ints(batch_sizes),
                        workers=_ints(workers), partitions=partitions,
-                       latency_fraction=latency_fraction, logdir=logdir)
+                       latency_fraction=latency_fraction, logdir=logdir, checkpoint=checkpoint)
     typer.echo(f"baseline aiokafka loop : {res['baseline_events_per_s']:10.0f} events/s")
-    typer.echo(f"full path              : {res['events_per_s']:10.0f} events/s   ratio {res['ratio']:.2f}")
+    typer.echo(f"no-op Faust agent      : {res['faust_noop_events_per_s']:10.0f} events/s   "
+               f"(Faust's own floor; ratio to baseline {res['faust_noop_events_per_s'] / res['baseline_events_per_s']:.2f})")
+    typer.echo(f"full path              : {res['events_per_s']:10.0f} events/s   ratio {res['ratio']:.2f} "
+               f"(to the no-op Faust agent: {res['ratio_to_faust_noop']:.2f})")
     typer.echo(f"latency at {res['latency_rate_events_per_s']:.0f} ev/s : "
                f"p50 {res['latency_ms']['p50']:.1f} ms   p99 {res['latency_ms']['p99']:.1f} ms")
     typer.echo("sweep:")

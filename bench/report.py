@@ -69,6 +69,9 @@ def _stream_section(res: dict[str, Any], img: Path, rel: str) -> list[str]:
         f"- full path: **{res['events_per_s']:,.0f} events/s**; bare aiokafka consume-and-produce "
         f"loop over the same events in the same run: {res['baseline_events_per_s']:,.0f} events/s; "
         f"**ratio {res['ratio']:.2f}**",
+        f"- a no-op Faust agent (take_events and nothing else) over the same events: "
+        f"{res.get('faust_noop_events_per_s', float('nan')):,.0f} events/s; full path / no-op Faust = "
+        f"**{res.get('ratio_to_faust_noop', float('nan')):.2f}** (what Faust's own per-event machinery allows)",
         f"- event-to-prediction latency at {res.get('latency_rate_events_per_s', 0):,.0f} events/s: "
         f"p50 **{res['latency_ms']['p50']:.1f} ms**, p99 **{res['latency_ms']['p99']:.1f} ms**",
         f"- {res.get('events')} events, {res.get('partitions')} partitions", "",

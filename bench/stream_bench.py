@@ -119,6 +119,53 @@ def run_baseline(settings: Settings, events: list[RatingEvent], partitions: int)
         ns.drop()
 
 
+def _count_batches(settings: Settings, topic: str, n: int, timeout: float) -> tuple[float, float, int]:
+    """Like ``_count_until`` for the no-op agent's per-batch count records."""
+    c = KafkaConsumer(topic, **settings.kafka.kafka_python_kwargs(), group_id=None,
+                      auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=1000)
+    first, last, seen = None, 0.0, 0
+    deadline = time.monotonic() + timeout
+    try:
+        while seen < n and time.monotonic() < deadline:
+            for msg in c:
+                ts = msg.timestamp / 1000.0
+                first = ts if first is None else min(first, ts)
+                last = max(last, ts)
+                seen += orjson.loads(msg.value)["n"]
+                if seen >= n:
+                    break
+    finally:
+        c.close()
+    return (first or 0.0), last, seen
+
+
+def run_faust_noop(settings: Settings, events: list[RatingEvent], *, batch_size: int,
+                   partitions: int, logdir: Path, port: int = 6178) -> float:
+    """Events/s of a Faust agent that only takes micro-batches (Faust's own floor)."""
+    import subprocess
+    import sys
+
+    ns = Namespace.fresh(partitions, settings)
+    ns.create()
+    logdir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, **ns.env(batch_size, port))
+    try:
+        preload(settings, ns.ratings, events)
+        with open(logdir / f"faust-noop-{port}.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "faust", "-A", "bench.faust_noop", "worker",
+                                     "-l", "warn", "--web-port", str(port)], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                first, last, seen = _count_batches(settings, ns.predictions, len(events), 300)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+        # the first batch's count record is stamped at its end: count from the second one
+        return seen / max(last - first, 1e-6)
+    finally:
+        ns.drop()
+
+
 def _stage_sums(url: str) -> dict[str, float]:
     out: dict[str, float] = {}
     text = httpx.get(url + "/metrics", timeout=5).text
@@ -156,6 +203,9 @@ def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int
                 stages[k] = stages.get(k, 0.0) + v
         if seen < len(events):
             raise RuntimeError(f"only {seen}/{len(events)} predictions; worker log:\n{started[0].tail()}")
+        # What the stages do not account for: Faust's consumer/stream machinery,
+        # fetching, acking, the event loop (per worker, over the busy span).
+        stages["faust_overhead"] = max(0.0, (last - first) * workers - sum(stages.values()))
         return PathResult(seen / max(last - first, 1e-6), stages, wall)
     finally:
         for p in started:
@@ -229,11 +279,37 @@ def _poll(cons: KafkaConsumer) -> list[Any]:
     return out
 
 
+def bench_checkpoint(settings: Settings, path: Path | None) -> Path:
+    """The model the benchmark serves: ``path``, else the configured worker
+    checkpoint, else a seeded untrained LSTM of the default size (speed does not
+    depend on the weights' values)."""
+    for p in (path, settings.worker.checkpoint):
+        if p is not None and Path(str(p) + ".json").is_file():
+            return Path(p)
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from trainer.data import load_dataset
+    from trainer.train import make_model
+
+    ds = load_dataset("ml-100k")
+    torch.manual_seed(0)
+    model = make_model("lstm", ds.movies, ds.genre_vocab, int(ds.ratings["movie_id"].max()))
+    out = Path("runs/bench/untrained-lstm")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, out, {"note": "untrained, for speed benchmarks"})
+    return out
+
+
 def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: list[int],
-                 partitions: int, latency_fraction: float, logdir: Path) -> dict[str, Any]:
+                 partitions: int, latency_fraction: float, logdir: Path,
+                 checkpoint: Path | None = None) -> dict[str, Any]:
     settings = get_settings()
+    ckpt = bench_checkpoint(settings, checkpoint)
+    os.environ["FBP_WORKER__CHECKPOINT"] = str(ckpt)  # inherited by the worker processes
     evs = _events(source, events)
     base = run_baseline(settings, evs, partitions)
+    noop = run_faust_noop(settings, evs, batch_size=batch_sizes[0], partitions=partitions, logdir=logdir)
     sweep = []
     for b in batch_sizes:
         for w in workers:
@@ -249,6 +325,8 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
         "events_per_s": main["events_per_s"],
         "baseline_events_per_s": base,
         "ratio": main["events_per_s"] / base,
+        "faust_noop_events_per_s": noop,
+        "ratio_to_faust_noop": main["events_per_s"] / noop,
         "latency_ms": {"p50": lat["p50"], "p99": lat["p99"]},
         "latency_rate_events_per_s": lat["rate"],
         "latency_over_time": lat["over_time"],
@@ -256,5 +334,7 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
         "partitions": partitions,
         "sweep": sweep,
         "stage_share": {k: v / total_stage for k, v in main["stages_s"].items()} if total_stage else {},
+        "checkpoint": str(ckpt),
         "machine": {"cpus": os.cpu_count()},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

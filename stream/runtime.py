@@ -43,9 +43,9 @@ def initial_model(settings: Settings, models: ModelStore) -> RatingModel:
         model, _ = load_checkpoint(path)
     except CheckpointError as exc:
         raise RuntimeError(
-            f"no published model in Redis and the checkpoint {path} is unusable ({exc}); "
-            "train one with `fbp train --out PATH` and set FBP_WORKER__CHECKPOINT, "
-            "or publish one with `fbp model publish PATH`"
+            f"no model to serve: nothing is published in Redis (prefix {settings.redis.key_prefix!r}) "
+            f"and the local checkpoint is unusable: {exc}. Publish one with `fbp model publish PATH` "
+            "or point FBP_WORKER__CHECKPOINT at a checkpoint written by `fbp train`"
         ) from None
     return model
 
