@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence
 
 import numpy as np
+import orjson
 import torch
 
 from models import state as mstate
 from models.base import RatingModel
 from stream import metrics as m
-from stream.events import PredictionRecord, Rejection, decode_rating, dlq_record, encode_prediction
+from stream.events import PredictionRecord, Rejection, decode_rating, dlq_record
 from stream.state_store import StateStore
 
 log = logging.getLogger(__name__)
@@ -232,9 +233,12 @@ class Predictor:
         rows = [(u, blobs[frow[u]], *last_coord[u]) for u in fusers]
         m.STATE_BYTES.set(len(blobs[0]))
 
+        # One top-K list per user, shared by that user's records in this batch.
+        user_top = [[[a, b] for a, b in zip(ids, sc)] for ids, sc in zip(top_ids, top_sc)]
         futs = []
         produced_at = time.time()
-        batch_ms = (time.perf_counter() - t1) * 1000.0
+        batch_ms = round((time.perf_counter() - t1) * 1000.0, 3)
+        version = model.version
         for i, (ev, msg) in enumerate(fresh):
             rec = PredictionRecord(
                 event_id=ev.event_id,
@@ -242,20 +246,20 @@ class Predictor:
                 movie_id=ev.movie_id,
                 predicted=float(preds[i]),
                 actual=float(ev.rating),
-                model_version=model.version,
-                top_k=[[a, round(b, 4)] for a, b in zip(top_ids[uidx[i]], top_sc[uidx[i]])],
+                model_version=version,
+                top_k=user_top[uidx[i]],
                 timings={
                     "event_to_prediction_ms": round((produced_at - msg.kafka_ts) * 1000.0, 3),
-                    "batch_ms": round(batch_ms, 3),
+                    "batch_ms": batch_ms,
                 },
                 ts=ev.ts,
                 produced_at=produced_at,
             )
             res.predictions.append(rec)
             res.kafka_ts.append(msg.kafka_ts)
-            futs.append(
-                await self.send(self.predictions_topic, str(ev.user_id).encode(), encode_prediction(rec))
-            )
+            # orjson writes the dataclass natively, in the order of
+            # stream.events.prediction_dict (all fields already plain types).
+            futs.append(await self.send(self.predictions_topic, str(ev.user_id).encode(), orjson.dumps(rec)))
         return rows, futs
 
     def _top_k(self, sub: mstate.State) -> tuple[list[list[int]], list[list[float]]]:
@@ -264,7 +268,7 @@ class Predictor:
         scores = self.model.score(sub, cands).masked_fill(seen_mask(sub, cands), float("-inf"))
         k = min(self.top_k, scores.shape[1])
         sc, ix = torch.topk(scores, k, dim=1)
-        return cands[ix].cpu().tolist(), sc.float().cpu().tolist()
+        return cands[ix].cpu().tolist(), np.round(sc.float().cpu().numpy().astype(np.float64), 4).tolist()
 
     def _observe(self, batch: Sequence[Incoming], res: BatchResult, started: float) -> None:
         m.BATCH_SIZE.observe(len(batch))
