@@ -118,7 +118,7 @@ def swap(
     window: float = typer.Option(30.0, help="seconds of events around the swap measured separately"),
     warmup: float = typer.Option(10.0, help="seconds at the start left out of steady state"),
     batch_size: int = typer.Option(256, help="worker batch size"),
-    port: int = typer.Option(6197, help="worker web port"),
+    port: int = typer.Option(0, help="worker web port (0: any free one)"),
     logdir: Path = typer.Option(Path("runs/bench/logs"), help="worker logs"),
     json_path: Path = typer.Option(None, "--json", help="write the figures here"),
 ) -> None:

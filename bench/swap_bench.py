@@ -68,7 +68,7 @@ def _models(source: str, boot: int) -> tuple[Any, Any, Any]:
 def bench_swap(*, source: str = "ml-100k", rate: float = 200.0, duration_s: float = 90.0,
                swap_at_s: float | None = None, window_s: float = 30.0, warmup_s: float = 10.0,
                boot: int = 10_000, batch_size: int = 256, partitions: int = 2,
-               logdir: Path = Path("runs/bench/logs"), port: int = 6197,
+               logdir: Path = Path("runs/bench/logs"), port: int = 0,
                settings: Settings | None = None, progress: Any = None) -> dict[str, Any]:
     from fbp import procs
     from stream.model_store import ModelStore
@@ -77,6 +77,12 @@ def bench_swap(*, source: str = "ml-100k", rate: float = 200.0, duration_s: floa
     from trainer.finetune import promote
 
     say = progress or (lambda _m: None)
+    if not port:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
     settings = settings or get_settings()
     swap_at_s = duration_s / 2 if swap_at_s is None else swap_at_s
     say(f"training bootstrap v1 on {boot} events and a fine-tuned challenger")

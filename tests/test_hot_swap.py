@@ -30,7 +30,7 @@ from stream.model_store import ModelStore
 from stream.redis_conn import sync_redis
 from stream.replay import replay
 from tests.streamkit import checkpoint, read_topic, redis_states, simulate, state_mismatches
-from tests.test_trainer_service import metric, trainer_env, wait_for
+from tests.test_trainer_service import free_port, metric, trainer_env, wait_for
 from trainer.data import load_dataset
 from trainer.prequential import step_events
 
@@ -99,18 +99,28 @@ def test_replay_with_finetuning_promotes_and_beats_the_frozen_model(stack, ns, c
     test_stream_e2e checks that, so the frozen figure comes from it)."""
     df = ml100k.ratings.iloc[BOOT:BOOT + 24_000]
     store, boot = _publish_bootstrap(stack, ns, ckpt)
-    env = _worker_env(ns, ckpt, 6193)
-    worker = procs.start_worker(6193, tmp_path, env)
+    wport, tport = free_port(), free_port()
+    env = _worker_env(ns, ckpt, wport)
+    env["FBP_WORKER__ADMIN_TOKEN"] = "s3cret"
+    worker = procs.start_worker(wport, tmp_path, env)
     tenv = dict(env, FBP_TRAINER__FINETUNE_EVERY_EVENTS="3000", FBP_TRAINER__FINETUNE_EVERY_S="100000",
                 FBP_TRAINER__FINETUNE_EPOCHS="1", FBP_TRAINER__BUFFER_EVENTS="10000",
                 FBP_TRAINER__RESERVOIR_EVENTS="10000", FBP_TRAINER__MIN_HOLDOUT_EVENTS="200")
-    trainer = procs.start_trainer(6194, tmp_path, tenv)
+    trainer = procs.start_trainer(tport, tmp_path, tenv)
     try:
         wait_for(lambda: _try_health(trainer.url), 120, trainer, "trainer /health")
         t0 = time.monotonic()
         replay(ns.scoped(), df, rate=400, progress=False)
         recs = read_topic(stack, ns.predictions, until=len(df), timeout=300)
         wall = time.monotonic() - t0
+        # on demand: the worker's authenticated admin endpoint queues a request for the trainer
+        url = f"{worker.url}/api/v1/admin/finetune"
+        assert httpx.post(url, timeout=10).status_code == 401
+        assert httpx.post(url, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+        ok = httpx.post(url, headers={"Authorization": "Bearer s3cret"}, timeout=10)
+        assert ok.status_code == 200 and ok.json() == {"requested": True}
+        wait_for(lambda: metric(trainer.url, "fbp_finetune_runs_total", trigger="request") >= 1, 120,
+                 trainer, "the requested fine-tune")
         runs = {o: metric(trainer.url, "fbp_finetune_runs_total", outcome=o)
                 for o in ("promoted", "rejected", "skipped", "failed")}
         dur = metric(trainer.url, "fbp_finetune_duration_seconds_sum")
@@ -171,7 +181,8 @@ def test_promotion_mid_replay_no_gap_no_duplicate_and_rederived_states(stack, ns
     df = ml100k.ratings.iloc[BOOT:BOOT + 8_000]
     store, boot = _publish_bootstrap(stack, ns, ckpt)
     res = _challenger(boot, ml100k)
-    worker = procs.start_worker(6195, tmp_path, _worker_env(ns, ckpt, 6195, batch=128))
+    port = free_port()
+    worker = procs.start_worker(port, tmp_path, _worker_env(ns, ckpt, port, batch=128))
     try:
         feeder = threading.Thread(target=replay, args=(ns.scoped(), df), kwargs={"rate": 400, "progress": False})
         feeder.start()
@@ -301,7 +312,8 @@ def _versions_of(recs: list[dict], ids: list[str]) -> set[int]:
 
 def test_corrupted_checkpoint_refused_and_rollback(stack, ns, ckpt, ml100k, tmp_path):
     store, boot = _publish_bootstrap(stack, ns, ckpt)
-    worker = procs.start_worker(6196, tmp_path, _worker_env(ns, ckpt, 6196, batch=64))
+    port = free_port()
+    worker = procs.start_worker(port, tmp_path, _worker_env(ns, ckpt, port, batch=64))
     try:
         a = _send(stack, ns, 200, "a")
         read_topic(stack, ns.predictions, until=200, timeout=120)
@@ -339,7 +351,7 @@ def test_corrupted_checkpoint_refused_and_rollback(stack, ns, ckpt, ml100k, tmp_
         c = _send(stack, ns, 200, "c", 893_002_000)
         recs = read_topic(stack, ns.predictions, until=600, timeout=120)
         assert _versions_of(recs, c) == {v4.version}
-        env = _worker_env(ns, ckpt, 6196)
+        env = _worker_env(ns, ckpt, port)
         out = subprocess.run(procs.FBP + ["model", "rollback", "--to", "1"], env={**os.environ, **env},
                              cwd=procs.REPO, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "serving version 1" in out.stdout, out.stdout + out.stderr
@@ -356,3 +368,22 @@ def test_corrupted_checkpoint_refused_and_rollback(stack, ns, ckpt, ml100k, tmp_
         assert store.current().version == 1
     finally:
         worker.stop()
+
+
+# -- 4: the swap benchmark runs and loses nothing -------------------------------------
+def test_bench_swap_json(stack, tmp_path):
+    """``fbp bench swap`` (short run): p99s on both sides of the swap, no event lost."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    out = tmp_path / "swap.json"
+    res = CliRunner().invoke(app, ["swap", "--rate", "100", "--duration", "30", "--window", "10",
+                                   "--warmup", "5", "--port", str(free_port()), "--logdir", str(tmp_path),
+                                   "--json", str(out)])
+    print(res.output)
+    assert res.exit_code == 0, res.output
+    data = orjson.loads(out.read_bytes())
+    assert data["events_lost"] == 0 and data["duplicates"] == 0
+    assert data["p99_ms_steady"] > 0 and data["p99_ms_swap"] > 0
+    assert data["versions_seen"] == [1, 2] and data["worker_swaps"] == 1

@@ -124,6 +124,15 @@ def _drop_topic(settings, topic: str) -> None:
         admin.close()
 
 
+def free_port() -> int:
+    """A port nothing listens on now (tests share this machine with other test runs)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def trainer_env(ns, **trainer: str) -> dict[str, str]:
     env = ns.env(256, 0)
     env.pop("FBP_WORKER__WEB_PORT")
@@ -190,7 +199,7 @@ def test_trainer_buffers_exactly_once_across_kill_and_promotes_on_request(stack,
     env = trainer_env(ns, finetune_every_events="1000000", finetune_every_s="100000",
                       buffer_events="4000", reservoir_events="1000", finetune_epochs="2")
     env["FBP_WORKER__CHECKPOINT"] = str(ckpt)
-    port = 6191
+    port = free_port()
     r = sync_redis(stack.redis)
     seq = lambda: int(r.get(f"{ns.prefix}:trainer:seq") or 0)  # noqa: E731
     t = procs.start_trainer(port, tmp_path, env)

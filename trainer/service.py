@@ -392,6 +392,10 @@ class TrainerService:
         self.serving = cur.version if cur else None
         if self.serving is not None:
             tm.SERVING_VERSION.set(self.serving)
+        # a restart keeps the time of the last promotion (alerts watch it)
+        last = next((h for h in self.store.history(200) if str(h.get("reason", "")).startswith("promoted")), None)
+        if last is not None:
+            tm.LAST_PROMOTION.set(float(last.get("published_at", 0.0)))
         ratings = make_consumer(s, s.kafka.ratings_topic, group_id=s.trainer.app_id,
                                 enable_auto_commit=False, max_poll_records=5000,
                                 max_poll_interval_ms=600_000, client_id="fbp-trainer")
