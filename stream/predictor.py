@@ -205,10 +205,13 @@ class Predictor:
             rank[i] = seen.get(u, 0)
             seen[u] = rank[i] + 1
         U, T = len(fusers), int(rank.max()) + 1
-        movie = torch.zeros((U, T), dtype=torch.int64)
-        rating = torch.zeros((U, T), dtype=torch.float32)
-        ts = torch.zeros((U, T), dtype=torch.int64)
-        mask = torch.zeros((U, T), dtype=torch.bool)
+        # Built on the host; pinned when the model is on a GPU so the four
+        # copies below are asynchronous DMA transfers, one per tensor per batch.
+        pin = self.device.type == "cuda"
+        movie = torch.zeros((U, T), dtype=torch.int64, pin_memory=pin)
+        rating = torch.zeros((U, T), dtype=torch.float32, pin_memory=pin)
+        ts = torch.zeros((U, T), dtype=torch.int64, pin_memory=pin)
+        mask = torch.zeros((U, T), dtype=torch.bool, pin_memory=pin)
         ui, ri = torch.from_numpy(uidx), torch.from_numpy(rank)
         movie[ui, ri] = torch.tensor([ev.movie_id for ev, _ in fresh], dtype=torch.int64)
         rating[ui, ri] = torch.tensor([ev.rating for ev, _ in fresh], dtype=torch.float32)
