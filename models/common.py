@@ -122,6 +122,8 @@ class StatefulModel(RatingModel):
         self.rating_min, self.rating_max = float(rating_min), float(rating_max)
         cap = next_pow2(n_movies)
         self.movie_bias = nn.Parameter(torch.zeros(cap))
+        #: bias from side features: a movie nobody rated yet still gets a genre/year prior
+        self.feat_bias = nn.Parameter(torch.zeros(self.n_features))
         self.register_buffer("movie_features", torch.zeros(cap, self.n_features))
         self.register_buffer("global_mean", torch.tensor(float(global_mean)))
         #: 1 once ``fit`` has set the global mean from data
@@ -190,7 +192,7 @@ class StatefulModel(RatingModel):
         return x.clamp(self.rating_min, self.rating_max)
 
     def _bias(self, ids: Tensor) -> Tensor:
-        return lookup(self.movie_bias, ids)
+        return lookup(self.movie_bias, ids) + self._feats(ids) @ self.feat_bias
 
     def _feats(self, ids: Tensor) -> Tensor:
         return lookup(self.movie_features, ids)

@@ -179,6 +179,7 @@ def run_prequential(
     hparams: dict[str, Any] | None = None,
     policy: str = "window",
     lr: float | None = None,
+    l2: float | None = None,
     batch_users: int = 64,
     rolling_window: int = 2000,
     device: str = "cpu",
@@ -229,7 +230,7 @@ def run_prequential(
         if pos in points:
             t1 = time.perf_counter()
             seen = df.iloc[:pos]
-            fit(model, seen, epochs=epochs, lr=lr, batch_users=batch_users, device=device,
+            fit(model, seen, epochs=epochs, lr=lr, l2=l2, batch_users=batch_users, device=device,
                 valid_frac=0.0, seed=seed + finetunes, progress=False)
             model.eval()
             refresh_states(model, states, seen, user_index, policy)
