@@ -70,10 +70,16 @@ def fstack(tmp_path_factory) -> Iterator[Settings]:
         (data / "kafka-libs").symlink_to(libs)
     s = fault_settings(data)
     try:
-        stack_up(s, ["kafka", "redis"], topics=False, timeout_s=120)
+        rows = stack_up(s, ["kafka", "redis"], topics=False, timeout_s=120)
     except StackError as exc:
         stack_down(s, ["kafka", "redis"], timeout_s=10)
         pytest.fail(f"private fault stack did not come up: {exc}")
+    foreign = [f"{r.name} on port {r.port}" for r in rows if r.external]
+    if foreign:  # e.g. left over from an interrupted run: we could not restart it
+        stack_down(s, ["kafka", "redis"], timeout_s=10)
+        pytest.fail(f"fault-stack ports are taken by processes this run did not start "
+                    f"({', '.join(foreign)}); stop them or set FBP_FAULTS_KAFKA_PORT / "
+                    "FBP_FAULTS_REDIS_PORT")
     try:
         yield s
     finally:
