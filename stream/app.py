@@ -8,9 +8,11 @@ is a short loop over micro-batches; the work of a batch lives in
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 
 import faust
+import redis.exceptions
 
 from fbp.settings import KafkaSettings, get_settings
 from stream.predictor import Incoming
@@ -75,11 +77,23 @@ async def predict(stream: faust.StreamT) -> None:
     """Micro-batches of rating events -> predictions (events acked after the batch)."""
     w = settings.worker
     async for events in stream.take_events(w.batch_size, within=w.batch_timeout_s):
-        predictor = await runtime.predictor(app)
-        result = await predictor.process([
-            Incoming(e.value, e.message.partition, e.message.offset, e.message.timestamp, e.message.topic)
-            for e in events
-        ])
+        try:
+            predictor = await runtime.predictor(app)
+            result = await predictor.process([
+                Incoming(e.value, e.message.partition, e.message.offset, e.message.timestamp, e.message.topic)
+                for e in events
+            ])
+        except Exception:
+            # Fail stop.  Faust's take_events acks a batch in a ``finally`` even
+            # when this body raises, so a failed batch (Redis away longer than the
+            # client's retries, Kafka refusing the predictions) would have its
+            # offsets committed without its states stored: silent loss.  Exiting
+            # here, before that ack, leaves the batch uncommitted; the restarted
+            # worker (or the group's next owner) gets it again.
+            log.critical("batch of %d events failed; exiting (75) without committing it, "
+                         "it will be redelivered", len(events), exc_info=True)
+            logging.shutdown()
+            os._exit(75)
         live.stats.observe(result)
 
 
@@ -92,13 +106,19 @@ async def load_model_on_start() -> None:
 @app.timer(interval=1.0)
 async def watch_model() -> None:
     """Pick up a newly published (or rolled back) model version from Redis."""
-    await runtime.check_model(app)
+    try:
+        await runtime.check_model(app)
+    except redis.exceptions.RedisError as exc:  # an outage must not crash the app; next tick retries
+        log.warning("model watch skipped: Redis unavailable (%s)", exc)
 
 
 @app.timer(interval=2.0)
 async def refresh_gauges() -> None:
     """Users in state and consumer lag per partition."""
-    await runtime.refresh_gauges(app)
+    try:
+        await runtime.refresh_gauges(app)
+    except redis.exceptions.RedisError as exc:
+        log.warning("gauges not refreshed: Redis unavailable (%s)", exc)
 
 
 # Web routes: the query API, health, /metrics and the live page.
