@@ -2,12 +2,12 @@
 
 The prediction for a candidate movie ``i`` uses the state *before* the event::
 
-    mu + b_i + q~_i . p~_u  +  w . h + (P h) . (e_i + G f_i)
+    mu + b_i + q~_i . p~_u  +  w . h + (P h) . G [q_i, f_i]
 
 * ``mu + b_i + q~_i . p~_u`` is exactly :class:`models.mf.MFModel` (ridge user
   factor and user bias from the running statistics A, b kept in the state);
 * ``h`` is the hidden state of an LSTM over the user's events.  Input per
-  event: movie embedding ⊕ (r - mu) ⊕ (r - mu - b_i) ⊕ (r - MF prediction) ⊕
+  event: the movie's MF factor q_i ⊕ (r - mu) ⊕ (r - mu - b_i) ⊕ (r - MF prediction) ⊕
   log time gap ⊕ 1 ⊕ movie side features (genre multi-hot, normalised year,
   year-known flag).  ``nn.LSTM`` runs it over sequences; ``step`` uses the same
   weights through the cell equations.
@@ -31,18 +31,18 @@ from models.mf import MFModel
 
 class LSTMModel(MFModel):
     name = "lstm"
-    movie_tables = ("movie_bias", "movie_features", "item_factors", "movie_emb", "item_out")
+    movie_tables = ("movie_bias", "movie_features", "item_factors")
 
-    def __init__(self, emb_dim: int = 16, hidden: int = 32, item_dim: int = 16, k: int = 8, **kw) -> None:
+    def __init__(self, hidden: int = 32, item_dim: int = 16, k: int = 8, **kw) -> None:
         super().__init__(k=k, **kw)
-        self._hp.update(emb_dim=int(emb_dim), hidden=int(hidden), item_dim=int(item_dim))
+        self._hp.update(hidden=int(hidden), item_dim=int(item_dim))
         self.hidden = int(hidden)
-        self.movie_emb = self._emb(self.capacity, emb_dim)
-        self.item_out = self._emb(self.capacity, item_dim)
-        self.lstm = nn.LSTM(emb_dim + 5 + self.n_features, hidden, batch_first=True)
+        # no per-movie tables of its own: movies enter through the MF factors
+        # q_i and the side features f_i (far fewer parameters to overfit)
+        self.lstm = nn.LSTM(self.k + 5 + self.n_features, hidden, batch_first=True)
         self.user_proj = nn.Linear(hidden, item_dim, bias=False)
         self.user_bias_head = nn.Linear(hidden, 1, bias=False)
-        self.feat_proj = nn.Linear(self.n_features, item_dim, bias=False)
+        self.feat_proj = nn.Linear(self.k + self.n_features, item_dim, bias=False)
         with torch.no_grad():
             self.user_bias_head.weight.zero_()
             self.user_proj.weight.mul_(0.1)
@@ -56,7 +56,7 @@ class LSTMModel(MFModel):
         r0 = rating - self.global_mean
         return torch.cat(
             [
-                lookup(self.movie_emb, movie),
+                lookup(self.item_factors, movie),
                 r0.unsqueeze(-1),
                 (r0 - self._bias(movie)).unsqueeze(-1),
                 (rating - mf_pred).unsqueeze(-1),
@@ -68,7 +68,7 @@ class LSTMModel(MFModel):
         )
 
     def _item_vec(self, ids: Tensor) -> Tensor:
-        return lookup(self.item_out, ids) + self.feat_proj(self._feats(ids))
+        return self.feat_proj(torch.cat([lookup(self.item_factors, ids), self._feats(ids)], -1))
 
     def _rnn_term(self, h: Tensor, ids: Tensor) -> Tensor:
         """h [B, H], ids [B, M] -> [B, M]"""

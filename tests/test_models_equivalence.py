@@ -15,7 +15,7 @@ SMALL = {
     "baseline": {},
     "mf": {"k": 4},
     "cnn": {"emb_dim": 4, "channels": 6, "item_dim": 4},
-    "lstm": {"emb_dim": 4, "hidden": 8, "item_dim": 4, "k": 3},
+    "lstm": {"hidden": 8, "item_dim": 4, "k": 3},
 }
 MODELS = {}
 

@@ -37,7 +37,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "baseline": {},
 }
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lstm": {"lr": 3e-3, "l2": 1e-2},
+    "lstm": {"lr": 1e-2, "l2": 1e-3},
     "cnn": {"lr": 3e-3, "l2": 1e-3},
     "mf": {"lr": 1e-2, "l2": 1e-3},
     "baseline": {"lr": 3e-2, "l2": 0.0},
