@@ -1,20 +1,23 @@
 """``cnn``: a temporal convolution over the last ``W`` events of the window.
 
-Per-event features (movie embedding ⊕ (r - mu) ⊕ (r - mu - b_i) ⊕ log gap to
+Per-event features (movie MF factor ⊕ (r - mu) ⊕ (r - mu - b_i) ⊕ log gap to
 the previous event ⊕ valid flag ⊕ movie side features, all zero for empty
 slots) go through one ``Conv1d`` whose kernel spans the whole window (so the
 user vector at any time is an exact function of the stored window; the gap
 channel's oldest tap is masked because that gap is not recoverable from the
 window), then ReLU and a linear map to a user vector ``u``::
 
-    pred = mu + b_i + b_u + w . z + u . (e_i + G f_i)
+    pred = mu + b_i + q~_i . p~_u + w . z + u . G [q_i, f_i]
+
+on top of :class:`models.mf.MFModel` (its ridge user factor and user bias in
+the state); movies enter the convolution through their MF factors ``q_i``.
 
 The training path runs the same convolution along whole histories
 (``[old window | events]``), so it equals step exactly.  Bias-free layers: a
 new user (empty window) gets ``mu + b_i``.
 
-State bytes per user (W=32): 691 = 670 payload + 21 header (only the generic window
-and user bias: the CNN re-reads the window each step).
+State bytes per user (W=32, k=8): the generic window plus the MF statistics
+(the CNN re-reads the window each step) -- see ``models.state``.
 """
 
 from __future__ import annotations
@@ -24,18 +27,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import State
-from models.common import StatefulModel, gap_feature, lookup
+from models.common import gap_feature, lookup
+from models.mf import MFModel
 
 
-class CNNModel(StatefulModel):
+class CNNModel(MFModel):
     name = "cnn"
-    movie_tables = ("movie_bias", "movie_features", "movie_emb", "item_out")
+    movie_tables = ("movie_bias", "movie_features", "item_factors")
 
-    def __init__(self, emb_dim: int = 16, channels: int = 32, item_dim: int = 16, **kw) -> None:
-        super().__init__(**kw)
-        self._hp.update(emb_dim=int(emb_dim), channels=int(channels), item_dim=int(item_dim))
-        self.movie_emb = self._emb(self.capacity, emb_dim)
-        self.item_out = self._emb(self.capacity, item_dim)
+    def __init__(self, channels: int = 32, item_dim: int = 16, k: int = 8, **kw) -> None:
+        super().__init__(k=k, **kw)
+        self._hp.update(channels=int(channels), item_dim=int(item_dim))
+        emb_dim = self.k
         in_dim = emb_dim + 4 + self.n_features
         self.gap_channel = emb_dim + 2
         self.conv = nn.Conv1d(in_dim, channels, kernel_size=self.W, bias=False)
@@ -44,7 +47,7 @@ class CNNModel(StatefulModel):
         self.register_buffer("tap_mask", tap, persistent=False)
         self.user_proj = nn.Linear(channels, item_dim, bias=False)
         self.user_bias_head = nn.Linear(channels, 1, bias=False)
-        self.feat_proj = nn.Linear(self.n_features, item_dim, bias=False)
+        self.feat_proj = nn.Linear(self.k + self.n_features, item_dim, bias=False)
         with torch.no_grad():
             self.user_bias_head.weight.zero_()
 
@@ -57,7 +60,7 @@ class CNNModel(StatefulModel):
         r0 = rating - self.global_mean
         x = torch.cat(
             [
-                lookup(self.movie_emb, movie),
+                lookup(self.item_factors, movie),
                 r0.unsqueeze(-1),
                 (r0 - self._bias(movie)).unsqueeze(-1),
                 gap.unsqueeze(-1),
@@ -73,11 +76,13 @@ class CNNModel(StatefulModel):
         z = F.conv1d(x.transpose(1, 2), self.conv.weight * self.tap_mask)
         return torch.relu(z).transpose(1, 2)
 
-    def _head(self, z: Tensor, bu: Tensor, ids: Tensor) -> Tensor:
+    def _item_vec(self, ids: Tensor) -> Tensor:
+        return self.feat_proj(torch.cat([lookup(self.item_factors, ids), self._feats(ids)], -1))
+
+    def _conv_term(self, z: Tensor, ids: Tensor) -> Tensor:
+        """z [B, C], ids [B, M] -> [B, M]"""
         u = self.user_proj(z)
-        v = lookup(self.item_out, ids) + self.feat_proj(self._feats(ids))
-        inter = (v * u.unsqueeze(-2)).sum(-1)
-        return self.global_mean + self._bias(ids) + (bu + self.user_bias_head(z)[..., 0]).unsqueeze(-1) + inter
+        return self.user_bias_head(z) + (self._item_vec(ids) * u.unsqueeze(-2)).sum(-1)
 
     def _window_valid(self, state: State) -> Tensor:
         pos = torch.arange(self.W, device=state["win_len"].device)
@@ -86,8 +91,7 @@ class CNNModel(StatefulModel):
     def _predict_state(self, state: State, ids: Tensor) -> Tensor:
         x = self._event_feats(state["win_movie"], state["win_rating"], state["win_ts"], self._window_valid(state))
         z = self._users(x)[:, 0]
-        bu = self._user_bias(state["resid_sum"], state["resid_n"])
-        return self._head(z, bu, ids)
+        return self._mf_predict_state(state, ids) + self._conv_term(z, ids)
 
     def _sequence(self, state, movie, rating, ts, mask, want_state):
         cm = torch.cat([state["win_movie"], movie], 1)
@@ -95,9 +99,6 @@ class CNNModel(StatefulModel):
         ct = torch.cat([state["win_ts"], ts], 1)
         cv = torch.cat([self._window_valid(state), mask], 1)
         z = self._users(self._event_feats(cm, cr, ct, cv))[:, :-1]  # [B, T, C]
-        s, n = self._resid_before(state, movie, rating, mask)
-        bu = self._user_bias(s, n)
-        u = self.user_proj(z)
-        v = lookup(self.item_out, movie) + self.feat_proj(self._feats(movie))
-        pred = self.global_mean + self._bias(movie) + bu + self.user_bias_head(z)[..., 0] + (u * v).sum(-1)
-        return pred, {}
+        mf_pred, extra = self._mf_sequence(state, movie, rating, mask, want_state)
+        pred = mf_pred + self.user_bias_head(z)[..., 0] + (self.user_proj(z) * self._item_vec(movie)).sum(-1)
+        return pred, extra

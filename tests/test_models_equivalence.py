@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 SMALL = {
     "baseline": {},
     "mf": {"k": 4},
-    "cnn": {"emb_dim": 4, "channels": 6, "item_dim": 4},
+    "cnn": {"channels": 6, "item_dim": 4, "k": 3},
     "lstm": {"hidden": 8, "item_dim": 4, "k": 3},
 }
 MODELS = {}
