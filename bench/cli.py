@@ -150,3 +150,33 @@ def report(
     from bench.report import write_report
 
     typer.echo(f"wrote {write_report(results, out)}")
+
+
+@app.command()
+def soak(
+    minutes: float = typer.Option(10.0, help="how long to run at the fixed rate"),
+    fraction: float = typer.Option(0.5, help="rate as a fraction of the measured maximum"),
+    rate: float = typer.Option(None, help="fixed events/s instead of calibrating (skips step 1)"),
+    sample_s: float = typer.Option(10.0, help="seconds between samples"),
+    calibrate_events: int = typer.Option(20_000, help="backlog size of the max-rate calibration"),
+    batch_size: int = typer.Option(512, help="worker batch size"),
+    port: int = typer.Option(6179, help="web port of the soak worker"),
+    max_rss_growth_mb: float = typer.Option(50.0, help="flat: RSS growth below this (MB)"),
+    max_lag_growth: float = typer.Option(1000.0, help="flat: lag growth below this (messages)"),
+    json_path: Path = typer.Option(None, "--json", help="write time series and growth here"),
+) -> None:
+    """Full path at a fixed fraction of max rate; RSS, lag and latency over time (exit 1 if not flat)."""
+    from bench.soak import run_soak
+
+    res = run_soak(minutes, fraction=fraction, rate=rate, sample_s=sample_s,
+                   calibrate_events=calibrate_events, batch_size=batch_size, port=port,
+                   max_rss_growth_mb=max_rss_growth_mb, max_lag_growth=max_lag_growth,
+                   echo=typer.echo)
+    g = res["growth_first_to_last_minute"]
+    typer.echo(f"soak {minutes} min at {res['rate_events_per_s']:.0f} events/s: {res['events_sent']} sent; "
+               f"growth first->last minute: RSS {g['rss_mb']} MB, lag {g['lag']} messages, "
+               f"latency mean {g['latency_mean_ms']} ms, p99 {g['latency_p99_ms']} ms -> "
+               f"{'FLAT' if res['flat'] else 'NOT FLAT'}")
+    _write_json(json_path, res)
+    if not res["flat"]:
+        raise typer.Exit(1)

@@ -224,6 +224,7 @@ def _kafka_health(settings: Settings, timeout_s: float = 3.0) -> tuple[bool, str
                 client_id="fbp-stack-health",
                 bootstrap_timeout_ms=ms,
                 request_timeout_ms=ms,
+                **_kafka_client_security(settings),
             )
         except Exception as exc:  # noqa: BLE001 - any failure means "not healthy yet"
             return False, f"admin client: {exc}"
@@ -243,6 +244,9 @@ def _redis_health(settings: Settings, timeout_s: float = 2.0) -> tuple[bool, str
     from redis.retry import Retry
 
     r = settings.redis
+    tls: dict = {}
+    if _secure_redis(settings):  # secure mode: TLS only, verified against the configured CA
+        tls = {"ssl": True, "ssl_ca_certs": str(r.ssl_ca_certs) if r.ssl_ca_certs else None}
     client = redis.Redis(
         host="127.0.0.1",
         port=settings.stack.redis_port,
@@ -251,6 +255,7 @@ def _redis_health(settings: Settings, timeout_s: float = 2.0) -> tuple[bool, str
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),  # a health probe must answer now, not after retries
+        **tls,
     )
     try:
         return bool(client.ping()), "PONG"
@@ -315,6 +320,116 @@ def _java_base(settings: Settings, libs: Path, log_dir: Path, heap: str) -> list
     ]
 
 
+# --------------------------------------------------------------------------- secure mode
+#
+# Opt-in, from configuration alone: when ``settings.kafka.security_protocol``
+# is not PLAINTEXT, the local broker's client listener speaks that protocol
+# (TLS and/or SASL with the configured mechanism; SCRAM credentials of
+# ``sasl_username``/``sasl_password`` are created when the storage is
+# formatted), and when ``settings.redis.url`` is ``rediss://`` Redis listens
+# with TLS only.  The server certificate and key are read from the directory
+# of the configured CA file (``ssl_cafile`` / ``ssl_ca_certs``), as written by
+# ``deploy/security/make_certs.py``.  The KRaft controller listener stays
+# PLAINTEXT on 127.0.0.1.  With the defaults (PLAINTEXT, redis://) nothing here
+# applies and the stack is exactly as before.
+
+_TLS_FILES = ("ca.pem", "server.pem", "server.key", "server-keystore.pem", "server-keystore.pass")
+_CRED_FORBIDDEN = set('"\\,=[]\n\r ')
+
+
+def _secure_kafka(settings: Settings) -> bool:
+    return settings.kafka.security_protocol != "PLAINTEXT"
+
+
+def _secure_redis(settings: Settings) -> bool:
+    return settings.redis.url.startswith("rediss://")
+
+
+def _kafka_client_security(settings: Settings) -> dict:
+    """kafka-python security options for our own probes ({} for PLAINTEXT)."""
+    if not _secure_kafka(settings):
+        return {}
+    kw = settings.kafka.kafka_python_kwargs()
+    kw.pop("bootstrap_servers", None)
+    return kw
+
+
+def _tls_dir(ca_file: Path | None, what: str) -> Path:
+    if ca_file is None:
+        raise StackError(f"secure mode for {what} needs the CA file setting (FBP_KAFKA__SSL_CAFILE / "
+                         "FBP_REDIS__SSL_CA_CERTS); create one with deploy/security/make_certs.py --out DIR")
+    d = Path(ca_file).resolve().parent
+    missing = [n for n in _TLS_FILES if not (d / n).is_file()]
+    if missing:
+        raise StackError(f"secure mode for {what}: {', '.join(missing)} missing in {d}; "
+                         f"run: python deploy/security/make_certs.py --out {d}")
+    return d
+
+
+def _check_credential(value: str, what: str) -> str:
+    if not value or _CRED_FORBIDDEN & set(value):
+        raise StackError(f"{what} must be non-empty without quotes, backslashes, spaces, ',', '=', '[' or ']' "
+                         "(it is written into the broker's JAAS and SCRAM configuration)")
+    return value
+
+
+def _sasl_credentials(settings: Settings) -> tuple[str, str] | None:
+    k = settings.kafka
+    if not k.sasl_mechanism:
+        return None
+    if not k.sasl_username or k.sasl_password is None:
+        raise StackError("a SASL protocol needs FBP_KAFKA__SASL_USERNAME and FBP_KAFKA__SASL_PASSWORD")
+    return (_check_credential(k.sasl_username, "sasl_username"),
+            _check_credential(k.sasl_password.get_secret_value(), "sasl_password"))
+
+
+def _secure_kafka_properties(settings: Settings) -> dict[str, str]:
+    st, k = settings.stack, settings.kafka
+    proto = k.security_protocol
+    props = {
+        "listeners": f"SECURE://127.0.0.1:{st.kafka_port},CONTROLLER://127.0.0.1:{st.kafka_controller_port}",
+        "advertised.listeners": f"SECURE://127.0.0.1:{st.kafka_port}",
+        "inter.broker.listener.name": "SECURE",
+        "listener.security.protocol.map": f"CONTROLLER:PLAINTEXT,SECURE:{proto}",
+    }
+    if proto in ("SSL", "SASL_SSL"):
+        d = _tls_dir(k.ssl_cafile, "Kafka")
+        props.update({
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(d / "server-keystore.pem"),
+            "ssl.key.password": (d / "server-keystore.pass").read_text().strip(),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(Path(k.ssl_cafile).resolve()),
+            "ssl.client.auth": "required" if k.ssl_certfile else "none",
+            "ssl.endpoint.identification.algorithm": "https",
+        })
+    creds = _sasl_credentials(settings) if proto.startswith("SASL") else None
+    if creds is not None:
+        user, pw = creds
+        mech = k.sasl_mechanism or ""
+        if mech == "PLAIN":
+            module = (f'org.apache.kafka.common.security.plain.PlainLoginModule required '
+                      f'username="{user}" password="{pw}" user_{user}="{pw}";')
+        else:
+            module = f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{user}" password="{pw}";'
+        props.update({
+            "sasl.enabled.mechanisms": mech,
+            "sasl.mechanism.inter.broker.protocol": mech,
+            f"listener.name.secure.{mech.lower()}.sasl.jaas.config": module,
+        })
+    return props
+
+
+def _scram_format_args(settings: Settings) -> list[str]:
+    """``--add-scram`` for the storage format: the SCRAM user exists from the first start."""
+    k = settings.kafka
+    if not (_secure_kafka(settings) and k.security_protocol.startswith("SASL")
+            and (k.sasl_mechanism or "").startswith("SCRAM")):
+        return []
+    user, pw = _sasl_credentials(settings) or ("", "")
+    return ["--add-scram", f"{k.sasl_mechanism}=[name={user},password={pw}]"]
+
+
 def kafka_server_properties(settings: Settings) -> str:
     """Single-node KRaft (broker + controller in one JVM) bound to 127.0.0.1."""
     st = settings.stack
@@ -352,6 +467,8 @@ def kafka_server_properties(settings: Settings) -> str:
         "broker.session.timeout.ms": "2500",
         "broker.heartbeat.interval.ms": "500",
     }
+    if _secure_kafka(settings):
+        props.update(_secure_kafka_properties(settings))
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
@@ -368,6 +485,8 @@ def _kafka_cmd(settings: Settings) -> list[str]:
     libs = ensure_kafka_libs(settings)
     props = d / "server.properties"
     props.write_text(kafka_server_properties(settings))
+    if _secure_kafka(settings):  # holds the broker's own SASL password and key password
+        props.chmod(0o600)
     if not (d / "data" / "meta.properties").is_file():
         cid_file = d / "cluster.id"
         if not cid_file.is_file():
@@ -375,6 +494,7 @@ def _kafka_cmd(settings: Settings) -> list[str]:
         cid = cid_file.read_text().strip()
         cmd = _java_base(settings, libs, d, "256m") + [
             "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props), "--ignore-formatted",
+            *_scram_format_args(settings),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         if proc.returncode != 0:
@@ -400,8 +520,19 @@ def redis_config(settings: Settings) -> str:
         pw = r.password.get_secret_value()
         if r.username and r.username != "default":
             lines.append(f"user {r.username} on >{pw} ~* &* +@all")
+            lines.append("user default off")  # only the configured ACL user may connect
         else:
             lines.append(f'requirepass "{pw}"')
+    if _secure_redis(settings):  # TLS only: the plain port is closed
+        d = _tls_dir(r.ssl_ca_certs, "Redis")
+        lines[1] = "port 0"
+        lines += [
+            f"tls-port {st.redis_port}",
+            f'tls-cert-file "{d / "server.pem"}"',
+            f'tls-key-file "{d / "server.key"}"',
+            f'tls-ca-cert-file "{Path(r.ssl_ca_certs).resolve()}"',
+            "tls-auth-clients no",
+        ]
     return "\n".join(lines) + "\n"
 
 
