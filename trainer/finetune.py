@@ -20,6 +20,22 @@ by hand counts every event that reached Kafka before its publication as
 possibly seen.  Such events are moved out of the holdout (into the context
 and the challenger's training data), so the comparison is always on data
 both models see for the first time.
+
+A promotion publishes the challenger with :meth:`ModelStore.publish` (next
+version; checkpoint bytes + sha256 in Redis, where every worker fetches and
+verifies it) and then writes one JSON record, key ``model``, on the
+``model-updates`` topic::
+
+    {"type": "promotion", "version": 7, "sha256": "<of the checkpoint bytes>",
+     "model": "lstm", "previous_version": 6, "trigger": "events",
+     "metrics": {"champion_rmse": .., "challenger_rmse": .., "train_loss": ..,
+                 "duration_s": .., "fit_s": .., "train": .., "replay": ..,
+                 "holdout": .., ...},
+     "published_at": <unix seconds>}
+
+Workers do not need the announcement (they poll the current version in Redis
+every second); it is the durable, ordered log of promotions for everything
+else.
 """
 
 from __future__ import annotations

@@ -28,9 +28,15 @@
 * Serves ``/metrics`` (trainer.metrics.REGISTRY) and ``/health`` on
   ``settings.trainer.web_port`` (host ``settings.worker.web_host``).
 
-Its own small state lives in the hash ``<prefix>:trainer:state``
-(``last_run_seq``, ``last_run_at``, ``runs``, ``promotions``) so a restart
-does not fine-tune again at once.
+Redis keys besides the buffer's (``<prefix>:trainer:recent|reservoir|seq|offsets``,
+see :mod:`trainer.buffer`) and the model store's (``<prefix>:model:*``):
+
+* ``<prefix>:trainer:requests``   list; one entry = one on-demand fine-tune
+* ``<prefix>:trainer:state``      hash ``last_run_seq``, ``last_run_at``, ``runs``,
+                                  ``promotions`` (a restart does not fine-tune again at once)
+* ``<prefix>:trainer:decisions``  list of the last 200 decisions (the JSON log line), newest first
+
+One trainer per deployment (key prefix): the buffer has a single writer.
 """
 
 from __future__ import annotations
