@@ -15,7 +15,7 @@ The prediction for a candidate movie ``i`` uses the state *before* the event::
 All user-side projections are bias-free, so a new user (h = 0, p~ = 0) gets
 ``mu + b_i`` and an unknown movie (zero rows) ``mu + b_u + w . h``.
 
-State bytes per user (defaults hidden=32, k=8, W=32): 1300 (1278 payload + 22 header).
+State bytes per user (defaults hidden=32, k=4, W=32): 1060 (1038 payload + 22 header).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class LSTMModel(MFModel):
     name = "lstm"
     movie_tables = ("movie_bias", "movie_features", "item_factors")
 
-    def __init__(self, hidden: int = 32, item_dim: int = 16, k: int = 8, **kw) -> None:
+    def __init__(self, hidden: int = 32, item_dim: int = 16, k: int = 4, **kw) -> None:
         super().__init__(k=k, **kw)
         self._hp.update(hidden=int(hidden), item_dim=int(item_dim))
         self.hidden = int(hidden)
