@@ -66,7 +66,7 @@ def test_state_blobs_versions_and_mismatch():
 
 def test_bytes_per_user():
     sizes = {n: S.state_bytes(build(n)) for n in available()}
-    assert sizes["lstm"] < 1400 and all(v < 2048 for v in sizes.values()), sizes
+    assert sizes["lstm"] < 1100 and all(v < 2048 for v in sizes.values()), sizes
 
 
 def test_unknown_model():
