@@ -92,18 +92,18 @@ def _rmse(p: np.ndarray, y: np.ndarray) -> float:
 
 # -- 1: continuous fine-tuning over a replay ------------------------------------------
 def test_replay_with_finetuning_promotes_and_beats_the_frozen_model(stack, ns, ckpt, ml100k, tmp_path):
-    """ML-100K events 10 000..34 000 (24 000, paced at 400/s) through a worker
-    and a trainer fine-tuning every 3000 events: at least one promotion, one
+    """ML-100K events 10 000..30 000 (20 000, paced at 400/s) through a worker
+    and a trainer fine-tuning every 2500 events: at least one promotion, one
     record per event id, and a lower online RMSE than the same events through
     the frozen bootstrap model (the worker equals the in-process simulator,
     test_stream_e2e checks that, so the frozen figure comes from it)."""
-    df = ml100k.ratings.iloc[BOOT:BOOT + 24_000]
+    df = ml100k.ratings.iloc[BOOT:BOOT + 20_000]
     store, boot = _publish_bootstrap(stack, ns, ckpt)
     wport, tport = free_port(), free_port()
     env = _worker_env(ns, ckpt, wport)
     env["FBP_WORKER__ADMIN_TOKEN"] = "s3cret"
     worker = procs.start_worker(wport, tmp_path, env)
-    tenv = dict(env, FBP_TRAINER__FINETUNE_EVERY_EVENTS="3000", FBP_TRAINER__FINETUNE_EVERY_S="100000",
+    tenv = dict(env, FBP_TRAINER__FINETUNE_EVERY_EVENTS="2500", FBP_TRAINER__FINETUNE_EVERY_S="100000",
                 FBP_TRAINER__FINETUNE_EPOCHS="1", FBP_TRAINER__BUFFER_EVENTS="10000",
                 FBP_TRAINER__RESERVOIR_EVENTS="10000", FBP_TRAINER__MIN_HOLDOUT_EVENTS="200")
     trainer = procs.start_trainer(tport, tmp_path, tenv)
