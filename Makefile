@@ -14,7 +14,7 @@ help:
 	@echo "make stack-up    start Kafka + Redis + Prometheus locally (idempotent)"
 	@echo "make stack-down  stop them"
 	@echo "make test        run the whole test suite (starts the stack itself)"
-	@echo "make demo        stack up, replay MovieLens-100K, show topic counts"
+	@echo "make demo        the whole pipeline: stack, bootstrap model, worker, trainer, replay, summary"
 
 # Reinstall only when pyproject.toml changes; pip's own cache keeps torch.
 $(VENV)/.installed: pyproject.toml
@@ -48,9 +48,9 @@ test: venv stack-deps
 test-fast: venv
 	$(PY) -m pytest -q tests/ -m "not integration" $(PYTEST_ARGS)
 
-demo: stack-up
-	$(FBP) replay --source ml-100k --json .stack/replay-summary.json
-	$(FBP) stack topics
+# The main job end to end: stack, bootstrap model, worker + trainer, replay, summary.
+demo: venv stack-deps
+	$(FBP) demo --json runs/demo/summary.json
 
 # Stop the stack and delete its data (Kafka logs, Redis AOF, Prometheus TSDB);
 # the downloaded Kafka jars are kept.
