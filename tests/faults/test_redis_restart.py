@@ -60,3 +60,33 @@ def test_redis_restart_mid_replay(scenario, how):
     finally:
         for w in workers:
             w.kill()
+
+
+def test_redis_outage_longer_than_retries_fails_stop(scenario):
+    """Redis away for longer than the worker's ~60 s of retries: the worker must
+    *fail stop* (exit 75) before acknowledging the batch it could not store,
+    so that batch is redelivered to its replacement -- nothing missing, state
+    exact.  (Without the fail-stop, Faust's take_events would acknowledge the
+    failed batch and its events would never be applied.)"""
+    sc = scenario("redis_long_outage", port=6198, seed=4)
+    workers = [sc.start_worker()]
+    sc.feed(rate=800)
+    try:
+        sc.wait_fraction(0.4)
+        assert stop_service("redis", sc.settings, signal.SIGKILL) is True
+        sc.faults += 1
+        t0 = time.monotonic()
+        try:
+            code = workers[0].popen.wait(timeout=150)
+        except Exception:  # noqa: BLE001
+            code = None
+        print(f"  worker exited with {code} after {time.monotonic() - t0:.0f}s of Redis outage")
+        assert code == 75, "worker must fail stop (75) when Redis stays away:\n" + workers[0].tail()
+        assert "without committing it" in workers[0].log.read_text(errors="replace")
+        start_service("redis", sc.settings, timeout_s=60)
+        workers.append(sc.start_worker())
+        sc.join_feed()
+        sc.verify(workers, timeout=360)
+    finally:
+        for w in workers:
+            w.kill()
