@@ -22,6 +22,32 @@ JSON written by ``--json`` (one protocol)::
 
 With ``--protocol both``: ``{"dataset": ..., "protocol": "both",
 "protocols": {"time-split": <the shape above>, "prequential": <the shape above>}}``.
+
+Measured on ML-100K (``fbp evaluate --protocol both``, defaults: seed 0,
+fine-tune every 5000 events + warm-up points, 2 epochs, window policy; 2
+shared CPU cores, wall times inflated by other jobs)::
+
+    time-split (train first 80%, score last 20%)   RMSE    MAE     s
+      lstm                                          0.9415  0.7427  214
+      river-biasedmf (keeps learning over test)     0.9438  0.7453    1
+      mf                                            0.9525  0.7570   50
+      cnn                                           0.9714  0.7675   83
+      baseline                                      0.9724  0.7730    0.3
+      (Surprise SVD 0.934 / SVD++ 0.919: 5-fold random CV, not comparable)
+
+    prequential (100k events)                       RMSE    MAE     s
+      lstm                                          0.9475  0.7425   77
+      river-biasedmf                                0.9485  0.7497    1
+      mf                                            0.9543  0.7536   11
+      baseline                                      0.9650  0.7629    1
+      cnn                                           0.9904  0.7795   17
+
+LSTM prequential with seed 1: 0.9502 (seed-to-seed spread ~0.003).
+Tuning notes (LSTM prequential RMSE): k=8 0.9531, k=16 0.9601, k=2 0.9527,
+k=4 0.9475; 3 epochs/fine-tune 0.9689 (over-fits the early data it sees
+again at every fine-tune), 1 epoch 0.9512 (k=8); fine-tune every 2500 x 1
+epoch 0.9553 (k=8); l2 3e-3 0.9536 (k=8).  The genre/year movie-bias prior
+took mf from 0.9608 to 0.9573; the warm-up fine-tunes from 0.9573 to 0.9543.
 """
 
 from __future__ import annotations
@@ -129,7 +155,8 @@ def plot(path: Path, results: dict[str, PrequentialResult] | None, docs: list[di
     fig, ax = plt.subplots(figsize=(9, 4.5))
     if results:
         for name, r in results.items():
-            ax.plot(np.arange(1, r.n + 1), r.rolling, label=f"{name} ({r.rmse:.3f})", lw=1)
+            skip = min(2000, r.n // 20)  # the first events' window is too short to be meaningful
+            ax.plot(np.arange(skip + 1, r.n + 1), r.rolling[skip:], label=f"{name} ({r.rmse:.3f})", lw=1)
         ax.set_xlabel("events in the stream")
         ax.set_ylabel("rolling RMSE")
         ax.set_title(f"prequential rolling RMSE — {docs[0]['dataset']}")

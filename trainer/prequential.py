@@ -21,7 +21,16 @@ implements the state-after-swap policies:
   weights (exact, but needs the history -- the stream does not keep it);
 * ``"keep"``: states stay as computed by the old weights.
 
-Figures on ML-100K for the three policies are in ``trainer/evaluate.py``.
+Measured on ML-100K (fine-tune every 5000 + warm-up, 2 epochs, seed 0), RMSE:
+
+    policy   lstm (default hparams)   mf (k=10, before the feature-bias prior)
+    window   0.9475                   0.9608
+    replay   0.9481                   0.9627
+    keep     0.9487                   0.9640
+
+Full re-replay does not beat the window re-derive (differences are within
+seed noise, ~0.003), so the stream's policy -- re-derive stale rows from the
+W=32 window -- loses nothing measurable here.
 """
 
 from __future__ import annotations
