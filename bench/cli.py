@@ -31,6 +31,7 @@ def stream(
     events: int = typer.Option(30_000, help="events per measured run"),
     batch_sizes: str = typer.Option("512", help="comma-separated worker batch sizes to sweep"),
     workers: str = typer.Option("1", help="comma-separated worker counts to compare, e.g. 1,2"),
+    lingers: str = typer.Option("", help="comma-separated micro-batch time bounds (s) to sweep, e.g. 0.01,0.2"),
     partitions: int = typer.Option(4, help="partitions of the bench topics"),
     latency_fraction: float = typer.Option(0.5, help="latency run's rate as a fraction of measured throughput"),
     logdir: Path = typer.Option(Path("runs/bench/logs"), help="worker logs"),
@@ -42,7 +43,8 @@ def stream(
 
     res = bench_stream(source=source, events=events, batch_sizes=_ints(batch_sizes),
                        workers=_ints(workers), partitions=partitions,
-                       latency_fraction=latency_fraction, logdir=logdir, checkpoint=checkpoint)
+                       latency_fraction=latency_fraction, logdir=logdir, checkpoint=checkpoint,
+                       lingers=[float(x) for x in lingers.split(",") if x.strip()])
     typer.echo(f"baseline aiokafka loop : {res['baseline_events_per_s']:10.0f} events/s")
     typer.echo(f"no-op Faust agent      : {res['faust_noop_events_per_s']:10.0f} events/s   "
                f"(Faust's own floor; ratio to baseline {res['faust_noop_events_per_s'] / res['baseline_events_per_s']:.2f})")
@@ -52,7 +54,7 @@ def stream(
                f"p50 {res['latency_ms']['p50']:.1f} ms   p99 {res['latency_ms']['p99']:.1f} ms")
     typer.echo("sweep:")
     for s in res["sweep"]:
-        typer.echo(f"  batch {s['batch_size']:6d}  workers {s['workers']}  "
+        typer.echo(f"  batch {s['batch_size']:6d}  linger {s['linger_s']:5.3f}s  workers {s['workers']}  "
                    f"{s['events_per_s']:9.0f} ev/s  ratio {s['ratio']:.2f}")
     if res["stage_share"]:
         typer.echo("where the time goes (share of measured stage time, first config):")
@@ -63,8 +65,9 @@ def stream(
         from bench import plots
 
         bs = sorted({s["batch_size"] for s in res["sweep"]})
-        series = {f"{w} worker(s)": [next((s["events_per_s"] for s in res["sweep"]
-                                           if s["batch_size"] == b and s["workers"] == w), None) for b in bs]
+        lg0 = res["sweep"][0]["linger_s"]
+        series = {f"{w} worker(s)": [next((s["events_per_s"] for s in res["sweep"] if s["batch_size"] == b
+                                           and s["workers"] == w and s["linger_s"] == lg0), None) for b in bs]
                   for w in sorted({s["workers"] for s in res["sweep"]})}
         typer.echo(f"wrote {plots.plot_throughput_vs_batch(bs, series, json_path.with_suffix('.png'))}")
         lt = res["latency_over_time"]

@@ -16,7 +16,7 @@ from bench import plots
 
 REPRO = {
     "model": "fbp bench model --json bench/results/model.json",
-    "stream": "fbp bench stream --batch-sizes 128,512,2048 --workers 1,2 --json bench/results/stream.json",
+    "stream": "fbp bench stream --batch-sizes 512,128,2048 --workers 1,2 --lingers 0.01,0.2 --json bench/results/stream.json",
     "swap": "fbp bench swap --json bench/results/swap.json",
     "soak": "fbp bench soak --minutes 5 --json bench/results/soak.json",
     "gpu": "bench/gpu.sh bench/results/gpu   # on a machine with a CUDA GPU",
@@ -75,20 +75,23 @@ def _stream_section(res: dict[str, Any], img: Path, rel: str) -> list[str]:
         f"- event-to-prediction latency at {res.get('latency_rate_events_per_s', 0):,.0f} events/s: "
         f"p50 **{res['latency_ms']['p50']:.1f} ms**, p99 **{res['latency_ms']['p99']:.1f} ms**",
         f"- {res.get('events')} events, {res.get('partitions')} partitions", "",
-        "| batch size | workers | events/s | ratio to baseline |", "|---|---|---|---|",
+        "| batch size | linger (s) | workers | events/s | ratio to baseline |", "|---|---|---|---|---|",
     ]
     for s in res["sweep"]:
-        out.append(f"| {s['batch_size']} | {s['workers']} | {s['events_per_s']:,.0f} | {s['ratio']:.2f} |")
+        out.append(f"| {s['batch_size']} | {s.get('linger_s', '')} | {s['workers']} | "
+                   f"{s['events_per_s']:,.0f} | {s['ratio']:.2f} |")
     if res.get("stage_share"):
         out += ["", "Where the time goes (first configuration, share of the worker's time):", "",
                 "| stage | share |", "|---|---|"]
         for k, v in sorted(res["stage_share"].items(), key=lambda kv: -kv[1]):
             out.append(f"| {k} | {100 * v:.1f}% |")
     bs = sorted({s["batch_size"] for s in res["sweep"]})
+    lg0 = res["sweep"][0].get("linger_s")
     series: dict[str, list] = {}
     for w in sorted({s["workers"] for s in res["sweep"]}):
-        series[f"{w} worker(s)"] = [next((s["events_per_s"] for s in res["sweep"]
-                                          if s["batch_size"] == b and s["workers"] == w), None) for b in bs]
+        series[f"{w} worker(s)"] = [next((s["events_per_s"] for s in res["sweep"] if s["batch_size"] == b
+                                          and s["workers"] == w and s.get("linger_s") == lg0), None)
+                                    for b in bs]
     plots.plot_throughput_vs_batch(bs, series, img, title="Full path: events/s vs micro-batch size")
     out += ["", f"![stream throughput]({rel})", ""]
     return out

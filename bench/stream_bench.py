@@ -184,7 +184,8 @@ class PathResult:
 
 
 def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int, batch_size: int,
-                  partitions: int, logdir: Path, base_port: int = 6170) -> PathResult:
+                  partitions: int, logdir: Path, base_port: int = 6170,
+                  linger_s: float | None = None) -> PathResult:
     from fbp import procs
 
     ns = Namespace.fresh(partitions, settings)
@@ -194,7 +195,10 @@ def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int
         preload(settings, ns.ratings, events)
         t0 = time.monotonic()
         for i in range(workers):
-            started.append(procs.start_worker(base_port + i, logdir, ns.env(batch_size, base_port + i)))
+            env = ns.env(batch_size, base_port + i)
+            if linger_s is not None:
+                env["FBP_WORKER__BATCH_TIMEOUT_S"] = str(linger_s)
+            started.append(procs.start_worker(base_port + i, logdir, env))
         first, last, seen = _count_until(settings, ns.predictions, len(events), 600)
         wall = time.monotonic() - t0
         stages: dict[str, float] = {}
@@ -303,7 +307,7 @@ def bench_checkpoint(settings: Settings, path: Path | None) -> Path:
 
 def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: list[int],
                  partitions: int, latency_fraction: float, logdir: Path,
-                 checkpoint: Path | None = None) -> dict[str, Any]:
+                 checkpoint: Path | None = None, lingers: list[float] | None = None) -> dict[str, Any]:
     settings = get_settings()
     ckpt = bench_checkpoint(settings, checkpoint)
     os.environ["FBP_WORKER__CHECKPOINT"] = str(ckpt)  # inherited by the worker processes
@@ -314,9 +318,16 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
     for b in batch_sizes:
         for w in workers:
             r = run_full_path(settings, evs, workers=w, batch_size=b, partitions=partitions, logdir=logdir)
-            sweep.append({"batch_size": b, "workers": w, "events_per_s": r.events_per_s,
-                          "ratio": r.events_per_s / base, "stages_s": r.stages_s})
-    main = next((s for s in sweep if s["workers"] == 1 and s["batch_size"] == batch_sizes[0]), sweep[0])
+            sweep.append({"batch_size": b, "workers": w, "linger_s": settings.worker.batch_timeout_s,
+                          "events_per_s": r.events_per_s, "ratio": r.events_per_s / base,
+                          "stages_s": r.stages_s})
+    for lg in lingers or []:  # micro-batch time bound, at the first batch size, one worker
+        r = run_full_path(settings, evs, workers=1, batch_size=batch_sizes[0], partitions=partitions,
+                          logdir=logdir, linger_s=lg)
+        sweep.append({"batch_size": batch_sizes[0], "workers": 1, "linger_s": lg,
+                      "events_per_s": r.events_per_s, "ratio": r.events_per_s / base,
+                      "stages_s": r.stages_s})
+    main = sweep[0]  # first batch size, first worker count, default linger
     n_lat = min(len(evs), max(2000, int(main["events_per_s"] * latency_fraction * 20)))
     lat = run_latency(settings, evs[:n_lat], rate=main["events_per_s"] * latency_fraction,
                       batch_size=batch_sizes[0], partitions=partitions, logdir=logdir)
