@@ -98,6 +98,7 @@ def plot_throughput_vs_batch(
     *,
     title: str = "Throughput vs micro-batch size",
     logx: bool = True,
+    logy: bool = False,
 ) -> Path:
     """Events/s against batch size, one line per configuration (e.g. device or model)."""
     if not events_per_s:
@@ -114,7 +115,10 @@ def plot_throughput_vs_batch(
         ax.set_xticks(x)
         ax.set_xticklabels([f"{int(v)}" for v in x])
     ax.set(title=title, xlabel="events per micro-batch", ylabel="events / s")
-    ax.set_ylim(bottom=0)
+    if logy:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=9)
     return _save(fig, path)

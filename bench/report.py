@@ -59,7 +59,7 @@ def _model_section(res: dict[str, Any], img: Path, rel: str) -> list[str]:
     for m, d in (res.get("amp_max_abs_prediction_diff") or {}).items():
         out.append(f"- bf16 autocast, {m}: max |prediction difference| {d:.4f}")
     series = {f"{m} {d} {'bf16' if a else 'fp32'}": [v.get(b) for b in bs] for (m, d, a), v in rows.items()}
-    plots.plot_throughput_vs_batch(bs, series, img, title="Incremental step: user-steps/s vs batch size")
+    plots.plot_throughput_vs_batch(bs, series, img, title="Incremental step: user-steps/s vs batch size", logy=True)
     out += ["", f"![step throughput]({rel})", ""]
     return out
 
