@@ -109,7 +109,7 @@ def model(
 
         bs = _ints(batch_sizes)
         series = {f"{m} {d} {'bf16' if a else 'fp32'}": v for (m, d, a), v in rows.items()}
-        typer.echo(f"wrote {plots.plot_throughput_vs_batch(bs, series, json_path.with_suffix('.png'))}")
+        typer.echo(f"wrote {plots.plot_throughput_vs_batch(bs, series, json_path.with_suffix('.png'), logy=True)}")
 
 
 @app.command()
