@@ -121,6 +121,9 @@ def reference(ckpt, fault_df):
 
 @pytest.fixture
 def fns(fstack) -> Iterator[Namespace]:
+    from fbp.stack import stack_up
+
+    stack_up(fstack, ["kafka", "redis"], topics=False, timeout_s=120)  # a failed scenario may have left one down
     n = Namespace.fresh(4, fstack)
     n.create()
     yield n
