@@ -2,9 +2,10 @@
 
 Events go out in timestamp order (the data set's stream order), keyed by
 user id, so each user's history arrives in order on one partition.  Event ids
-are ``<dataset name>-<row index>``: replaying the same rows twice produces the
-same ids, so downstream de-duplication makes replays idempotent, and tests can
-check exactly which events arrived.
+are ``<dataset name>-<row index>``, so tests can check exactly which events
+arrived.  Replaying the same rows twice publishes them twice: the workers
+de-duplicate by Kafka position, not by event id, so a second replay is applied
+again (subscribers can still de-duplicate prediction records by event id).
 """
 
 from __future__ import annotations
