@@ -71,3 +71,36 @@ def redis_client(stack: Settings):
     client.flushdb()
     yield client
     client.close()
+
+
+# -- shared by the end-to-end suites ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ml100k():
+    """MovieLens-100K (read once per session)."""
+    from trainer.data import load_dataset
+
+    return load_dataset("ml-100k")
+
+
+@pytest.fixture(scope="session")
+def ckpt(ml100k, tmp_path_factory):
+    """A small LSTM checkpoint (1 epoch on the first BOOTSTRAP_EVENTS ratings),
+    trained once per session and served by every end-to-end test's workers."""
+    from tests.streamkit import BOOTSTRAP_EVENTS, checkpoint
+
+    ds = ml100k
+    return checkpoint(tmp_path_factory.mktemp("ckpt"), ds.ratings.iloc[:BOOTSTRAP_EVENTS],
+                      ds.movies, ds.genre_vocab)
+
+
+@pytest.fixture
+def ns(stack):
+    """Topics and a Redis key prefix of this test's own (4 partitions)."""
+    from fbp.procs import Namespace
+
+    n = Namespace.fresh(4, stack)
+    n.create()
+    yield n
+    n.drop()

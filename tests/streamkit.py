@@ -23,6 +23,9 @@ from models.base import RatingModel, State
 from stream.redis_conn import sync_redis
 from trainer.prequential import step_events, stream_order
 
+#: events the shared bootstrap checkpoint (tests/conftest.py ``ckpt``) trains on
+BOOTSTRAP_EVENTS = 10_000
+
 
 def read_topic(settings: Settings, topic: str, *, until: int, timeout: float,
                on_progress=None) -> list[dict]:

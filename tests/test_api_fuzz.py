@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import urllib.parse
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
@@ -75,15 +74,6 @@ def requests(draw, users: list[int]):
         params[draw(st.text(min_size=1, max_size=6))] = draw(_weird)
     method = draw(st.sampled_from(["POST"]) if kind == "admin" and draw(st.booleans()) else _method)
     return method, path, params, draw(_auth), draw(_body)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    from tests.streamkit import checkpoint
-    from trainer.data import load_dataset
-
-    ds = load_dataset("ml-100k")
-    return checkpoint(tmp_path_factory.mktemp("api-ckpt"), ds.ratings.iloc[:3_000], ds.movies, ds.genre_vocab)
 
 
 @pytest.mark.timeout(600)

@@ -24,7 +24,6 @@ import random
 import string
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -224,31 +223,6 @@ def _read_n(settings_, topic: str, n: int, timeout: float) -> list[dict]:
     finally:
         c.close()
     return out
-
-
-@pytest.fixture(scope="module")
-def ml100k():
-    from trainer.data import load_dataset
-
-    return load_dataset("ml-100k")
-
-
-@pytest.fixture(scope="module")
-def ckpt(ml100k, tmp_path_factory) -> Path:
-    from tests.streamkit import checkpoint
-
-    ds = ml100k
-    return checkpoint(tmp_path_factory.mktemp("fuzz-ckpt"), ds.ratings.iloc[:5_000], ds.movies, ds.genre_vocab)
-
-
-@pytest.fixture
-def ns(stack):
-    from fbp.procs import Namespace
-
-    n = Namespace.fresh(4, stack)
-    n.create()
-    yield n
-    n.drop()
 
 
 BAD_EVENTS = 10_000

@@ -29,25 +29,12 @@ from models.checkpoint import checkpoint_to_bytes, load_checkpoint
 from stream.model_store import ModelStore
 from stream.redis_conn import sync_redis
 from stream.replay import replay
-from tests.streamkit import checkpoint, read_topic, redis_states, simulate, state_mismatches
+from tests.streamkit import BOOTSTRAP_EVENTS as BOOT  # what the shared ckpt fixture trains on
+from tests.streamkit import read_topic, redis_states, simulate, state_mismatches
 from tests.test_trainer_service import free_port, metric, trainer_env, wait_for
-from trainer.data import load_dataset
 from trainer.prequential import step_events
 
 pytestmark = pytest.mark.integration
-
-BOOT = 10_000
-
-
-@pytest.fixture(scope="module")
-def ml100k():
-    return load_dataset("ml-100k")
-
-
-@pytest.fixture(scope="module")
-def ckpt(ml100k, tmp_path_factory) -> Path:
-    ds = ml100k
-    return checkpoint(tmp_path_factory.mktemp("ckpt"), ds.ratings.iloc[:BOOT], ds.movies, ds.genre_vocab)
 
 
 @pytest.fixture

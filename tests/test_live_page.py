@@ -3,7 +3,7 @@
 * ``LiveStats`` unit tests (no stack);
 * the page's JavaScript, run in headless Chromium against a tiny local server
   that serves the real page and a real ``LiveStats`` snapshot (no stack);
-* integration: a real ``fbp worker`` (fbp.procs / tests/procs.py) on the local
+* integration: a real ``fbp worker`` (fbp.procs) on the local
   stack, events produced to Kafka while Chromium loads ``/live`` twice a few
   seconds apart; the figures must move.
 

@@ -115,15 +115,6 @@ def secure(tmp_path_factory) -> Iterator[Secure]:
         stack_down(s, ["kafka", "redis"], timeout_s=20)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    from tests.streamkit import checkpoint
-    from trainer.data import load_dataset
-
-    ds = load_dataset("ml-100k")
-    return checkpoint(tmp_path_factory.mktemp("sec-ckpt"), ds.ratings.iloc[:3_000], ds.movies, ds.genre_vocab)
-
-
 def _worker_env(sec: Secure, ns: Namespace, ckpt: Path, **over: str) -> dict[str, str]:
     env = dict(sec.env)
     env.update(ns.env(256, WORKER_PORT))

@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+from fbp.procs import Namespace
+
 import httpx
 import numpy as np
 import orjson
@@ -15,33 +17,12 @@ import pytest
 from kafka import KafkaProducer
 
 from fbp import procs
-from fbp.procs import Namespace
 from models.checkpoint import load_checkpoint
 from stream.replay import replay
-from tests.streamkit import checkpoint, read_topic, redis_states, simulate, state_mismatches
-from trainer.data import load_dataset
+from tests.streamkit import read_topic, redis_states, simulate, state_mismatches
 from trainer.prequential import stream_order
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def ml100k():
-    return load_dataset("ml-100k")
-
-
-@pytest.fixture(scope="module")
-def ckpt(ml100k, tmp_path_factory) -> Path:
-    ds = ml100k
-    return checkpoint(tmp_path_factory.mktemp("ckpt"), ds.ratings.iloc[:10_000], ds.movies, ds.genre_vocab)
-
-
-@pytest.fixture
-def ns(stack):
-    n = Namespace.fresh(4, stack)
-    n.create()
-    yield n
-    n.drop()
 
 
 def _env(ns: Namespace, ckpt: Path, port: int, batch: int = 512) -> dict[str, str]:
