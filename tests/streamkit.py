@@ -28,9 +28,10 @@ BOOTSTRAP_EVENTS = 10_000
 
 
 def read_topic(settings: Settings, topic: str, *, until: int, timeout: float,
-               on_progress=None) -> list[dict]:
+               on_progress=None, by_event_id: bool = True) -> list[dict]:
     """All records of ``topic`` from the beginning, until ``until`` distinct
-    event ids were seen or ``timeout`` seconds passed."""
+    event ids (or, with ``by_event_id=False``, records) were seen or
+    ``timeout`` seconds passed."""
     c = KafkaConsumer(topic, **settings.kafka.kafka_python_kwargs(), group_id=None,
                       auto_offset_reset="earliest", enable_auto_commit=False,
                       consumer_timeout_ms=500)
@@ -42,7 +43,7 @@ def read_topic(settings: Settings, topic: str, *, until: int, timeout: float,
             for msg in c:
                 rec = orjson.loads(msg.value)
                 out.append(rec)
-                ids.add(rec.get("event_id"))
+                ids.add(rec.get("event_id") if by_event_id else len(out))
                 if on_progress is not None:
                     on_progress(len(ids))
                 if len(ids) >= until:
