@@ -69,14 +69,7 @@ def cli(
     env = {"FBP_WORKER__CHECKPOINT": str(ckpt),
            "FBP_TRAINER__FINETUNE_EVERY_EVENTS": str(finetune_every)}
     worker = procs.start_worker(s.worker.web_port, logdir, env)
-    trainer = None
-    if finetune:
-        try:
-            import trainer.service  # noqa: F401
-        except ModuleNotFoundError:
-            finetune = False
-        else:
-            trainer = procs.start_trainer(s.trainer.web_port, logdir, env)
+    trainer_proc = procs.start_trainer(s.trainer.web_port, logdir, env) if finetune else None
     _say(f"worker up: API http://127.0.0.1:{s.worker.web_port}/health, live page /live, metrics /metrics")
     rest = df.iloc[cut: None if limit is None else cut + limit]
     try:
@@ -86,8 +79,8 @@ def cli(
         recs = _read_all(s, len(rest), timeout=900)
     finally:
         worker.stop()
-        if trainer is not None:
-            trainer.stop()
+        if trainer_proc is not None:
+            trainer_proc.stop()
     summary = _summary(recs, len(rest), rsum.events_per_s, ModelStore(r, s.redis.key_prefix))
     _print(summary)
     (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))

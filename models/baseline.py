@@ -9,7 +9,6 @@ State bytes per user (W=32): 696 (670 payload + 26 header, see ``models.state``)
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from models.base import State

@@ -22,7 +22,7 @@ State bytes per user (k=10, W=32): 1210 (1190 payload + 20 header).
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.base import State, StateSpec
 from models.common import StatefulModel, excl_cumsum, incl_total, lookup

@@ -122,5 +122,5 @@ async def refresh_gauges() -> None:
 
 
 # Web routes: the query API, health, /metrics and the live page.
-from stream import api  # noqa: E402,F401  (registers views on ``app``)
+from stream import api  # noqa: E402,F401  (registers the API views on ``app``)
 from stream import live  # noqa: E402  (/live, /api/v1/live and its 1 s sampler)
