@@ -57,9 +57,11 @@ def preload(settings: Settings, topic: str, events: list[RatingEvent]) -> None:
     p.close()
 
 
-def _count_until(settings: Settings, topic: str, n: int, timeout: float) -> tuple[float, float, int]:
-    """Read ``topic`` from the start until ``n`` distinct records: (first_ts, last_ts, count)
-    using the records' Kafka (create) timestamps."""
+def _count_until(settings: Settings, topic: str, n: int, timeout: float,
+                 events_in: Any = None) -> tuple[float, float, int]:
+    """Read ``topic`` from the start until ``n`` events are accounted for:
+    (first_ts, last_ts, count) from the records' Kafka (create) timestamps.
+    ``events_in(msg)`` says how many events a record stands for (default 1)."""
     c = KafkaConsumer(topic, **settings.kafka.kafka_python_kwargs(), group_id=None,
                       auto_offset_reset="earliest", enable_auto_commit=False,
                       consumer_timeout_ms=1000)
@@ -71,7 +73,7 @@ def _count_until(settings: Settings, topic: str, n: int, timeout: float) -> tupl
                 ts = msg.timestamp / 1000.0
                 first = ts if first is None else min(first, ts)
                 last = max(last, ts)
-                seen += 1
+                seen += 1 if events_in is None else events_in(msg)
                 if seen >= n:
                     break
     finally:
@@ -119,26 +121,6 @@ def run_baseline(settings: Settings, events: list[RatingEvent], partitions: int)
         ns.drop()
 
 
-def _count_batches(settings: Settings, topic: str, n: int, timeout: float) -> tuple[float, float, int]:
-    """Like ``_count_until`` for the no-op agent's per-batch count records."""
-    c = KafkaConsumer(topic, **settings.kafka.kafka_python_kwargs(), group_id=None,
-                      auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=1000)
-    first, last, seen = None, 0.0, 0
-    deadline = time.monotonic() + timeout
-    try:
-        while seen < n and time.monotonic() < deadline:
-            for msg in c:
-                ts = msg.timestamp / 1000.0
-                first = ts if first is None else min(first, ts)
-                last = max(last, ts)
-                seen += orjson.loads(msg.value)["n"]
-                if seen >= n:
-                    break
-    finally:
-        c.close()
-    return (first or 0.0), last, seen
-
-
 def run_faust_noop(settings: Settings, events: list[RatingEvent], *, batch_size: int,
                    partitions: int, logdir: Path, port: int = 6178) -> float:
     """Events/s of a Faust agent that only takes micro-batches (Faust's own floor)."""
@@ -156,7 +138,8 @@ def run_faust_noop(settings: Settings, events: list[RatingEvent], *, batch_size:
                                      "-l", "warn", "--web-port", str(port)], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             try:
-                first, last, seen = _count_batches(settings, ns.predictions, len(events), 300)
+                first, last, seen = _count_until(settings, ns.predictions, len(events), 300,
+                                                 events_in=lambda msg: orjson.loads(msg.value)["n"])
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
