@@ -5,7 +5,7 @@ Doing that to the default stack (9092 / 6379) would break every other test
 and engineer using it, so the suite starts its own single-node Kafka (KRaft)
 and Redis with :mod:`fbp.stack` on other ports and its own data dir, with
 ``appendfsync always`` -- the durability setting under which a Redis SIGKILL
-loses no acknowledged state write (see docs/guarantees.md).  The jars are
+loses no acknowledged state write (see README.md, "Guarantees").  The jars are
 shared with the default stack's ``kafka-libs`` (nothing is downloaded).
 
 Every scenario replays >= 20,000 ML-100K events (paced, in a thread, so faults

@@ -8,7 +8,7 @@ only be *ahead of or equal to* what the worker later commits to Kafka, never
 lost behind it.  With ``everysec`` a SIGKILL may drop up to ~1 s of
 acknowledged writes while the Kafka offsets of those events are already
 committed; those events are then never redelivered and the state silently
-falls behind (see docs/guarantees.md) -- that is a configuration this suite
+falls behind (see README.md, "Guarantees") -- that is a configuration this suite
 does not claim to survive, so it is not tested here (it would be a flaky
 "sometimes loses" test).
 """
