@@ -85,38 +85,26 @@ LAST_BATCH = Gauge(
 
 
 class RollingError:
-    """Online RMSE/MAE over the last ``window`` predictions (O(1) per prediction)."""
+    """Online RMSE/MAE over the last ``window`` predictions, fed once per batch."""
 
     def __init__(self, window: int = 2000) -> None:
-        self.window = window
-        self.errors: deque[float] = deque()
-        self.sq = 0.0
-        self.ab = 0.0
-        self._since_resum = 0
+        self.errors: deque[float] = deque(maxlen=window)
 
-    def add(self, predicted: float, actual: float) -> None:
-        e = predicted - actual
-        self.errors.append(e)
-        self.sq += e * e
-        self.ab += abs(e)
-        SQ_ERR.inc(e * e)
-        ABS_ERR.inc(abs(e))
-        if len(self.errors) > self.window:
-            old = self.errors.popleft()
-            self.sq -= old * old
-            self.ab -= abs(old)
-        self._since_resum += 1
-        if self._since_resum >= 100 * self.window:  # bound float drift of the running sums
-            self.sq = sum(x * x for x in self.errors)
-            self.ab = sum(abs(x) for x in self.errors)
-            self._since_resum = 0
+    def extend(self, errors: list[float]) -> None:
+        """Add a batch of (predicted - actual) errors; bumps the cumulative counters once."""
+        if not errors:
+            return
+        self.errors.extend(errors)
+        SQ_ERR.inc(math.fsum(e * e for e in errors))
+        ABS_ERR.inc(math.fsum(abs(e) for e in errors))
 
     def publish(self) -> tuple[float, float]:
+        """Set the gauges from the window (once per batch: at most ``window`` terms)."""
         n = len(self.errors)
         if not n:
             return math.nan, math.nan
-        rmse = math.sqrt(max(self.sq, 0.0) / n)
-        mae = max(self.ab, 0.0) / n
+        rmse = math.sqrt(math.fsum(e * e for e in self.errors) / n)
+        mae = math.fsum(abs(e) for e in self.errors) / n
         ONLINE_RMSE.set(rmse)
         ONLINE_MAE.set(mae)
         return rmse, mae

@@ -158,7 +158,7 @@ class Predictor:
         for msg in batch:
             if msg.offset > self.last_offset.get(msg.partition, -1):
                 self.last_offset[msg.partition] = msg.offset
-        self._observe(batch, res, now)
+        self._observe(batch, res)
         return res
 
     async def _predict(
@@ -273,7 +273,7 @@ class Predictor:
         sc, ix = torch.topk(scores, k, dim=1)
         return cands[ix].cpu().tolist(), np.round(sc.float().cpu().numpy().astype(np.float64), 4).tolist()
 
-    def _observe(self, batch: Sequence[Incoming], res: BatchResult, started: float) -> None:
+    def _observe(self, batch: Sequence[Incoming], res: BatchResult) -> None:
         m.BATCH_SIZE.observe(len(batch))
         for stage, s in res.stage_s.items():
             m.STAGE_SECONDS.labels(stage).observe(s)
@@ -283,21 +283,19 @@ class Predictor:
         for rej in res.rejected:
             m.REJECTED.labels(rej.reason).inc()
         done = time.time()
-        for rec, kts in zip(res.predictions, res.kafka_ts):
-            self.rolling.add(rec.predicted, rec.actual)
+        for kts in res.kafka_ts:  # a histogram takes one observation at a time
             m.LATENCY.observe(max(0.0, done - kts))
+        self.rolling.extend([rec.predicted - rec.actual for rec in res.predictions])
         self.rolling.publish()
         m.LAST_BATCH.set(done)
 
 
-_CANDS: dict[int, tuple[int, torch.Tensor]] = {}
-
-
 def candidate_movies(model: RatingModel) -> torch.Tensor:
     """Movies worth recommending: rows the model knows (trained bias or side
-    features).  Cached per model object and capacity; recomputed after growth."""
+    features).  Cached on the model object (a swapped-in model brings its own)
+    and recomputed when its tables grow."""
     cap = int(getattr(model, "capacity", 0))
-    hit = _CANDS.get(id(model))
+    hit = getattr(model, "_fbp_candidates", None)
     if hit is not None and hit[0] == cap:
         return hit[1]
     known = None
@@ -310,7 +308,7 @@ def candidate_movies(model: RatingModel) -> torch.Tensor:
         cands = torch.arange(cap, device=model.device)
     else:
         cands = torch.nonzero(known).flatten().to(model.device)
-    _CANDS[id(model)] = (cap, cands)
+    model._fbp_candidates = (cap, cands)
     return cands
 
 
