@@ -37,27 +37,28 @@ def _clock(device: torch.device) -> Callable[[], float]:
     return time.perf_counter if device.type == "cuda" else time.process_time
 
 
+def _round(fn: Callable[[], Any], device: torch.device, min_s: float, max_iter: int = 1_000_000) -> float:
+    """Seconds per call over one round of at least ``min_s`` (or ``max_iter`` calls)."""
+    clock = _clock(device)
+    n, t0 = 0, clock()
+    while True:
+        fn()
+        n += 1
+        _sync(device)
+        el = clock() - t0
+        if el >= min_s or n >= max_iter:
+            return el / n
+
+
 def _time(fn: Callable[[], Any], device: torch.device, min_s: float = 0.05, repeats: int = 7,
           max_iter: int = 200) -> float:
-    """Seconds per call: the best of ``repeats`` rounds, each at least ``min_s``
-    long.  The minimum is the figure least disturbed by other load on a shared
-    machine (noise only ever adds time)."""
+    """Seconds per call: the best of ``repeats`` rounds.  The minimum is the
+    figure least disturbed by other load on a shared machine (noise only ever
+    adds time)."""
     for _ in range(2):
         fn()
     _sync(device)
-    best = float("inf")
-    clock = _clock(device)
-    for _ in range(repeats):
-        n, t0 = 0, clock()
-        while True:
-            fn()
-            n += 1
-            _sync(device)
-            el = clock() - t0
-            if el >= min_s or n >= max_iter:
-                break
-        best = min(best, el / n)
-    return best
+    return min(_round(fn, device, min_s, max_iter) for _ in range(repeats))
 
 
 def _events(B: int, T: int, cap: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -103,18 +104,6 @@ def amp_difference(name: str, device: torch.device, B: int = 4096, T: int = 50) 
         s16 = {k: v.to(s32[k].dtype) for k, v in s16.items()}
         worst = max(worst, float((p16.float() - p32.float()).abs().max()))
     return worst
-
-
-def _round(fn: Callable[[], Any], device: torch.device, min_s: float) -> float:
-    clock = _clock(device)
-    n, t0 = 0, clock()
-    while True:
-        fn()
-        n += 1
-        _sync(device)
-        el = clock() - t0
-        if el >= min_s:
-            return el / n
 
 
 @torch.inference_mode()
