@@ -125,6 +125,10 @@ class Namespace:
     def dlq(self) -> str:
         return f"bench-{self.tag}-dlq"
 
+    @property
+    def model_updates(self) -> str:
+        return f"bench-{self.tag}-model-updates"
+
     @classmethod
     def fresh(cls, partitions: int, settings: Settings) -> "Namespace":
         return cls(uuid.uuid4().hex[:10], partitions, settings)
@@ -139,7 +143,8 @@ class Namespace:
         return s.model_copy(update={
             "kafka": s.kafka.model_copy(update={
                 "ratings_topic": self.ratings, "predictions_topic": self.predictions,
-                "dlq_topic": self.dlq, "partitions": self.partitions}),
+                "dlq_topic": self.dlq, "model_updates_topic": self.model_updates,
+                "partitions": self.partitions}),
             "redis": s.redis.model_copy(update={"key_prefix": self.prefix}),
         })
 
@@ -148,6 +153,7 @@ class Namespace:
             "FBP_KAFKA__RATINGS_TOPIC": self.ratings,
             "FBP_KAFKA__PREDICTIONS_TOPIC": self.predictions,
             "FBP_KAFKA__DLQ_TOPIC": self.dlq,
+            "FBP_KAFKA__MODEL_UPDATES_TOPIC": self.model_updates,
             "FBP_KAFKA__PARTITIONS": str(self.partitions),
             "FBP_REDIS__KEY_PREFIX": f"bench-{self.tag}",
             "FBP_WORKER__APP_ID": f"bench-{self.tag}",
@@ -160,14 +166,14 @@ class Namespace:
         try:
             admin.create_topics([
                 NewTopic(t, self.partitions, 1) for t in (self.ratings, self.predictions, self.dlq)
-            ])
+            ] + [NewTopic(self.model_updates, 1, 1)])
         finally:
             admin.close()
 
     def drop(self) -> None:
         admin = KafkaAdminClient(**self.settings.kafka.kafka_python_kwargs())
         try:
-            admin.delete_topics([self.ratings, self.predictions, self.dlq])
+            admin.delete_topics([self.ratings, self.predictions, self.dlq, self.model_updates])
         except Exception:
             pass
         finally:

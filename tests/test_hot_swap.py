@@ -37,22 +37,6 @@ from trainer.prequential import step_events
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def ns(stack):
-    from stream.topics import ensure_topics
-
-    n = Namespace.fresh(2, stack)
-    n.create()
-    sc = n.scoped()
-    ensure_topics(sc.model_copy(update={"kafka": sc.kafka.model_copy(
-        update={"model_updates_topic": f"{n.prefix}-model-updates"})}))
-    yield n
-    n.drop()
-    from tests.test_trainer_service import _drop_topic
-
-    _drop_topic(stack, f"{n.prefix}-model-updates")
-
-
 def _publish_bootstrap(stack, ns: Namespace, ckpt: Path):
     model, meta = load_checkpoint(ckpt)
     store = ModelStore(sync_redis(stack.redis), ns.prefix)
@@ -177,7 +161,7 @@ def test_promotion_mid_replay_no_gap_no_duplicate_and_rederived_states(stack, ns
         from trainer.finetune import promote
 
         prod = KafkaProducer(**stack.kafka.kafka_python_kwargs())
-        pub = promote(store, prod, f"{ns.prefix}-model-updates", res, trigger="test",
+        pub = promote(store, prod, ns.model_updates, res, trigger="test",
                       buffer_key=f"{ns.prefix}:trainer:recent")
         prod.close()
         assert pub.version == 2

@@ -100,30 +100,7 @@ def test_buffer_is_bounded_and_survives_a_restart(rprefix):
     assert again.recent()["seq"][-1] == 5009 and len(again) == 1000
 
 
-# -- a real trainer process --------------------------------------------------------
-@pytest.fixture
-def ns(stack):
-    from fbp.procs import Namespace
-
-    n = Namespace.fresh(2, stack)
-    n.create()
-    yield n
-    n.drop()
-    _drop_topic(stack, f"{n.prefix}-model-updates")
-
-
-def _drop_topic(settings, topic: str) -> None:
-    from stream.kafka_io import make_admin
-
-    admin = make_admin(settings)
-    try:
-        admin.delete_topics([topic])
-    except Exception:
-        pass
-    finally:
-        admin.close()
-
-
+# -- a real trainer process (the ``ns`` fixture of tests/conftest.py) ---------------
 def free_port() -> int:
     """A port nothing listens on now (tests share this machine with other test runs)."""
     import socket
@@ -137,7 +114,6 @@ def trainer_env(ns, **trainer: str) -> dict[str, str]:
     env = ns.env(256, 0)
     env.pop("FBP_WORKER__WEB_PORT")
     env.update({
-        "FBP_KAFKA__MODEL_UPDATES_TOPIC": f"{ns.prefix}-model-updates",
         "FBP_TRAINER__APP_ID": f"{ns.prefix}-trainer",
         "FBP_TRAINER__DEVICE": "cpu",
         "FBP_TRAINER__THREADS": "1",
@@ -244,7 +220,7 @@ def test_trainer_buffers_exactly_once_across_kill_and_promotes_on_request(stack,
         assert "finetune decision" in t.tail(200) and '"outcome":"promoted"' in t.tail(200)
         from tests.streamkit import read_topic
 
-        ann = read_topic(stack, f"{ns.prefix}-model-updates", until=1, timeout=30)
+        ann = read_topic(stack, ns.model_updates, until=1, timeout=30)
         assert ann and ann[0]["version"] == cur.version and ann[0]["sha256"] == cur.sha256
         assert ann[0]["metrics"]["challenger_rmse"] < ann[0]["metrics"]["champion_rmse"]
     finally:
