@@ -1,0 +1,61 @@
+"""CPU cost per event of ``Predictor.process`` alone (no Kafka, no Faust), on
+real Redis: ``python -m bench.predictor_cpu [BATCH ...]``.
+
+Measured in process CPU time (torch on one thread), so other load on a shared
+machine barely moves it; the Redis server's own CPU is not included.  Used to
+compare changes to the batch path side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+
+import torch
+
+
+async def _run(batch: int, n: int = 20_000) -> float:
+    from fbp.settings import get_settings
+    from models.registry import build
+    from stream.events import RatingEvent, encode_rating
+    from stream.predictor import Incoming, Predictor
+    from stream.redis_conn import async_redis
+    from stream.state_store import StateStore
+    from trainer.data import load_dataset
+
+    df = load_dataset("ml-100k").ratings.iloc[20_000:20_000 + n]
+    s = get_settings()
+    prefix = f"cpu-{uuid.uuid4().hex[:8]}"
+    client = async_redis(s.redis)
+
+    async def send(topic: str, key: bytes | None, value: bytes):  # no Kafka: an already-done future
+        f = asyncio.get_running_loop().create_future()
+        f.set_result(None)
+        return f
+
+    torch.manual_seed(0)
+    p = Predictor(build("lstm"), StateStore(client, prefix), send, predictions_topic="p", dlq_topic="d")
+    msgs = [Incoming(encode_rating(RatingEvent(f"e{i}", int(u), int(m), float(r), int(t))), 0, i, time.time())
+            for i, (u, m, r, t) in enumerate(zip(df.user_id, df.movie_id, df.rating, df.ts))]
+    try:
+        c0 = time.process_time()
+        for i in range(0, len(msgs), batch):
+            await p.process(msgs[i:i + batch])
+        return 1e6 * (time.process_time() - c0) / len(msgs)
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=5000)]
+        for i in range(0, len(keys), 5000):
+            await client.delete(*keys[i:i + 5000])
+        await client.aclose()
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    for b in [int(x) for x in sys.argv[1:]] or [128, 512, 2048]:
+        print(f"batch {b:5d}: {asyncio.run(_run(b)):6.1f} us CPU per event")
+
+
+if __name__ == "__main__":
+    main()
