@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import State
-from models.common import gap_feature, lookup
+from models.common import gap_feature, lookup, user_item_dot
 from models.mf import MFModel
 
 
@@ -80,9 +80,8 @@ class CNNModel(MFModel):
         return self.feat_proj(torch.cat([lookup(self.item_factors, ids), self._feats(ids)], -1))
 
     def _conv_term(self, z: Tensor, ids: Tensor) -> Tensor:
-        """z [B, C], ids [B, M] -> [B, M]"""
-        u = self.user_proj(z)
-        return self.user_bias_head(z) + (self._item_vec(ids) * u.unsqueeze(-2)).sum(-1)
+        """z [B, C], ids [B, M] or shared [M] -> [B, M]"""
+        return self.user_bias_head(z) + user_item_dot(self.user_proj(z), self._item_vec(ids))
 
     def _window_valid(self, state: State) -> Tensor:
         pos = torch.arange(self.W, device=state["win_len"].device)

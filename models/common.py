@@ -48,6 +48,15 @@ def lookup(table: Tensor, ids: Tensor) -> Tensor:
     return out * v
 
 
+def user_item_dot(user: Tensor, item: Tensor) -> Tensor:
+    """Dot products [B, M] of user vectors [B, D] with item vectors: [B, M, D]
+    (per-user candidates) or [M, D] (candidates shared by all users: one matmul
+    instead of materialising the [B, M, D] copy)."""
+    if item.dim() == 2:
+        return user @ item.T
+    return (item * user.unsqueeze(-2)).sum(-1)
+
+
 def excl_cumsum(start: Tensor, x: Tensor) -> Tensor:
     """Running sums *before* each position along dim 1, starting from ``start``
     (summed in the same order as repeated ``+=`` in ``step``)."""
@@ -228,19 +237,14 @@ class StatefulModel(RatingModel):
         return gap_feature((ts - prev) * has)
 
     def _generic_final(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor) -> State:
-        B, T = movie.shape
         W = self.W
         L = mask.sum(1)
         mf = mask.to(torch.float32)
         cnt = state["count"] + L
-        # incremental mean, same arithmetic as step (sequential in float32)
-        mean = state["mean"].clone()
-        c = state["count"].clone()
-        for t in range(T):
-            m = mask[:, t]
-            c = c + m.to(torch.int64)
-            upd = mean + (rating[:, t] - mean) / c.clamp(min=1).to(torch.float32)
-            mean = torch.where(m, upd, mean)
+        # the running mean after the sequence, in closed form (float64): equals
+        # step's sequential float32 updates to rounding, without a loop over T
+        total = state["mean"].double() * state["count"].double() + (rating.double() * mf.double()).sum(1)
+        mean = torch.where(L > 0, total / cnt.clamp(min=1).double(), state["mean"].double()).to(torch.float32)
         last_idx = (L - 1).clamp(min=0)
         last_ts = torch.where(L > 0, ts.gather(1, last_idx[:, None])[:, 0], state["last_ts"])
         idx = L[:, None] + torch.arange(W, device=movie.device)[None, :]
@@ -277,11 +281,10 @@ class StatefulModel(RatingModel):
         return new, pred
 
     def score(self, state: State, movie_ids: Tensor) -> Tensor:
-        ids = movie_ids.to(torch.int64)
-        B = next(iter(state.values())).shape[0]
-        if ids.dim() == 1:
-            ids = ids[None, :].expand(B, -1)
-        return self._clamp(self._predict_state(state, ids))
+        """Predictions [B, M] for candidate ids: [M] shared by every user (the
+        top-K case: movie-side terms are computed once and combined with a
+        matmul) or [B, M] per user."""
+        return self._clamp(self._predict_state(state, movie_ids.to(torch.int64)))
 
     def forward_sequence(
         self,
@@ -315,7 +318,8 @@ class StatefulModel(RatingModel):
 
     # -- hooks ---------------------------------------------------------------
     def _predict_state(self, state: State, ids: Tensor) -> Tensor:
-        """Unclamped predictions [B, M] for candidate ids [B, M] from ``state``."""
+        """Unclamped predictions [B, M] from ``state`` for candidate ids [B, M],
+        or [M] shared by all users (see :func:`user_item_dot`)."""
         raise NotImplementedError
 
     def _step_extra(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor) -> State:

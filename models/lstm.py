@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.base import State, StateSpec
-from models.common import lookup
+from models.common import lookup, user_item_dot
 from models.mf import MFModel
 
 
@@ -71,10 +71,8 @@ class LSTMModel(MFModel):
         return self.feat_proj(torch.cat([lookup(self.item_factors, ids), self._feats(ids)], -1))
 
     def _rnn_term(self, h: Tensor, ids: Tensor) -> Tensor:
-        """h [B, H], ids [B, M] -> [B, M]"""
-        u = self.user_proj(h)
-        v = self._item_vec(ids)
-        return self.user_bias_head(h) + (v * u.unsqueeze(-2)).sum(-1)
+        """h [B, H], ids [B, M] or shared [M] -> [B, M]"""
+        return self.user_bias_head(h) + user_item_dot(self.user_proj(h), self._item_vec(ids))
 
     def _predict_state(self, state: State, ids: Tensor) -> Tensor:
         return self._mf_predict_state(state, ids) + self._rnn_term(state["h"], ids)

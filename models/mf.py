@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from models.base import State, StateSpec
-from models.common import StatefulModel, excl_cumsum, incl_total, lookup
+from models.common import StatefulModel, excl_cumsum, incl_total, lookup, user_item_dot
 
 
 class MFModel(StatefulModel):
@@ -60,8 +60,8 @@ class MFModel(StatefulModel):
     # -- ridge user factor, reusable by subclasses ---------------------------
     def _mf_predict_state(self, state: State, ids: Tensor) -> Tensor:
         p = self._solve(state["A"], state["b"])  # [B, K]
-        qt = self._qt(ids)  # [B, M, K]
-        return self.global_mean + self._bias(ids) + torch.einsum("bmk,bk->bm", qt, p)
+        qt = self._qt(ids)  # [B, M, K] or shared [M, K]
+        return self.global_mean + self._bias(ids) + user_item_dot(p, qt)
 
     def _mf_step(self, state: State, movie: Tensor, rating: Tensor) -> State:
         qt = self._qt(movie)

@@ -314,9 +314,16 @@ def candidate_movies(model: RatingModel) -> torch.Tensor:
 
 def seen_mask(state: mstate.State, cands: torch.Tensor) -> torch.Tensor:
     """[B, M] True where the candidate is among the user's stored window events
-    (the window is right-aligned: the last ``win_len`` slots are real)."""
+    (the window is right-aligned: the last ``win_len`` slots are real).
+
+    Scatters the window ids into a [B, max candidate + 2] table and reads the
+    candidates' columns: O(B·W + B·M), not a [B, W, M] comparison."""
     win = state["win_movie"]
-    W = win.shape[1]
+    B, W = win.shape
+    n = int(cands.max()) + 1 if cands.numel() else 0
     real = torch.arange(W, device=win.device)[None, :] >= (W - state["win_len"].to(torch.int64))[:, None]
-    hit = (win.unsqueeze(-1) == cands.view(1, 1, -1)) & real.unsqueeze(-1)
-    return hit.any(1)
+    # padding and ids no candidate can match go to the spare column n
+    ids = torch.where(real & (win >= 0) & (win < n), win, torch.full_like(win, n))
+    table = torch.zeros((B, n + 1), dtype=torch.bool, device=win.device)
+    table.scatter_(1, ids, True)
+    return table[:, cands]

@@ -33,6 +33,28 @@ def test_cold_start_and_growth(name):
     assert sc2.shape == (2, 2) and torch.isfinite(sc2).all()
 
 
+@pytest.mark.parametrize("name", available())
+def test_shared_candidates_score_like_per_user_ones(name):
+    """score(state, ids[M]) takes a matmul fast path; it must equal scoring the
+    same ids given per user ([B, M])."""
+    torch.manual_seed(1)
+    m = build(name, n_movies=40, genre_vocab=["x", "y"])
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    st = m.init_state(5)
+    g = torch.Generator().manual_seed(2)
+    for t in range(6):
+        st, _ = m.step(st, torch.randint(1, 40, (5,), generator=g), torch.randint(1, 6, (5,), generator=g).float(),
+                       torch.full((5,), 100 * t))
+    ids = torch.arange(0, 45)  # includes unknown movies
+    shared = m.score(st, ids)
+    per_user = m.score(st, ids[None, :].expand(5, -1))
+    assert shared.shape == per_user.shape == (5, 45)
+    assert torch.allclose(shared, per_user, atol=1e-5)
+    assert shared.std() > 0.05  # not a constant: the check above can fail
+
+
 def test_movie_features():
     m = build("lstm", n_movies=4, genre_vocab=["Drama", "Comedy"], year_min=1900, year_max=2000)
     movies = pd.DataFrame({"movie_id": [1, 9], "title": ["a", "b"], "year": [1950.0, float("nan")],
