@@ -12,7 +12,7 @@ import faust
 import orjson
 
 from fbp.settings import get_settings
-from stream.app import _credentials
+from stream.app import QuietWorker, _credentials
 
 s = get_settings()
 app = faust.App(
@@ -21,8 +21,11 @@ app = faust.App(
     broker_credentials=_credentials(s.kafka),
     store="memory://", key_serializer="raw", value_serializer="raw",
     consumer_auto_offset_reset="earliest", topic_partitions=s.kafka.partitions,
+    # the worker's own fetch and buffer settings, so this is its floor
+    broker_max_poll_records=s.worker.max_poll_records, stream_buffer_maxsize=s.worker.stream_buffer,
     web_port=s.worker.web_port, web_host=s.worker.web_host,
     datadir=str(s.stack.data_dir / "faust" / f"noop-{s.worker.app_id}-{s.worker.web_port}"),
+    Worker=QuietWorker,
 )
 ratings = app.topic(s.kafka.ratings_topic, key_type=bytes, value_type=bytes)
 

@@ -148,6 +148,10 @@ class WorkerSettings(BaseModel):
     """Most events per micro-batch."""
     batch_timeout_s: float = Field(0.05, gt=0, le=60)
     """Longest wait to fill a micro-batch."""
+    max_poll_records: int = Field(2000, ge=1, le=100_000)
+    """Most records one Kafka fetch hands to Faust (its broker_max_poll_records; fewer, larger fetches)."""
+    stream_buffer: int = Field(16_384, ge=64, le=1_000_000)
+    """Events Faust buffers per partition ahead of the agent before pausing the fetch."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs: auto picks CUDA when present."""
     torch_threads: int = Field(1, ge=1, le=256)

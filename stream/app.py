@@ -42,6 +42,19 @@ def _credentials(k: KafkaSettings) -> faust.types.auth.CredentialsT | None:
     return None
 
 
+class QuietWorker(faust.Worker):
+    """Faust's worker without its terminal progress spinner.
+
+    With the spinner on and a log level of WARN or above, Faust sets the root
+    logger to DEBUG so that every record spins it; every ``log.debug`` in
+    aiokafka and Faust (several per event) then builds a LogRecord that the
+    handler drops.  Profiled at about a tenth of a busy worker's CPU."""
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        self.spinner = None
+        super().on_setup_root_logger(logger, level)
+
+
 _datadir = settings.stack.data_dir / "faust" / f"{settings.worker.app_id}-{settings.worker.web_port}"
 _datadir.parent.mkdir(parents=True, exist_ok=True)
 
@@ -55,6 +68,8 @@ app = faust.App(
     topic_partitions=settings.kafka.partitions,
     topic_replication_factor=settings.kafka.replication_factor,
     consumer_auto_offset_reset="earliest",
+    broker_max_poll_records=settings.worker.max_poll_records,
+    stream_buffer_maxsize=settings.worker.stream_buffer,
     producer_acks=-1,
     producer_linger=0.005,
     broker_commit_interval=1.0,
@@ -64,6 +79,7 @@ app = faust.App(
     web_port=settings.worker.web_port,
     web_bind=settings.worker.web_host,
     datadir=str(_datadir),
+    Worker=QuietWorker,
 )
 
 ratings_topic = app.topic(
