@@ -48,6 +48,8 @@ def stream(
     typer.echo(f"baseline aiokafka loop : {res['baseline_events_per_s']:10.0f} events/s")
     typer.echo(f"no-op Faust agent      : {res['faust_noop_events_per_s']:10.0f} events/s   "
                f"(Faust's own floor; ratio to baseline {res['faust_noop_events_per_s'] / res['baseline_events_per_s']:.2f})")
+    typer.echo(f"batch code, no Faust   : {res['no_faust_events_per_s']:10.0f} events/s   "
+               f"(the worker's Predictor fed by the bare loop; ratio to baseline {res['no_faust_ratio']:.2f})")
     typer.echo(f"full path              : {res['events_per_s']:10.0f} events/s   ratio {res['ratio']:.2f} "
                f"(to the no-op Faust agent: {res['ratio_to_faust_noop']:.2f})")
     typer.echo(f"latency at {res['latency_rate_events_per_s']:.0f} ev/s : "

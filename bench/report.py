@@ -72,6 +72,10 @@ def _stream_section(res: dict[str, Any], img: Path, rel: str) -> list[str]:
         f"- a no-op Faust agent (take_events and nothing else) over the same events: "
         f"{res.get('faust_noop_events_per_s', float('nan')):,.0f} events/s; full path / no-op Faust = "
         f"**{res.get('ratio_to_faust_noop', float('nan')):.2f}** (what Faust's own per-event machinery allows)",
+        f"- the worker's batch code (`stream.predictor`: Redis state, model, top-K, produce) fed by the "
+        f"bare loop instead of Faust: {res.get('no_faust_events_per_s', float('nan')):,.0f} events/s, "
+        f"ratio to baseline **{res.get('no_faust_ratio', float('nan')):.2f}** (our own per-event cost, "
+        "without Faust's)",
         f"- event-to-prediction latency at {res.get('latency_rate_events_per_s', 0):,.0f} events/s: "
         f"p50 **{res['latency_ms']['p50']:.1f} ms**, p99 **{res['latency_ms']['p99']:.1f} ms**",
         f"- {res.get('events')} events, {res.get('partitions')} partitions", "",

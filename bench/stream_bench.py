@@ -7,6 +7,10 @@ run, so their ratio is meaningful on a shared, noisy machine:
   (not awaited one by one) -> commit.  Kafka's floor on this machine.
 * full path: real ``fbp worker`` processes (Faust, Redis state, model step,
   top-K, predictions), each in its own isolated topic/prefix namespace.
+* two references that split the gap between them: a no-op Faust agent (Faust's
+  own per-event floor) and the worker's batch code (``stream.predictor``, with
+  real Redis and Kafka) driven by the bare loop instead of Faust (our own
+  per-event cost, without Faust's).
 
 Throughput is measured from a backlog (first to last output record), so
 worker start-up is excluded.  Latency is measured separately at a fixed
@@ -118,6 +122,67 @@ def run_baseline(settings: Settings, events: list[RatingEvent], partitions: int)
         first, last, seen = _count_until(settings, ns.predictions, len(events), 60)
         return seen / max(last - first, 1e-6)
     finally:
+        ns.drop()
+
+
+async def _predictor_loop(settings: Settings, ns: Namespace, n: int, batch_size: int) -> None:
+    """The bare loop with the worker's batch code in the middle: getmany ->
+    ``Predictor.process`` (Redis load, model, top-K, produce, Redis store) -> commit."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from models.checkpoint import load_checkpoint
+    from stream.predictor import Incoming, Predictor
+    from stream.redis_conn import async_redis
+    from stream.state_store import StateStore
+
+    kw = {"bootstrap_servers": settings.kafka.bootstrap_servers}
+    cons = AIOKafkaConsumer(ns.ratings, group_id=f"bench-pred-{ns.tag}", auto_offset_reset="earliest",
+                            enable_auto_commit=False, **kw)
+    prod = AIOKafkaProducer(acks="all", linger_ms=5, **kw)
+    redis = async_redis(settings.redis)
+    await cons.start()
+    await prod.start()
+
+    async def send(topic: str, key: bytes | None, value: bytes) -> Any:
+        return await prod.send(topic, value, key=key)
+
+    model, _ = load_checkpoint(settings.worker.checkpoint)
+    w = settings.worker
+    pred = Predictor(model, StateStore(redis, f"bench-{ns.tag}"), send, predictions_topic=ns.predictions,
+                     dlq_topic=ns.dlq, top_k=w.top_k, max_payload_bytes=w.max_payload_bytes,
+                     min_ts=w.min_ts, max_future_s=w.max_future_s)
+    done = 0
+    try:
+        while done < n:
+            got = await cons.getmany(timeout_ms=int(w.batch_timeout_s * 1000), max_records=batch_size)
+            msgs = [Incoming(m.value, m.partition, m.offset, m.timestamp / 1000.0, m.topic)
+                    for recs in got.values() for m in recs]
+            if msgs:
+                await pred.process(msgs)
+                await cons.commit()
+                done += len(msgs)
+    finally:
+        await cons.stop()
+        await prod.stop()
+        await redis.aclose()
+
+
+def run_predictor_without_faust(settings: Settings, events: list[RatingEvent], *, batch_size: int,
+                                partitions: int) -> float:
+    """Events/s of the worker's batch code fed by the bare loop (no Faust)."""
+    import torch
+
+    ns = Namespace.fresh(partitions, settings)
+    ns.create()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.worker.torch_threads)  # as in a worker
+    try:
+        preload(settings, ns.ratings, events)
+        asyncio.run(_predictor_loop(settings, ns, len(events), batch_size))
+        first, last, seen = _count_until(settings, ns.predictions, len(events), 120)
+        return seen / max(last - first, 1e-6)
+    finally:
+        torch.set_num_threads(threads)
         ns.drop()
 
 
@@ -294,9 +359,11 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
     settings = get_settings()
     ckpt = bench_checkpoint(settings, checkpoint)
     os.environ["FBP_WORKER__CHECKPOINT"] = str(ckpt)  # inherited by the worker processes
+    settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"checkpoint": ckpt})})
     evs = _events(source, events)
     base = run_baseline(settings, evs, partitions)
     noop = run_faust_noop(settings, evs, batch_size=batch_sizes[0], partitions=partitions, logdir=logdir)
+    no_faust = run_predictor_without_faust(settings, evs, batch_size=batch_sizes[0], partitions=partitions)
     sweep = []
     for b in batch_sizes:
         for w in workers:
@@ -321,6 +388,8 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
         "ratio": main["events_per_s"] / base,
         "faust_noop_events_per_s": noop,
         "ratio_to_faust_noop": main["events_per_s"] / noop,
+        "no_faust_events_per_s": no_faust,
+        "no_faust_ratio": no_faust / base,
         "latency_ms": {"p50": lat["p50"], "p99": lat["p99"]},
         "latency_rate_events_per_s": lat["rate"],
         "latency_over_time": lat["over_time"],

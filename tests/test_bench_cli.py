@@ -32,7 +32,8 @@ def test_bench_stream_json_shape(stack, tmp_path):
                               "--logdir", str(tmp_path / "logs"), "--json", str(out)])
     assert res.exit_code == 0, res.output
     data = orjson.loads(out.read_bytes())
-    for key in ("events_per_s", "baseline_events_per_s", "ratio", "faust_noop_events_per_s"):
+    for key in ("events_per_s", "baseline_events_per_s", "ratio", "faust_noop_events_per_s",
+                "no_faust_events_per_s", "no_faust_ratio"):
         assert data[key] > 0, key
     assert set(data["latency_ms"]) == {"p50", "p99"}
     assert "faust_overhead" in data["stage_share"] and "model_step" in data["stage_share"]
