@@ -373,7 +373,9 @@ def test_live_page_moves_while_events_flow(stack, tmp_path):
         # The API moves: events processed grows (needs `live.stats.observe(result)` in the agent).
         deadline = time.monotonic() + 60
         first = httpx.get(f"{proc.url}/api/v1/live", headers=auth, timeout=10).json()
-        while time.monotonic() < deadline and first["events_processed"] == 0:
+        # Counters are live; RMSE and rates come from the 1 s sampler, so wait for
+        # a sample taken after the first batch before reading the page.
+        while time.monotonic() < deadline and (first["events_processed"] == 0 or first["error"]["rmse"] is None):
             time.sleep(1)
             first = httpx.get(f"{proc.url}/api/v1/live", headers=auth, timeout=10).json()
         assert first["events_processed"] > 0, (
