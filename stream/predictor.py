@@ -296,7 +296,9 @@ def candidate_movies(model: RatingModel) -> torch.Tensor:
     and recomputed when its tables grow."""
     cap = int(getattr(model, "capacity", 0))
     hit = getattr(model, "_fbp_candidates", None)
-    if hit is not None and hit[0] == cap:
+    # keyed by device too: a model queued for a swap may be asked (by the API)
+    # before ``.to(device)`` moves its weights -- and not this cached tensor
+    if hit is not None and hit[0] == cap and hit[1].device == model.device:
         return hit[1]
     known = None
     for name in ("movie_bias", "movie_features"):
@@ -316,14 +318,20 @@ def seen_mask(state: mstate.State, cands: torch.Tensor) -> torch.Tensor:
     """[B, M] True where the candidate is among the user's stored window events
     (the window is right-aligned: the last ``win_len`` slots are real).
 
-    Scatters the window ids into a [B, max candidate + 2] table and reads the
-    candidates' columns: O(B·W + B·M), not a [B, W, M] comparison."""
+    Each window id is located among the sorted candidates (binary search) and
+    marked in a [B, M + 1] table: O(B·W·log M + B·M), no [B, W, M] comparison
+    and no device-to-host sync."""
     win = state["win_movie"]
     B, W = win.shape
-    n = int(cands.max()) + 1 if cands.numel() else 0
+    M = cands.numel()
     real = torch.arange(W, device=win.device)[None, :] >= (W - state["win_len"].to(torch.int64))[:, None]
-    # padding and ids no candidate can match go to the spare column n
-    ids = torch.where(real & (win >= 0) & (win < n), win, torch.full_like(win, n))
-    table = torch.zeros((B, n + 1), dtype=torch.bool, device=win.device)
-    table.scatter_(1, ids, True)
-    return table[:, cands]
+    sorted_c, order = torch.sort(cands)
+    pos = torch.searchsorted(sorted_c, win).clamp(max=max(M - 1, 0))
+    found = real & (sorted_c[pos] == win) if M else torch.zeros_like(real)
+    # found -> its candidate's column in sorted order; else the spare column M
+    col = torch.where(found, pos, torch.full_like(pos, M))
+    table = torch.zeros((B, M + 1), dtype=torch.bool, device=win.device)
+    table.scatter_(1, col, True)
+    out = torch.empty((B, M), dtype=torch.bool, device=win.device)
+    out[:, order] = table[:, :M]
+    return out

@@ -41,3 +41,17 @@ def test_candidates_are_the_known_movies():
     with torch.no_grad():
         m.movie_bias[[2, 5, 11]] = 0.3
     assert candidate_movies(m).tolist() == [2, 5, 11]
+
+
+def test_candidates_follow_the_model_to_its_device():
+    """The cached candidate list must not outlive a move of the model (a model
+    queued for a swap can be scored by the API before the worker moves it)."""
+    m = build("lstm", n_movies=20)
+    with torch.no_grad():
+        m.movie_bias[[2, 5]] = 0.3
+    first = candidate_movies(m)
+    assert first.tolist() == [2, 5] and candidate_movies(m) is first  # cached
+    # as if cached while the model sat on another device (meta stands in for CUDA here)
+    m._fbp_candidates = (m.capacity, first.to("meta"))
+    again = candidate_movies(m)
+    assert again.device.type == "cpu" and again.tolist() == [2, 5]
