@@ -103,6 +103,8 @@ def _read_meta(blob: bytes, where: str) -> dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         raise CheckpointError(f"{where}: metadata is not valid JSON; re-export the checkpoint") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: metadata is a JSON {type(meta).__name__}, not an object; re-export the checkpoint")
     return meta
 
 
@@ -135,10 +137,12 @@ def checkpoint_from_bytes(
         raise CheckpointError(
             f"{where}: unknown model name {name!r}; this build knows {', '.join(MODELS)} -- upgrade the code or pick another checkpoint"
         )
-    hp = dict(meta.get("hparams") or {})
+    hp = meta.get("hparams") or {}
+    if not isinstance(hp, dict):
+        raise CheckpointError(f"{where}: hparams must be a JSON object, not {type(hp).__name__}; fix the metadata or re-train")
     try:
         model = build(name, **hp)
-    except TypeError as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # unknown name, bad value, impossible size
         raise CheckpointError(f"{where}: hparams do not fit model {name!r} ({exc}); fix the metadata or re-train") from None
     want = model.state_dict()
     missing = sorted(set(want) - set(tensors))
@@ -148,8 +152,12 @@ def checkpoint_from_bytes(
     bad = [f"{k}: file {tuple(tensors[k].shape)} vs hparams {tuple(want[k].shape)}" for k in want if tuple(tensors[k].shape) != tuple(want[k].shape)]
     if bad:
         raise CheckpointError(f"{where}: shape mismatch vs hparams ({'; '.join(bad[:4])}); the metadata does not describe these weights -- re-export the checkpoint")
+    try:
+        version = int(meta.get("version", 0))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{where}: version {meta.get('version')!r} is not an integer; fix the metadata") from None
     model.load_state_dict(tensors)
-    model.version = int(meta.get("version", 0))
+    model.version = version
     model.eval()
     return model, meta
 

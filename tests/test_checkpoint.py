@@ -76,6 +76,26 @@ def test_shape_mismatch():
         checkpoint_from_bytes(blob)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m, t: m["hparams"].update(n_movies="abc"), "hparams do not fit"),
+    (lambda m, t: m.update(hparams=[8]), "hparams must be a JSON object"),
+    (lambda m, t: m.update(version="v3"), "version 'v3' is not an integer"),
+])
+def test_bad_metadata_values_are_refused_with_a_message(edit, message):
+    """Malformed metadata is a CheckpointError naming the fix, never a bare
+    ValueError/AttributeError (callers catch CheckpointError only)."""
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint_from_bytes(_rewrite(_blob(), edit))
+
+
+def test_metadata_that_is_not_an_object_is_refused():
+    from safetensors.torch import load
+
+    blob = st_save(load(_blob()), metadata={"fbp": json.dumps([1, 2])})
+    with pytest.raises(CheckpointError, match="not an object"):
+        checkpoint_from_bytes(blob)
+
+
 def test_missing_and_not_safetensors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
