@@ -73,7 +73,6 @@ def bench_swap(*, source: str = "ml-100k", rate: float = 200.0, duration_s: floa
     from fbp import procs
     from stream.model_store import ModelStore
     from stream.redis_conn import sync_redis
-    from stream.topics import ensure_topics
     from trainer.finetune import promote
 
     say = progress or (lambda _m: None)
@@ -95,13 +94,10 @@ def bench_swap(*, source: str = "ml-100k", rate: float = 200.0, duration_s: floa
         df.index, df.user_id.to_numpy(), df.movie_id.to_numpy(), df.rating.to_numpy(), df.ts.to_numpy())]
 
     ns = Namespace.fresh(partitions, settings)
-    updates = f"{ns.prefix}-model-updates"
     ns.create()
-    sc = ns.scoped()
-    ensure_topics(sc.model_copy(update={"kafka": sc.kafka.model_copy(update={"model_updates_topic": updates})}))
     store = ModelStore(sync_redis(settings.redis), ns.prefix)
     store.publish(v1, {"model": v1.name}, reason="bench bootstrap")
-    env = dict(ns.env(batch_size, port), FBP_KAFKA__MODEL_UPDATES_TOPIC=updates, FBP_WORKER__DEVICE="cpu")
+    env = dict(ns.env(batch_size, port), FBP_WORKER__DEVICE="cpu")
     worker = None
     kafka_kw = settings.kafka.kafka_python_kwargs()
     try:
@@ -143,7 +139,7 @@ def bench_swap(*, source: str = "ml-100k", rate: float = 200.0, duration_s: floa
             if pub is None and time.perf_counter() - t0 >= swap_at_s:
                 prod.flush()
                 promoted_at = time.time()
-                pub = promote(store, prod, updates, challenger, trigger="bench",
+                pub = promote(store, prod, ns.model_updates, challenger, trigger="bench",
                               buffer_key=f"{ns.prefix}:trainer:recent")
                 say(f"promoted v{pub.version} at {promoted_at - wall0:.1f}s")
         prod.flush()
@@ -161,7 +157,6 @@ def bench_swap(*, source: str = "ml-100k", rate: float = 200.0, duration_s: floa
         if worker is not None:
             worker.stop()
         ns.drop()
-        _drop(settings, updates)
 
     ids = {e.event_id for e in events}
     got = {r["event_id"]: r for r in records if r["event_id"] in ids}
@@ -203,15 +198,3 @@ def _metric(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def _drop(settings: Settings, topic: str) -> None:
-    from stream.kafka_io import make_admin
-
-    admin = make_admin(settings)
-    try:
-        admin.delete_topics([topic])
-    except Exception:  # noqa: BLE001 - best effort cleanup
-        pass
-    finally:
-        admin.close()

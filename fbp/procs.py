@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from kafka.admin import KafkaAdminClient, NewTopic
 
 from fbp.settings import Settings
 
@@ -95,7 +94,11 @@ def start_worker(port: int, logdir: Path, env: dict[str, str] | None = None, wai
     env["FBP_WORKER__WEB_PORT"] = str(port)
     proc = _start("worker", ["worker", "--loglevel", "warn"], port, logdir, env)
     if wait:
-        wait_healthy(proc)
+        try:
+            wait_healthy(proc)
+        except BaseException:
+            proc.kill()  # the caller never gets it: do not leave it holding the port
+            raise
     return proc
 
 
@@ -113,29 +116,30 @@ class Namespace:
     partitions: int
     settings: Settings
 
-    @property
-    def ratings(self) -> str:
-        return f"bench-{self.tag}-ratings"
-
-    @property
-    def predictions(self) -> str:
-        return f"bench-{self.tag}-predictions"
-
-    @property
-    def dlq(self) -> str:
-        return f"bench-{self.tag}-dlq"
-
-    @property
-    def model_updates(self) -> str:
-        return f"bench-{self.tag}-model-updates"
-
     @classmethod
     def fresh(cls, partitions: int, settings: Settings) -> "Namespace":
         return cls(uuid.uuid4().hex[:10], partitions, settings)
 
     @property
     def prefix(self) -> str:
+        """Redis key prefix, consumer group and the stem of every topic name."""
         return f"bench-{self.tag}"
+
+    @property
+    def ratings(self) -> str:
+        return f"{self.prefix}-ratings"
+
+    @property
+    def predictions(self) -> str:
+        return f"{self.prefix}-predictions"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}-dlq"
+
+    @property
+    def model_updates(self) -> str:
+        return f"{self.prefix}-model-updates"
 
     def scoped(self) -> Settings:
         """Settings as a process in this namespace sees them."""
@@ -155,26 +159,24 @@ class Namespace:
             "FBP_KAFKA__DLQ_TOPIC": self.dlq,
             "FBP_KAFKA__MODEL_UPDATES_TOPIC": self.model_updates,
             "FBP_KAFKA__PARTITIONS": str(self.partitions),
-            "FBP_REDIS__KEY_PREFIX": f"bench-{self.tag}",
-            "FBP_WORKER__APP_ID": f"bench-{self.tag}",
+            "FBP_REDIS__KEY_PREFIX": self.prefix,
+            "FBP_WORKER__APP_ID": self.prefix,
             "FBP_WORKER__BATCH_SIZE": str(batch_size),
             "FBP_WORKER__WEB_PORT": str(port),
         }
 
     def create(self) -> None:
-        admin = KafkaAdminClient(**self.settings.kafka.kafka_python_kwargs())
-        try:
-            admin.create_topics([
-                NewTopic(t, self.partitions, 1) for t in (self.ratings, self.predictions, self.dlq)
-            ] + [NewTopic(self.model_updates, 1, 1)])
-        finally:
-            admin.close()
+        from stream.topics import ensure_topics
+
+        ensure_topics(self.scoped())
 
     def drop(self) -> None:
-        admin = KafkaAdminClient(**self.settings.kafka.kafka_python_kwargs())
+        from stream.kafka_io import make_admin
+
+        admin = make_admin(self.settings)
         try:
             admin.delete_topics([self.ratings, self.predictions, self.dlq, self.model_updates])
-        except Exception:
+        except Exception:  # noqa: BLE001 - best-effort clean-up
             pass
         finally:
             admin.close()
