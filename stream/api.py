@@ -55,7 +55,7 @@ def _token_ok(request: Request, secret: Any) -> bool:
     return hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
 
 
-def _require_read(request: Request) -> None:
+def require_read(request: Request) -> None:
     if not _token_ok(request, runtime.settings.worker.read_token):
         raise ApiError(401, "unauthorized", "send Authorization: Bearer <read token>")
 
@@ -78,14 +78,15 @@ def _int(value: str, name: str, lo: int = 0, hi: int = MAX_ID) -> int:
     return v
 
 
-def _json(view: View, data: Any, status: int = 200) -> Response:
+def _json(view: View, data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return view.bytes(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY),
-                      content_type="application/json", status=status)
+                      content_type="application/json", status=status, headers=headers)
 
 
-async def _guarded(view: View, fn: Callable[[], Awaitable[Any]]) -> Response:
+async def guarded(view: View, fn: Callable[[], Awaitable[Any]], headers: dict[str, str] | None = None) -> Response:
+    """``fn()``'s result as JSON; ApiError as its 4xx/5xx body; anything else a logged 500."""
     try:
-        return _json(view, await fn())
+        return _json(view, await fn(), headers=headers)
     except ApiError as e:
         return _json(view, {"error": e.error, "detail": e.detail}, e.status)
     except Exception:  # never leak internals; log them
@@ -127,20 +128,20 @@ class Metrics(View):
 class ModelInfo(View):
     async def get(self, request: Request) -> Response:
         async def run() -> Any:
-            _require_read(request)
+            require_read(request)
             model = runtime.model
             hist = await asyncio.to_thread(runtime.models.history) if runtime.models else []
             return {"model": model.name if model else None,
                     "version": model.version if model else None,
                     "refused": runtime.refused, "history": hist}
-        return await _guarded(self, run)
+        return await guarded(self, run)
 
 
 @app.page("/api/v1/users/{user_id}/scores")
 class Scores(View):
     async def get(self, request: Request, user_id: str) -> Response:
         async def run() -> Any:
-            _require_read(request)
+            require_read(request)
             uid = _int(user_id, "user_id")
             raw = request.query.get("movies", "")
             parts = [p for p in raw.split(",") if p.strip()]
@@ -155,14 +156,14 @@ class Scores(View):
                 sc = model.score(st, ids)[0].cpu().tolist()  # unknown movies score as cold start
             return {"user_id": uid, "known_user": known, "model_version": model.version,
                     "scores": {str(a): round(b, 4) for a, b in zip(movies, sc)}}
-        return await _guarded(self, run)
+        return await guarded(self, run)
 
 
 @app.page("/api/v1/users/{user_id}/top")
 class Top(View):
     async def get(self, request: Request, user_id: str) -> Response:
         async def run() -> Any:
-            _require_read(request)
+            require_read(request)
             uid = _int(user_id, "user_id")
             k = _int(request.query.get("k", "10"), "k", 1, 1001)
             model, st, known = await _user_state(uid)
@@ -172,14 +173,14 @@ class Top(View):
                 v, ix = torch.topk(sc[0], min(k, cands.numel()))
             return {"user_id": uid, "known_user": known, "model_version": model.version,
                     "top": [[int(cands[i]), round(float(s), 4)] for s, i in zip(v, ix)]}
-        return await _guarded(self, run)
+        return await guarded(self, run)
 
 
 @app.page("/api/v1/users/{user_id}/profile")
 class Profile(View):
     async def get(self, request: Request, user_id: str) -> Response:
         async def run() -> Any:
-            _require_read(request)
+            require_read(request)
             uid = _int(user_id, "user_id")
             model, st, known = await _user_state(uid)
             n = int(st["count"][0].item()) if "count" in st else 0
@@ -188,7 +189,7 @@ class Profile(View):
                     "mean_rating": round(mean, 4) if n else None,
                     "favourite_genres": _favourite_genres(model, st),
                     "recent_movies": _recent(st), "model_version": model.version}
-        return await _guarded(self, run)
+        return await guarded(self, run)
 
 
 @app.page("/api/v1/admin/reload")
@@ -200,7 +201,7 @@ class Reload(View):
             cur = await asyncio.to_thread(runtime.models.current) if runtime.models else None
             return {"current_published": cur.version if cur else None,
                     "serving": runtime.model.version if runtime.model else None}
-        return await _guarded(self, run)
+        return await guarded(self, run)
 
 
 @app.page("/api/v1/admin/rollback")
@@ -220,7 +221,7 @@ class Rollback(View):
                 raise ApiError(409, "rollback_refused", str(exc)) from None
             await runtime.check_model(app)
             return {"current": pub.version}
-        return await _guarded(self, run)
+        return await guarded(self, run)
 
 
 @app.page("/api/v1/admin/finetune")
@@ -233,7 +234,7 @@ class Finetune(View):
             key = f"{runtime.settings.redis.key_prefix}:trainer:requests"
             await asyncio.to_thread(runtime.models.r.rpush, key, orjson.dumps({"at": time.time()}))
             return {"requested": True}
-        return await _guarded(self, run)
+        return await guarded(self, run)
 
 
 async def _body(request: Request) -> dict[str, Any]:

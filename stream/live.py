@@ -20,7 +20,6 @@ it sends the header.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import time
@@ -28,9 +27,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable
 
-import orjson
 from faust.web import Request, Response, View
 
+from stream.api import ApiError, guarded, require_read
 from stream.app import app
 from stream.runtime import runtime
 
@@ -257,15 +256,6 @@ def _serving_model() -> dict[str, Any]:
             "device": str(getattr(model, "device", "")) or None}
 
 
-def _read_allowed(request: Request) -> bool:
-    secret = runtime.settings.worker.read_token
-    if secret is None:
-        return True
-    header = request.headers.get("Authorization", "")
-    given = header[7:] if header.startswith("Bearer ") else ""
-    return hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
-
-
 @app.timer(interval=1.0)
 async def sample_live_stats() -> None:
     """Once a second: events/s, latency percentiles, RMSE/MAE into the history."""
@@ -286,21 +276,13 @@ class LivePage(View):
 @app.page("/api/v1/live")
 class LiveData(View):
     async def get(self, request: Request) -> Response:
-        if not _read_allowed(request):
-            body = {"error": "unauthorized", "detail": "send Authorization: Bearer <read token>"}
-            return self.bytes(orjson.dumps(body), content_type="application/json", status=401)
-        try:
+        async def run() -> Any:
+            require_read(request)
             points = request.query.get("points")
-            n = max(1, min(int(points), 3600)) if points else None
-        except ValueError:
-            body = {"error": "bad_parameter", "detail": "points must be an integer"}
-            return self.bytes(orjson.dumps(body), content_type="application/json", status=400)
-        try:
-            data = stats.snapshot(model=_serving_model(), model_history=await _model_history(),
+            try:
+                n = max(1, min(int(points), 3600)) if points else None
+            except ValueError:
+                raise ApiError(400, "bad_parameter", "points must be an integer") from None
+            return stats.snapshot(model=_serving_model(), model_history=await _model_history(),
                                   history_points=n)
-        except Exception:
-            log.exception("live API error")
-            return self.bytes(orjson.dumps({"error": "internal"}), content_type="application/json",
-                              status=500)
-        return self.bytes(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY),
-                          content_type="application/json", headers={"Cache-Control": "no-store"})
+        return await guarded(self, run, headers={"Cache-Control": "no-store"})
