@@ -142,8 +142,7 @@ def swap(
     typer.echo(f"events lost: {res['events_lost']} of {res['events_sent']} (duplicates {res['duplicates']}); "
                f"promoted v{res['promoted_version']} at {res['promoted_at_s']} s, first prediction by it at "
                f"{res['first_new_prediction_s']} s; states re-derived {res['states_rederived']:.0f}")
-    _write_json(json_path, {"p99_ms_steady": res["p99_ms_steady"], "p99_ms_swap": res["p99_ms_swap"],
-                            "events_lost": res["events_lost"], **res})
+    _write_json(json_path, res)
 
 
 @app.command()

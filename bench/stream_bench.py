@@ -61,28 +61,48 @@ def preload(settings: Settings, topic: str, events: list[RatingEvent]) -> None:
     p.close()
 
 
+@dataclass
+class Output:
+    """What a measured path wrote to its output topic."""
+
+    first: float  # Kafka timestamp (s) of the earliest record
+    last: float  # ... and of the latest
+    seen: int  # events accounted for
+    at_first: int  # events in records stamped ``first`` (a batch written at its end)
+
+    @property
+    def events_per_s(self) -> float:
+        """Sustained rate over (first, last]: the events stamped at ``first`` were
+        processed before the clock starts, so they are not counted."""
+        return (self.seen - self.at_first) / max(self.last - self.first, 1e-6)
+
+
 def _count_until(settings: Settings, topic: str, n: int, timeout: float,
-                 events_in: Any = None) -> tuple[float, float, int]:
-    """Read ``topic`` from the start until ``n`` events are accounted for:
-    (first_ts, last_ts, count) from the records' Kafka (create) timestamps.
-    ``events_in(msg)`` says how many events a record stands for (default 1)."""
+                 events_in: Any = None) -> Output:
+    """Read ``topic`` from the start until ``n`` events are accounted for, by the
+    records' Kafka (create) timestamps.  ``events_in(msg)`` says how many events a
+    record stands for (default 1)."""
     c = KafkaConsumer(topic, **settings.kafka.kafka_python_kwargs(), group_id=None,
                       auto_offset_reset="earliest", enable_auto_commit=False,
                       consumer_timeout_ms=1000)
-    first, last, seen = None, 0.0, 0
+    per_ts: dict[float, int] = {}
+    seen = 0
     deadline = time.monotonic() + timeout
     try:
         while seen < n and time.monotonic() < deadline:
             for msg in c:
+                k = 1 if events_in is None else events_in(msg)
                 ts = msg.timestamp / 1000.0
-                first = ts if first is None else min(first, ts)
-                last = max(last, ts)
-                seen += 1 if events_in is None else events_in(msg)
+                per_ts[ts] = per_ts.get(ts, 0) + k
+                seen += k
                 if seen >= n:
                     break
     finally:
         c.close()
-    return (first or 0.0), last, seen
+    if not per_ts:
+        return Output(0.0, 0.0, 0, 0)
+    first = min(per_ts)
+    return Output(first, max(per_ts), seen, per_ts[first])
 
 
 async def _baseline_loop(settings: Settings, src: str, dst: str, n: int) -> None:
@@ -119,8 +139,7 @@ def run_baseline(settings: Settings, events: list[RatingEvent], partitions: int)
     try:
         preload(settings, ns.ratings, events)
         asyncio.run(_baseline_loop(settings, ns.ratings, ns.predictions, len(events)))
-        first, last, seen = _count_until(settings, ns.predictions, len(events), 60)
-        return seen / max(last - first, 1e-6)
+        return _count_until(settings, ns.predictions, len(events), 60).events_per_s
     finally:
         ns.drop()
 
@@ -131,12 +150,13 @@ async def _predictor_loop(settings: Settings, ns: Namespace, n: int, batch_size:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from models.checkpoint import load_checkpoint
-    from stream.predictor import Incoming, Predictor
+    from stream.predictor import Incoming
     from stream.redis_conn import async_redis
+    from stream.runtime import make_predictor
     from stream.state_store import StateStore
 
     kw = {"bootstrap_servers": settings.kafka.bootstrap_servers}
-    cons = AIOKafkaConsumer(ns.ratings, group_id=f"bench-pred-{ns.tag}", auto_offset_reset="earliest",
+    cons = AIOKafkaConsumer(ns.ratings, group_id=f"{ns.prefix}-pred", auto_offset_reset="earliest",
                             enable_auto_commit=False, **kw)
     prod = AIOKafkaProducer(acks="all", linger_ms=5, **kw)
     redis = async_redis(settings.redis)
@@ -147,10 +167,9 @@ async def _predictor_loop(settings: Settings, ns: Namespace, n: int, batch_size:
         return await prod.send(topic, value, key=key)
 
     model, _ = load_checkpoint(settings.worker.checkpoint)
+    scoped = ns.scoped()
+    pred = make_predictor(scoped, model, StateStore(redis, scoped.redis.key_prefix), send)
     w = settings.worker
-    pred = Predictor(model, StateStore(redis, f"bench-{ns.tag}"), send, predictions_topic=ns.predictions,
-                     dlq_topic=ns.dlq, top_k=w.top_k, max_payload_bytes=w.max_payload_bytes,
-                     min_ts=w.min_ts, max_future_s=w.max_future_s)
     done = 0
     try:
         while done < n:
@@ -174,13 +193,11 @@ def run_predictor_without_faust(settings: Settings, events: list[RatingEvent], *
 
     ns = Namespace.fresh(partitions, settings)
     ns.create()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.worker.torch_threads)  # as in a worker
+    threads = torch.get_num_threads()  # make_predictor sets the worker's
     try:
         preload(settings, ns.ratings, events)
         asyncio.run(_predictor_loop(settings, ns, len(events), batch_size))
-        first, last, seen = _count_until(settings, ns.predictions, len(events), 120)
-        return seen / max(last - first, 1e-6)
+        return _count_until(settings, ns.predictions, len(events), 120).events_per_s
     finally:
         torch.set_num_threads(threads)
         ns.drop()
@@ -203,13 +220,12 @@ def run_faust_noop(settings: Settings, events: list[RatingEvent], *, batch_size:
                                      "-l", "warn", "--web-port", str(port)], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             try:
-                first, last, seen = _count_until(settings, ns.predictions, len(events), 300,
-                                                 events_in=lambda msg: orjson.loads(msg.value)["n"])
+                out = _count_until(settings, ns.predictions, len(events), 300,
+                                   events_in=lambda msg: orjson.loads(msg.value)["n"])
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
-        # the first batch's count record is stamped at its end: count from the second one
-        return seen / max(last - first, 1e-6)
+        return out.events_per_s
     finally:
         ns.drop()
 
@@ -228,7 +244,6 @@ def _stage_sums(url: str) -> dict[str, float]:
 class PathResult:
     events_per_s: float
     stages_s: dict[str, float] = field(default_factory=dict)
-    wall_s: float = 0.0
 
 
 def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int, batch_size: int,
@@ -241,24 +256,22 @@ def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int
     started = []
     try:
         preload(settings, ns.ratings, events)
-        t0 = time.monotonic()
         for i in range(workers):
             env = ns.env(batch_size, base_port + i)
             if linger_s is not None:
                 env["FBP_WORKER__BATCH_TIMEOUT_S"] = str(linger_s)
             started.append(procs.start_worker(base_port + i, logdir, env))
-        first, last, seen = _count_until(settings, ns.predictions, len(events), 600)
-        wall = time.monotonic() - t0
+        out = _count_until(settings, ns.predictions, len(events), 600)
         stages: dict[str, float] = {}
         for p in started:
             for k, v in _stage_sums(p.url).items():
                 stages[k] = stages.get(k, 0.0) + v
-        if seen < len(events):
-            raise RuntimeError(f"only {seen}/{len(events)} predictions; worker log:\n{started[0].tail()}")
+        if out.seen < len(events):
+            raise RuntimeError(f"only {out.seen}/{len(events)} predictions; worker log:\n{started[0].tail()}")
         # What the stages do not account for: Faust's consumer/stream machinery,
         # fetching, acking, the event loop (per worker, over the busy span).
-        stages["faust_overhead"] = max(0.0, (last - first) * workers - sum(stages.values()))
-        return PathResult(seen / max(last - first, 1e-6), stages, wall)
+        stages["faust_overhead"] = max(0.0, (out.last - out.first) * workers - sum(stages.values()))
+        return PathResult(out.events_per_s, stages)
     finally:
         for p in started:
             p.stop()

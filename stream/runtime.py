@@ -50,6 +50,18 @@ def initial_model(settings: Settings, models: ModelStore) -> RatingModel:
     return model
 
 
+def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: Any) -> Predictor:
+    """A worker's Predictor as the settings describe it (device, torch threads,
+    topics, limits); also used by ``fbp bench stream``'s no-Faust reference."""
+    torch.set_num_threads(s.worker.torch_threads)
+    return Predictor(
+        model, store, send,
+        predictions_topic=s.kafka.predictions_topic, dlq_topic=s.kafka.dlq_topic,
+        top_k=s.worker.top_k, max_payload_bytes=s.worker.max_payload_bytes,
+        min_ts=s.worker.min_ts, max_future_s=s.worker.max_future_s, device=pick_device(s.worker.device),
+    )
+
+
 class Runtime:
     def __init__(self) -> None:
         self.settings: Settings = get_settings()
@@ -67,20 +79,13 @@ class Runtime:
                 s = self.settings
                 self.models = ModelStore(sync_redis(s.redis), s.redis.key_prefix)
                 self.store = StateStore(async_redis(s.redis), s.redis.key_prefix)
-                torch.set_num_threads(s.worker.torch_threads)
-                device = pick_device(s.worker.device)
                 model = initial_model(s, self.models)
 
                 async def send(topic: str, key: bytes | None, value: bytes) -> Any:
                     return await app.producer.send(topic, key, value, None, None, None)
 
-                self._predictor = Predictor(
-                    model, self.store, send,
-                    predictions_topic=s.kafka.predictions_topic, dlq_topic=s.kafka.dlq_topic,
-                    top_k=s.worker.top_k, max_payload_bytes=s.worker.max_payload_bytes,
-                    min_ts=s.worker.min_ts, max_future_s=s.worker.max_future_s, device=device,
-                )
-                log.info("serving %s v%d on %s", model.name, model.version, device)
+                self._predictor = make_predictor(s, model, self.store, send)
+                log.info("serving %s v%d on %s", model.name, model.version, self._predictor.device)
         return self._predictor
 
     @property
