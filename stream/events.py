@@ -201,24 +201,11 @@ def rating_key(ev: RatingEvent | int) -> bytes:
     return str(uid).encode("ascii")
 
 
-def prediction_dict(rec: PredictionRecord) -> dict[str, Any]:
-    """Plain-dict form of a prediction (what goes on the wire, before JSON)."""
-    return {
-        "event_id": rec.event_id,
-        "user_id": rec.user_id,
-        "movie_id": rec.movie_id,
-        "predicted": float(rec.predicted),
-        "actual": float(rec.actual),
-        "model_version": int(rec.model_version),
-        "top_k": [[int(m), float(s)] for m, s in rec.top_k],
-        "timings": {k: float(v) for k, v in rec.timings.items()},
-        "ts": int(rec.ts),
-        "produced_at": float(rec.produced_at),
-    }
-
-
 def encode_prediction(rec: PredictionRecord) -> bytes:
-    return orjson.dumps(prediction_dict(rec))
+    """The wire form of a prediction: its fields in declaration order as JSON
+    (orjson writes the dataclass natively, so build records from plain Python
+    int/float/str/list values -- numpy scalars are refused)."""
+    return orjson.dumps(rec)
 
 
 def decode_prediction(raw: bytes) -> PredictionRecord:

@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence
 
 import numpy as np
-import orjson
 import torch
 
 from models import state as mstate
 from models.base import RatingModel
 from stream import metrics as m
-from stream.events import PredictionRecord, Rejection, decode_rating, dlq_record
+from stream.events import (
+    PredictionRecord, Rejection, decode_limits, decode_rating, dlq_record, encode_prediction, rating_key,
+)
 from stream.state_store import StateStore
 
 log = logging.getLogger(__name__)
@@ -120,13 +121,10 @@ class Predictor:
         self._maybe_swap()
         res = BatchResult()
         t0 = time.perf_counter()
-        now = time.time()
-        max_ts = int(now) + self.max_future_s
+        limits = decode_limits(self)  # this predictor's own max_payload_bytes / min_ts / max_future_s
         events, coords = [], []
         for msg in batch:
-            ev = decode_rating(
-                msg.raw, max_payload_bytes=self.max_payload_bytes, min_ts=self.min_ts, max_ts=max_ts
-            )
+            ev = decode_rating(msg.raw, **limits)
             if isinstance(ev, Rejection):
                 res.rejected.append(ev)
                 coords.append(msg)
@@ -260,9 +258,7 @@ class Predictor:
             )
             res.predictions.append(rec)
             res.kafka_ts.append(msg.kafka_ts)
-            # orjson writes the dataclass natively, in the order of
-            # stream.events.prediction_dict (all fields already plain types).
-            futs.append(await self.send(self.predictions_topic, str(ev.user_id).encode(), orjson.dumps(rec)))
+            futs.append(await self.send(self.predictions_topic, rating_key(ev.user_id), encode_prediction(rec)))
         return rows, futs
 
     def _top_k(self, sub: mstate.State) -> tuple[list[list[int]], list[list[float]]]:
