@@ -14,11 +14,12 @@ import orjson
 
 from bench import plots
 
+#: the command behind each file; ``{field}`` is filled from the file's JSON
 REPRO = {
     "model": "fbp bench model --json bench/results/model.json",
     "stream": "fbp bench stream --batch-sizes 512,128,2048 --workers 1,2 --lingers 0.01,0.2 --json bench/results/stream.json",
     "swap": "fbp bench swap --json bench/results/swap.json",
-    "soak": "fbp bench soak --minutes 5 --json bench/results/soak.json",
+    "soak": "fbp bench soak --minutes {minutes:g} --json bench/results/soak.json",
     "gpu": "bench/gpu.sh bench/results/gpu   # on a machine with a CUDA GPU",
     "evaluate": "fbp evaluate --data ml-100k --protocol both --json bench/results/evaluate.json",
 }
@@ -129,15 +130,11 @@ def _generic_section(res: dict[str, Any]) -> list[str]:
 
 
 def _evaluate_section(res: dict[str, Any]) -> list[str]:
-    out = []
-    for proto, block in (res.items() if "models" not in res else [(res.get("protocol"), res)]):
-        if not isinstance(block, dict) or "models" not in block:
-            continue
-        out += [f"Protocol **{proto}** on {block.get('dataset')}:", "", "| model | RMSE | MAE |", "|---|---|---|"]
-        for m, v in block["models"].items():
-            out.append(f"| {m} | {v['rmse']:.4f} | {v['mae']:.4f} |")
-        out.append("")
-    return out
+    """The tables ``fbp evaluate`` prints, from its JSON (one protocol, or "both")."""
+    from trainer.evaluate import table
+
+    docs = list(res["protocols"].values()) if "protocols" in res else [res]
+    return [table(d) for d in docs if "models" in d]
 
 
 def write_report(results: Path, out: Path) -> Path:
@@ -162,7 +159,7 @@ def write_report(results: Path, out: Path) -> Path:
         if res is None:
             lines += ["Not measured yet" + (": no GPU was available to this project so far."
                                             if key.startswith("gpu") else "."),
-                      "", f"Reproduce: `{repro}`", ""]
+                      "", f"Reproduce: `{repro.format(minutes=5)}`", ""]
             continue
         name = key.replace("/", "-")
         if fn is not None:
@@ -171,6 +168,6 @@ def write_report(results: Path, out: Path) -> Path:
             lines += _evaluate_section(res)
         else:
             lines += _generic_section(res)
-        lines += [f"Reproduce: `{repro}`", ""]
+        lines += [f"Reproduce: `{repro.format(**res)}`", ""]
     out.write_text("\n".join(lines))
     return out
