@@ -286,7 +286,7 @@ def test_corrupted_checkpoint_refused_and_rollback(stack, ns, ckpt, ml100k, tmp_
     port = free_port()
     worker = procs.start_worker(port, tmp_path, _worker_env(ns, ckpt, port, batch=64))
     try:
-        a = _send(stack, ns, 200, "a")
+        _send(stack, ns, 200, "a")
         read_topic(stack, ns.predictions, until=200, timeout=120)
         assert _health(worker.url)["model_version"] == 1
 

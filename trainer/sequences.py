@@ -55,13 +55,12 @@ class Batch:
     rating: torch.Tensor
     ts: torch.Tensor
     mask: torch.Tensor
-    flag: torch.Tensor
     row: np.ndarray  # [B, T] input row per position (-1 on padding)
 
 
 def pad(seqs: UserSequences, idx: np.ndarray, device: torch.device | str = "cpu") -> Batch:
     L = seqs.lengths[idx]
-    B, T = len(idx), max(1, int(L.max()) if len(idx) else 1)
+    T = max(1, int(L.max()) if len(idx) else 1)
     pos = np.arange(T)[None, :]
     mask = pos < L[:, None]
     src = np.where(mask, seqs.offsets[idx][:, None] + pos, 0)
@@ -73,7 +72,6 @@ def pad(seqs: UserSequences, idx: np.ndarray, device: torch.device | str = "cpu"
         rating=t(g(seqs.rating, 0.0).astype(np.float32)),
         ts=t(g(seqs.ts, 0)),
         mask=t(mask),
-        flag=t(g(seqs.flag, False) & mask),
         row=np.where(mask, seqs.row[src], -1),
     )
 

@@ -220,11 +220,6 @@ def fit(
     return rep
 
 
-def v_target(seqs: UserSequences) -> np.ndarray:
-    """Targets of flagged events, in the order :func:`_score` returns them."""
-    return seqs.rating[seqs.flag]
-
-
 def _subset_users(seqs: UserSequences, keep: np.ndarray) -> UserSequences:
     sel = np.nonzero(keep)[0]
     parts = [np.arange(seqs.offsets[i], seqs.offsets[i] + seqs.lengths[i]) for i in sel]
