@@ -22,7 +22,7 @@ COPY trainer ./trainer
 COPY bench ./bench
 RUN pip install . \
  # Bake MovieLens-100K into the image so replay/training need no network.
- && python -c "from trainer.data import load_dataset; load_dataset('ml-100k')" \
+ && python -c "from core.datasets import load_dataset; load_dataset('ml-100k')" \
  && useradd --create-home --uid 10001 fbp \
  && mkdir -p /opt/fbp/runs \
  && chown -R fbp /opt/fbp

@@ -11,7 +11,7 @@ from __future__ import annotations
 import faust
 import orjson
 
-from fbp.settings import get_settings
+from core.settings import get_settings
 from stream.app import QuietWorker, _credentials
 
 s = get_settings()

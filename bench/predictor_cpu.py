@@ -17,13 +17,13 @@ import torch
 
 
 async def _run(batch: int, n: int = 20_000) -> float:
-    from fbp.settings import get_settings
+    from core.settings import get_settings
     from models.registry import build
-    from stream.events import RatingEvent, encode_rating
+    from core.events import RatingEvent, encode_rating
     from stream.predictor import Incoming, Predictor
-    from stream.redis_conn import async_redis
-    from stream.state_store import StateStore
-    from trainer.data import load_dataset
+    from core.redis_conn import async_redis
+    from core.repos.states import StateStore
+    from core.datasets import load_dataset
 
     df = load_dataset("ml-100k").ratings.iloc[20_000:20_000 + n]
     s = get_settings()

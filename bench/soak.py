@@ -26,9 +26,9 @@ from typing import Any
 
 import httpx
 
-from fbp import procs
-from fbp.procs import Namespace
-from fbp.settings import REPO_ROOT, Settings, get_settings
+from stack import procs
+from stack.procs import Namespace
+from core.settings import REPO_ROOT, Settings, get_settings
 
 
 def rss_bytes(pid: int) -> int:
@@ -95,7 +95,7 @@ def _checkpoint(settings: Settings, out: Path) -> Path:
     import torch
 
     from models.checkpoint import save_checkpoint
-    from trainer.data import load_dataset
+    from core.datasets import load_dataset
     from trainer.train import fit, make_model
 
     ds = load_dataset("ml-100k")
@@ -112,7 +112,7 @@ class _Feeder(threading.Thread):
 
     def __init__(self, settings: Settings, topic: str, rate: float, seed: int = 7) -> None:
         super().__init__(name="soak-feeder", daemon=True)
-        from stream.kafka_io import make_producer
+        from core.kafka_io import make_producer
 
         self.topic, self.rate, self.seed = topic, rate, seed
         self.prod = make_producer(settings, client_id="fbp-soak")
@@ -123,7 +123,7 @@ class _Feeder(threading.Thread):
     def run(self) -> None:
         import numpy as np
 
-        from stream.events import RatingEvent, encode_rating, rating_key
+        from core.events import RatingEvent, encode_rating, rating_key
 
         rng = np.random.default_rng(self.seed)
         n_users, n_movies, chunk = 2000, 1600, 4096

@@ -33,15 +33,15 @@ import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
 
-from fbp.procs import Namespace
-from fbp.settings import Settings, get_settings
-from stream.events import RatingEvent, encode_rating, rating_key
+from stack.procs import Namespace
+from core.settings import Settings, get_settings
+from core.events import RatingEvent, encode_rating, rating_key
 
 STAGES = ("decode", "redis_load", "model_step", "topk", "redis_store", "produce")
 
 
 def _events(source: str, n: int) -> list[RatingEvent]:
-    from trainer.data import load_dataset
+    from core.datasets import load_dataset
 
     df = load_dataset(source).ratings.iloc[:n]
     return [
@@ -151,9 +151,9 @@ async def _predictor_loop(settings: Settings, ns: Namespace, n: int, batch_size:
 
     from models.checkpoint import load_checkpoint
     from stream.predictor import Incoming
-    from stream.redis_conn import async_redis
+    from core.redis_conn import async_redis
     from stream.runtime import make_predictor
-    from stream.state_store import StateStore
+    from core.repos.states import StateStore
 
     kw = {"bootstrap_servers": settings.kafka.bootstrap_servers}
     cons = AIOKafkaConsumer(ns.ratings, group_id=f"{ns.prefix}-pred", auto_offset_reset="earliest",
@@ -249,7 +249,7 @@ class PathResult:
 def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int, batch_size: int,
                   partitions: int, logdir: Path, base_port: int = 6170,
                   linger_s: float | None = None) -> PathResult:
-    from fbp import procs
+    from stack import procs
 
     ns = Namespace.fresh(partitions, settings)
     ns.create()
@@ -281,7 +281,7 @@ def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int
 def run_latency(settings: Settings, events: list[RatingEvent], *, rate: float, batch_size: int,
                 partitions: int, logdir: Path, port: int = 6179) -> dict[str, float]:
     """Send at ``rate`` events/s to a warm worker; latency = send -> prediction read here."""
-    from fbp import procs
+    from stack import procs
 
     ns = Namespace.fresh(partitions, settings)
     ns.create()
@@ -354,7 +354,7 @@ def bench_checkpoint(settings: Settings, path: Path | None) -> Path:
     import torch
 
     from models.checkpoint import save_checkpoint
-    from trainer.data import load_dataset
+    from core.datasets import load_dataset
     from trainer.train import make_model
 
     ds = load_dataset("ml-100k")

@@ -30,9 +30,9 @@ import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
 
-from fbp.procs import Namespace
-from fbp.settings import Settings, get_settings
-from stream.events import RatingEvent, encode_rating, rating_key
+from stack.procs import Namespace
+from core.settings import Settings, get_settings
+from core.events import RatingEvent, encode_rating, rating_key
 
 
 def _p(a: list[float] | np.ndarray, q: float) -> float | None:
@@ -44,8 +44,8 @@ def _models(source: str, boot: int) -> tuple[Any, Any, Any]:
     """(dataset, bootstrap v1, fine-tune result whose challenger is v2)."""
     import torch
 
-    from trainer.buffer import REC
-    from trainer.data import load_dataset
+    from core.repos.buffer import REC
+    from core.datasets import load_dataset
     from trainer.finetune import finetune, split_for_finetune
     from trainer.train import fit, make_model
 
@@ -70,9 +70,9 @@ def bench_swap(*, source: str = "ml-100k", rate: float = 200.0, duration_s: floa
                boot: int = 10_000, batch_size: int = 256, partitions: int = 2,
                logdir: Path = Path("runs/bench/logs"), port: int = 0,
                settings: Settings | None = None, progress: Any = None) -> dict[str, Any]:
-    from fbp import procs
-    from stream.model_store import ModelStore
-    from stream.redis_conn import sync_redis
+    from stack import procs
+    from core.repos.models import ModelStore
+    from core.redis_conn import sync_redis
     from trainer.finetune import promote
 
     say = progress or (lambda _m: None)

@@ -10,7 +10,7 @@ import orjson
 import typer
 from pydantic import BaseModel, SecretStr
 
-from fbp.settings import ConfigError, Settings, load_settings
+from core.settings import ConfigError, Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, help="Show the configuration or its reference")
 
@@ -46,7 +46,7 @@ def reference_markdown() -> str:
 
 
 def _repo_root() -> typing.Any:
-    from fbp.settings import REPO_ROOT
+    from core.settings import REPO_ROOT
 
     return REPO_ROOT
 

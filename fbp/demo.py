@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import typer
 
-from fbp.settings import get_settings
+from core.settings import get_settings
 
 
 def _say(msg: str) -> None:
@@ -34,14 +34,14 @@ def cli(
     json_path: Path = typer.Option(None, "--json", help="write the summary as JSON"),
 ) -> None:
     """Run the main job end to end and print a summary."""
-    from fbp import procs
+    from stack import procs
     from fbp.stack import stack_up
     from models.checkpoint import save_checkpoint
-    from stream.model_store import ModelStore
-    from stream.redis_conn import sync_redis
+    from core.repos.models import ModelStore
+    from core.redis_conn import sync_redis
     from stream.replay import replay
-    from stream.topics import reset_topics
-    from trainer.data import load_dataset
+    from core.topics import reset_topics
+    from core.datasets import load_dataset
     from trainer.train import fit, make_model
 
     s = get_settings()

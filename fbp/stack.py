@@ -3,7 +3,7 @@ processes under ``settings.stack.data_dir``.
 
 Why not Docker: development and CI machines here have no container engine,
 and tests need the *real* broker/store/scraper (no mocks).  So ``fbp stack up``
-generates each service's config from :mod:`fbp.settings`, starts it with
+generates each service's config from :mod:`core.settings`, starts it with
 ``subprocess.Popen(start_new_session=True)`` (it outlives the caller), writes a
 pid file, and waits until the service answers a real health check.  It is
 idempotent (a running service is detected by pid file + live process + port
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import typer
 
-from fbp.settings import REPO_ROOT, Settings, get_settings
+from core.settings import REPO_ROOT, Settings, get_settings
 
 SERVICES: tuple[str, ...] = ("kafka", "redis", "prometheus")
 DEPLOY = REPO_ROOT / "deploy"
@@ -61,8 +61,7 @@ _children: dict[int, subprocess.Popen[bytes]] = {}
 app = typer.Typer(no_args_is_help=True, help="Run the local Kafka + Redis + Prometheus stack.")
 
 
-class StackError(RuntimeError):
-    """The stack could not be brought to the asked state; the message says why."""
+from fbp_errors import StackError
 
 
 @dataclass
@@ -741,7 +740,7 @@ def stack_up(
     with _locked(settings):
         statuses = _start_many(names, settings, timeout_s)
         if topics and "kafka" in names:
-            from stream.topics import ensure_topics
+            from core.topics import ensure_topics
 
             ensure_topics(settings)
     return statuses
@@ -832,7 +831,7 @@ def topics() -> None:
 
     Works against any Kafka (also docker-compose's), not only the local stack.
     """
-    from stream.topics import ensure_topics, topic_counts
+    from core.topics import ensure_topics, topic_counts
 
     settings = get_settings()
     created = ensure_topics(settings)

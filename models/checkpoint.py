@@ -27,8 +27,9 @@ from models.registry import MODELS, build
 FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that must not be loaded; the message says what to fix."""
+from fbp_errors import CheckpointError
+
+__all__ = ["CheckpointError"]
 
 
 def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fbp_errors import ConfigError
 from models.base import RatingModel
 from models.baseline import BaselineModel
 from models.cnn import CNNModel
@@ -19,8 +20,8 @@ MODELS: dict[str, type[RatingModel]] = {
 DEFAULT_MODEL = "lstm"
 
 
-class UnknownModel(KeyError):
-    pass
+class UnknownModel(ConfigError, KeyError):
+    """A model family name that is not in :data:`MODELS`."""
 
 
 def available() -> list[str]:

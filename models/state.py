@@ -48,8 +48,7 @@ _NP = {
 }
 
 
-class StateMismatch(ValueError):
-    """A stored state belongs to another model (name or state layout)."""
+from fbp_errors import StateMismatch  # a stored state of another model (name or state layout)
 
 
 def spec_fingerprint(name: str, spec: StateSpec) -> bytes:

@@ -14,7 +14,7 @@ import ssl
 import faust
 import redis.exceptions
 
-from fbp.settings import KafkaSettings, get_settings
+from core.settings import KafkaSettings, get_settings
 from stream.predictor import Incoming
 from stream.runtime import runtime
 

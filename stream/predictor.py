@@ -34,10 +34,10 @@ import torch
 from models import state as mstate
 from models.base import RatingModel
 from stream import metrics as m
-from stream.events import (
+from core.events import (
     PredictionRecord, Rejection, decode_limits, decode_rating, dlq_record, encode_prediction, rating_key,
 )
-from stream.state_store import StateStore
+from core.repos.states import StateStore
 
 log = logging.getLogger(__name__)
 

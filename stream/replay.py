@@ -20,9 +20,9 @@ import pandas as pd
 import typer
 from tqdm import tqdm
 
-from fbp.settings import Settings, get_settings
-from stream.events import RatingEvent, encode_rating, rating_key
-from trainer.data import Dataset, load_dataset
+from core.settings import Settings, get_settings
+from core.events import RatingEvent, encode_rating, rating_key
+from core.datasets import Dataset, load_dataset
 
 
 @dataclass
@@ -60,7 +60,7 @@ def replay(
     index is used as the row index in event ids, so a slice keeps its ids.
     Raises RuntimeError if any send failed after the producer's retries.
     """
-    from stream.kafka_io import make_producer
+    from core.kafka_io import make_producer
 
     if isinstance(data, Dataset):
         name = name or data.name
@@ -125,7 +125,7 @@ def cli(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Publish a rating data set to Kafka in timestamp order, keyed by user id."""
-    from stream.topics import ensure_topics
+    from core.topics import ensure_topics
 
     settings = get_settings()
     ds = load_dataset(source)

@@ -12,25 +12,17 @@ from typing import Any
 
 import torch
 
-from fbp.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 from models.base import RatingModel
+from models.devices import pick_device
 from models.checkpoint import CheckpointError, load_checkpoint
 from stream import metrics as m
-from stream.model_store import ModelStore
+from core.repos.models import ModelStore
 from stream.predictor import Predictor
-from stream.redis_conn import async_redis, sync_redis
-from stream.state_store import StateStore
+from core.redis_conn import async_redis, sync_redis
+from core.repos.states import StateStore
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(want: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is refused."""
-    if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is visible; use auto or cpu")
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(want)
 
 
 def initial_model(settings: Settings, models: ModelStore) -> RatingModel:

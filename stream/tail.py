@@ -9,8 +9,8 @@ import sys
 
 import typer
 
-from fbp.settings import get_settings
-from stream.events import decode_prediction
+from core.settings import get_settings
+from core.events import decode_prediction
 
 
 def format_prediction_line(raw: bytes) -> str:
@@ -36,7 +36,7 @@ def cli(
     idle_timeout: float | None = typer.Option(None, help="Exit after this many seconds without records."),
 ) -> None:
     """Print records from a topic (default predictions) as they arrive."""
-    from stream.kafka_io import make_consumer
+    from core.kafka_io import make_consumer
 
     settings = get_settings()
     consumer = make_consumer(

@@ -1,7 +1,7 @@
 """``fbp worker``: start one Faust stream processor.
 
 Equivalent to ``faust -A stream.app worker``; settings (ports, batch size,
-device, checkpoint) come from ``fbp.settings``.  Several workers with the same
+device, checkpoint) come from ``core.settings``.  Several workers with the same
 app id share the ``ratings`` partitions; give each its own web port
 (``FBP_WORKER__WEB_PORT``).
 """
@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from fbp.settings import ConfigError, load_settings
+from core.settings import ConfigError, load_settings
 
 
 def cli(

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fbp.settings import Settings, load_settings
+from core.settings import Settings, load_settings
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,7 +43,7 @@ def stack(settings: Settings) -> Iterator[Settings]:
 
 def reset_all_topics(settings: Settings) -> None:
     """Delete and recreate every topic (empty, offsets from 0)."""
-    from stream.topics import reset_topics
+    from core.topics import reset_topics
 
     reset_topics(settings)
 
@@ -79,7 +79,7 @@ def redis_client(stack: Settings):
 @pytest.fixture(scope="session")
 def ml100k():
     """MovieLens-100K (read once per session)."""
-    from trainer.data import load_dataset
+    from core.datasets import load_dataset
 
     return load_dataset("ml-100k")
 
@@ -98,7 +98,7 @@ def ckpt(ml100k, tmp_path_factory):
 @pytest.fixture
 def ns(stack):
     """Topics and a Redis key prefix of this test's own (4 partitions)."""
-    from fbp.procs import Namespace
+    from stack.procs import Namespace
 
     n = Namespace.fresh(4, stack)
     n.create()

@@ -1,6 +1,6 @@
 """Helpers for end-to-end tests of the streaming path (real Kafka, Redis, workers).
 
-Every test runs in its own :class:`fbp.procs.Namespace` (topics and Redis key
+Every test runs in its own :class:`stack.procs.Namespace` (topics and Redis key
 prefix), so tests never see each other's events or states.
 """
 
@@ -16,11 +16,11 @@ import pandas as pd
 import torch
 from kafka import KafkaConsumer
 
-from fbp.procs import Namespace
-from fbp.settings import Settings
+from stack.procs import Namespace
+from core.settings import Settings
 from models import state as mstate
 from models.base import RatingModel, State
-from stream.redis_conn import sync_redis
+from core.redis_conn import sync_redis
 from trainer.prequential import step_events, stream_order
 
 #: events the shared bootstrap checkpoint (tests/conftest.py ``ckpt``) trains on

@@ -78,11 +78,11 @@ def requests(draw, users: list[int]):
 
 @pytest.mark.timeout(600)
 def test_malformed_requests_never_5xx(stack, ckpt, tmp_path):
-    from fbp import procs
-    from fbp.procs import Namespace
+    from stack import procs
+    from stack.procs import Namespace
     from stream.replay import replay
     from tests.streamkit import read_topic
-    from trainer.data import load_dataset
+    from core.datasets import load_dataset
 
     ns = Namespace.fresh(2, stack)
     ns.create()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fbp.settings import REPO_ROOT, load_settings
+from core.settings import REPO_ROOT, load_settings
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 

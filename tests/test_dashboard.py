@@ -316,7 +316,7 @@ def test_trainer_panels_return_data(stack, tmp_path):
     if importlib.util.find_spec("trainer.service") is None:
         pytest.skip("trainer.service (`fbp trainer`) is not built yet; unchecked trainer queries:\n"
                     + unchecked)
-    from fbp.procs import start_trainer
+    from stack.procs import start_trainer
     from test_live_page import worker_with_traffic
 
     trainer_port = int(stack.stack.scrape_targets[-1].rsplit(":", 1)[1])

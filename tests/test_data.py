@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trainer.data import Dataset, load_dataset, synthetic_stream, time_split
+from core.datasets import Dataset, load_dataset, synthetic_stream, time_split
 
 RATING_DTYPES = {"user_id": "int64", "movie_id": "int64", "rating": "float32", "ts": "int64"}
 

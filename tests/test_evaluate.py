@@ -10,7 +10,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from trainer.data import synthetic_stream
+from core.datasets import synthetic_stream
 from trainer.prequential import occurrence_rank, rolling_rmse, run_prequential, run_river_prequential
 
 torch.set_num_threads(1)

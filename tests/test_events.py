@@ -11,7 +11,7 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from stream.events import (
+from core.events import (
     MAX_MOVIE_ID,
     REJECT_REASONS,
     PredictionRecord,
@@ -26,7 +26,7 @@ from stream.events import (
     rating_key,
 )
 
-SCHEMAS = Path(__file__).resolve().parent.parent / "stream" / "schemas"
+SCHEMAS = Path(__file__).resolve().parent.parent / "core" / "schemas"
 KW = {"max_payload_bytes": 4096, "min_ts": 0, "max_ts": 2_000_000_000}
 GOOD = {"event_id": "e-1", "user_id": 7, "movie_id": 42, "rating": 4.5, "ts": 1_700_000_000}
 
@@ -166,7 +166,7 @@ def test_every_reason_has_a_test():
 
 
 def test_decode_limits_from_settings():
-    from fbp.settings import load_settings
+    from core.settings import load_settings
 
     s = load_settings()
     kw = decode_limits(s.worker, now=1_000_000)

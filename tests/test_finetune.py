@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.buffer import REC
+from core.repos.buffer import REC
 from trainer.finetune import ChampionData, decide, finetune, split_for_finetune
 
 

@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.events import (
+from core.events import (
     MAX_EVENT_ID_LEN,
     REJECT_REASONS,
     RatingEvent,
@@ -235,9 +235,9 @@ def test_malformed_events_mixed_into_stream_change_nothing(stack, ns, ckpt, ml10
     import httpx
     from kafka import KafkaProducer
 
-    from fbp import procs
+    from stack import procs
     from models.checkpoint import load_checkpoint
-    from stream.kafka_io import make_producer
+    from core.kafka_io import make_producer
     from tests.streamkit import redis_states, simulate, state_mismatches
     from trainer.prequential import stream_order
 

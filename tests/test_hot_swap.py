@@ -22,12 +22,12 @@ import pytest
 import torch
 from kafka import KafkaProducer
 
-from fbp import procs
-from fbp.procs import Namespace
+from stack import procs
+from stack.procs import Namespace
 from models import state as mstate
 from models.checkpoint import checkpoint_to_bytes, load_checkpoint
-from stream.model_store import ModelStore
-from stream.redis_conn import sync_redis
+from core.repos.models import ModelStore
+from core.redis_conn import sync_redis
 from stream.replay import replay
 from tests.streamkit import BOOTSTRAP_EVENTS as BOOT  # what the shared ckpt fixture trains on
 from tests.streamkit import read_topic, redis_states, simulate, state_mismatches
@@ -135,7 +135,7 @@ def _try_health(url: str) -> dict | None:
 # -- 2: a promotion in the middle of a replay ------------------------------------------
 def _challenger(boot, ml100k):
     """A fine-tuned v2 made by the trainer's own code (buffer split + finetune)."""
-    from trainer.buffer import REC
+    from core.repos.buffer import REC
     from trainer.finetune import finetune, split_for_finetune
 
     df = ml100k.ratings.iloc[BOOT:BOOT + 6000]

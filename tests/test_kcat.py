@@ -10,7 +10,7 @@ import time
 import orjson
 import pytest
 
-from fbp import procs
+from stack import procs
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@
 * ``LiveStats`` unit tests (no stack);
 * the page's JavaScript, run in headless Chromium against a tiny local server
   that serves the real page and a real ``LiveStats`` snapshot (no stack);
-* integration: a real ``fbp worker`` (fbp.procs) on the local
+* integration: a real ``fbp worker`` (stack.procs) on the local
   stack, events produced to Kafka while Chromium loads ``/live`` twice a few
   seconds apart; the figures must move.
 
@@ -257,8 +257,8 @@ class Feeder:
     def _run(self) -> None:
         import random
 
-        from stream.events import RatingEvent, encode_rating, rating_key
-        from stream.kafka_io import make_producer
+        from core.events import RatingEvent, encode_rating, rating_key
+        from core.kafka_io import make_producer
 
         rnd = random.Random(7)
         topic = self.settings.kafka.ratings_topic
@@ -294,10 +294,10 @@ def worker_with_traffic(stack, tmp_path: Path, port: int, *, rate: float = 100.0
 
     Yields a namespace: ``proc``, ``settings`` (with this test's topics/prefix),
     ``feeder`` and ``env`` (the FBP_* overrides, for other processes to share)."""
-    from fbp.procs import start_worker, wait_healthy
+    from stack.procs import start_worker, wait_healthy
     from models.checkpoint import save_checkpoint
     from models.registry import build
-    from stream.topics import ensure_topics
+    from core.topics import ensure_topics
 
     tag = uuid.uuid4().hex[:8]
     kafka = stack.kafka.model_copy(update={
@@ -338,7 +338,7 @@ def worker_with_traffic(stack, tmp_path: Path, port: int, *, rate: float = 100.0
 def _cleanup(s) -> None:
     """Drop this test's topics and Redis keys (best effort)."""
     with contextlib.suppress(Exception):
-        from stream.kafka_io import make_admin
+        from core.kafka_io import make_admin
 
         admin = make_admin(s)
         k = s.kafka

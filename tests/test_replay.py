@@ -11,9 +11,9 @@ from kafka import TopicPartition
 from typer.testing import CliRunner
 
 from stream import replay as replay_mod
-from stream.events import decode_rating
-from stream.kafka_io import make_consumer
-from trainer.data import load_dataset
+from core.events import decode_rating
+from core.kafka_io import make_consumer
+from core.datasets import load_dataset
 
 pytestmark = pytest.mark.integration
 KW = {"max_payload_bytes": 4096, "min_ts": 0, "max_ts": 2**40}

@@ -22,9 +22,9 @@ import httpx
 import pytest
 import torch
 
-from fbp import procs
-from fbp.procs import Namespace
-from fbp.settings import REPO_ROOT, Settings, load_settings
+from stack import procs
+from stack.procs import Namespace
+from core.settings import REPO_ROOT, Settings, load_settings
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 KAFKA_PORT = int(os.environ.get("FBP_SECURE_TEST_KAFKA_PORT", "19292"))
@@ -136,10 +136,10 @@ def _wait_exit(proc: procs.Proc, timeout: float) -> int | None:
 def test_secure_pipeline_end_to_end_tokens_and_no_leaks(secure, ckpt, tmp_path):
     import redis as redis_lib
 
-    from stream.redis_conn import sync_redis
+    from core.redis_conn import sync_redis
     from stream.replay import replay
     from tests.streamkit import read_topic
-    from trainer.data import load_dataset
+    from core.datasets import load_dataset
 
     s = secure.settings
     # the servers really are locked: plain TCP and anonymous access are refused
@@ -249,7 +249,7 @@ def _assert_worker_refused(sec: Secure, ckpt: Path, tmp_path: Path, port: int, p
 @pytest.mark.timeout(300)
 def test_wrong_kafka_password_fails_clearly(secure, ckpt, tmp_path):
     from stream.replay import replay
-    from trainer.data import load_dataset
+    from core.datasets import load_dataset
 
     wrong_pw = "wrong-" + secrets.token_hex(4)
     bad = _settings_from({**secure.env, "FBP_KAFKA__SASL_PASSWORD": wrong_pw})
@@ -270,7 +270,7 @@ def test_wrong_kafka_password_fails_clearly(secure, ckpt, tmp_path):
 def test_wrong_redis_password_fails_clearly(secure, ckpt, tmp_path):
     import redis as redis_lib
 
-    from stream.redis_conn import sync_redis
+    from core.redis_conn import sync_redis
 
     bad = _settings_from({**secure.env, "FBP_REDIS__PASSWORD": "wrong-" + secrets.token_hex(4)})
     with pytest.raises(redis_lib.exceptions.AuthenticationError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fbp.settings import ConfigError, load_settings
+from core.settings import ConfigError, load_settings
 
 
 @pytest.fixture(autouse=True)

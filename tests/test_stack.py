@@ -14,7 +14,7 @@ import pytest
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from fbp.settings import REPO_ROOT, load_settings
+from core.settings import REPO_ROOT, load_settings
 from fbp.stack import (
     SERVICES,
     StackError,
@@ -24,7 +24,7 @@ from fbp.stack import (
     start_service,
     stop_service,
 )
-from stream.kafka_io import make_consumer, make_producer
+from core.kafka_io import make_consumer, make_producer
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ def test_status_reports_healthy(stack):
 
 
 def test_topics_exist_with_partitions(stack):
-    from stream.kafka_io import make_admin
+    from core.kafka_io import make_admin
 
     admin = make_admin(stack)
     try:

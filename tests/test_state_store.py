@@ -9,9 +9,9 @@ import pytest
 import redis
 import torch
 
-from stream.redis_conn import async_redis
-from stream.runtime import pick_device
-from stream.state_store import StateStore
+from core.redis_conn import async_redis
+from models.devices import pick_device
+from core.repos.states import StateStore
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from fbp.procs import Namespace
+from stack.procs import Namespace
 
 import httpx
 import numpy as np
@@ -16,7 +16,7 @@ import orjson
 import pytest
 from kafka import KafkaProducer
 
-from fbp import procs
+from stack import procs
 from models.checkpoint import load_checkpoint
 from stream.replay import replay
 from tests.streamkit import read_topic, redis_states, simulate, state_mismatches

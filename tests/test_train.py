@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from models import state as S
 from models.checkpoint import load_checkpoint
-from trainer.data import synthetic_stream, time_split
+from core.datasets import synthetic_stream, time_split
 from trainer.train import evaluate_rmse, fit, make_model, replay_states
 
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
-from trainer.buffer import BufferedEvent, EventBuffer, reservoir_slots
+from core.repos.buffer import BufferedEvent, EventBuffer, reservoir_slots
 from trainer.service import DriftMonitor, Schedule
 
 
@@ -64,7 +64,7 @@ def test_reservoir_is_uniform_and_deterministic():
 # -- the buffer in Redis -----------------------------------------------------------
 @pytest.fixture
 def rprefix(stack):
-    from stream.redis_conn import sync_redis
+    from core.redis_conn import sync_redis
 
     r = sync_redis(stack.redis)
     prefix = f"test-buf-{uuid.uuid4().hex[:8]}"
@@ -161,13 +161,13 @@ def test_trainer_buffers_exactly_once_across_kill_and_promotes_on_request(stack,
     each event once.  A request on the Redis list starts a
     fine-tune whose challenger (fine-tuned from an untrained model) wins, is
     published as a new version and announced on model-updates."""
-    from fbp import procs
+    from stack import procs
     from models.checkpoint import save_checkpoint
     from models.registry import build
-    from stream.model_store import ModelStore
-    from stream.redis_conn import sync_redis
+    from core.repos.models import ModelStore
+    from core.redis_conn import sync_redis
     from stream.replay import replay
-    from trainer.data import load_dataset
+    from core.datasets import load_dataset
 
     df = load_dataset("ml-100k").ratings.iloc[:6000]
     ckpt = tmp_path / "baseline"

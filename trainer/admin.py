@@ -11,10 +11,10 @@ from pathlib import Path
 import orjson
 import typer
 
-from fbp.settings import get_settings
+from core.settings import get_settings
 from models.checkpoint import CheckpointError, load_checkpoint
-from stream.model_store import ModelStore
-from stream.redis_conn import sync_redis
+from core.repos.models import ModelStore
+from core.redis_conn import sync_redis
 
 app = typer.Typer(no_args_is_help=True, help="Publish, list and roll back serving models")
 

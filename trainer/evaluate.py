@@ -93,7 +93,7 @@ def run_time_split(
     ds: Any, names: list[str], *, epochs: int = 20, train_frac: float = 0.8, seed: int = 0,
     device: str = "auto", river: bool = True, progress: bool = False,
 ) -> dict[str, Any]:
-    from trainer.data import time_split
+    from core.datasets import time_split
 
     train, test = time_split(ds.ratings, train_frac)
     out: dict[str, Any] = {}
@@ -192,7 +192,7 @@ def cli(
     progress: bool = typer.Option(False, help="show progress bars"),
 ) -> None:
     """Compare models (and River's BiasedMF) by time split and/or prequentially."""
-    from trainer.data import load_dataset
+    from core.datasets import load_dataset
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"--protocol must be one of {', '.join(PROTOCOLS)}")
@@ -203,7 +203,7 @@ def cli(
     if bad:
         raise typer.BadParameter(f"unknown model(s) {bad}; choose from {', '.join(MODELS)}")
     if seed is None:
-        from fbp.settings import get_settings
+        from core.settings import get_settings
 
         seed = get_settings().trainer.seed
     ds = load_dataset(data)

@@ -52,7 +52,7 @@ import orjson
 import pandas as pd
 
 from models.base import RatingModel
-from trainer.buffer import to_frame
+from core.repos.buffer import to_frame
 from trainer.train import evaluate_rmse, fit
 
 log = logging.getLogger(__name__)

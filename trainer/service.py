@@ -3,7 +3,7 @@
 * Consumes ``ratings`` in its own consumer group (``settings.trainer.app_id``),
   decodes each record with the worker's validator (invalid ones are skipped)
   and appends the batch to the persistent Redis buffer
-  (:mod:`trainer.buffer`) together with the offsets it covers; only then
+  (:mod:`core.repos.buffer`) together with the offsets it covers; only then
   commits to Kafka.  A restart resumes from the buffer's offsets, so no event
   enters the buffer twice and none is missed.
 * Consumes ``predictions`` in a second group (``<app_id>-drift``) for a
@@ -29,7 +29,7 @@
   ``settings.trainer.web_port`` (host ``settings.worker.web_host``).
 
 Redis keys besides the buffer's (``<prefix>:trainer:recent|reservoir|seq|offsets``,
-see :mod:`trainer.buffer`) and the model store's (``<prefix>:model:*``):
+see :mod:`core.repos.buffer`) and the model store's (``<prefix>:model:*``):
 
 * ``<prefix>:trainer:requests``   list; one entry = one on-demand fine-tune
 * ``<prefix>:trainer:state``      hash ``last_run_seq``, ``last_run_at``, ``runs``,
@@ -57,16 +57,16 @@ import torch
 import typer
 from prometheus_client import make_wsgi_app
 
-from fbp.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 from models.checkpoint import CheckpointError, load_checkpoint
-from stream.events import RatingEvent, decode_limits, decode_rating
-from stream.model_store import ModelStore
-from stream.redis_conn import sync_redis
+from core.events import RatingEvent, decode_limits, decode_rating
+from core.repos.models import ModelStore
+from core.redis_conn import sync_redis
 from trainer import metrics as tm
-from trainer.buffer import BufferedEvent, EventBuffer
+from core.repos.buffer import BufferedEvent, EventBuffer
 from trainer.finetune import (ChampionData, finetune, log_decision, promote,
                               split_for_finetune)
-from trainer.train import resolve_device
+from models.devices import pick_device
 
 log = logging.getLogger("fbp.trainer")
 
@@ -196,7 +196,7 @@ class TrainerService:
         self.drift_lock = threading.Lock()
         self.runs = int(st.get("runs", 0))
         self.promotions = int(st.get("promotions", 0))
-        self.device = str(resolve_device(t.device))
+        self.device = str(pick_device(t.device))
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune")
         self.job: Future | None = None
@@ -251,7 +251,7 @@ class TrainerService:
         """Thread: the predictions consumer (its own group) feeding the drift monitor.
         (A consumer of its own thread: kafka-python cannot finish a group join
         inside the zero-timeout polls a shared loop would give it.)"""
-        from stream.kafka_io import make_consumer
+        from core.kafka_io import make_consumer
 
         s = self.s
         preds = make_consumer(s, s.kafka.predictions_topic, group_id=f"{s.trainer.app_id}-drift",
@@ -365,7 +365,7 @@ class TrainerService:
 
     def _producer(self) -> Any:
         if self.producer is None:
-            from stream.kafka_io import make_producer
+            from core.kafka_io import make_producer
 
             self.producer = make_producer(self.s, client_id="fbp-trainer")
         return self.producer
@@ -389,8 +389,8 @@ class TrainerService:
             self.drift.rearm()
 
     def run(self) -> None:
-        from stream.kafka_io import make_consumer
-        from stream.topics import ensure_topics
+        from core.kafka_io import make_consumer
+        from core.topics import ensure_topics
 
         s = self.s
         ensure_topics(s)

@@ -26,6 +26,7 @@ import torch
 import typer
 
 from models.base import RatingModel, State
+from models.devices import pick_device
 from models.registry import build
 from trainer.sequences import UserSequences, build_sequences, iterate, pad, batch_indices
 
@@ -42,15 +43,6 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "mf": {"lr": 1e-2, "l2": 1e-3},
     "baseline": {"lr": 3e-2, "l2": 0.0},
 }
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
-    return d
 
 
 def make_model(
@@ -147,7 +139,7 @@ def fit(
     defaults = TRAIN_DEFAULTS.get(model.name, {})
     lr = float(defaults.get("lr", 3e-3) if lr is None else lr)
     l2 = float(defaults.get("l2", 0.0) if l2 is None else l2)
-    dev = resolve_device(device)
+    dev = pick_device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.to(dev)
@@ -260,7 +252,7 @@ def evaluate_rmse(
     from all earlier events of its user (``context_df`` events included, not
     scored; at equal timestamps context comes first).  Weights stay frozen;
     ``predictions`` is aligned with the rows of ``ratings_df``."""
-    dev = resolve_device(device) if device is not None else model.device
+    dev = pick_device(device) if device is not None else model.device
     model.to(dev)
     if context_df is not None and len(context_df):
         both = pd.concat([context_df[["user_id", "movie_id", "rating", "ts"]],
@@ -321,10 +313,10 @@ def cli(
 ) -> None:
     """Train a model on the first part of a data set by time and save a checkpoint."""
     from models.checkpoint import save_checkpoint
-    from trainer.data import load_dataset, time_split
+    from core.datasets import load_dataset, time_split
 
     if seed is None:
-        from fbp.settings import get_settings
+        from core.settings import get_settings
 
         seed = get_settings().trainer.seed
     try:
@@ -335,7 +327,7 @@ def cli(
     ds = load_dataset(data)
     train, test = time_split(ds.ratings, train_frac) if train_frac < 1.0 else (ds.ratings, ds.ratings.iloc[:0])
     m = make_model(model, ds.movies, ds.genre_vocab, int(ds.ratings["movie_id"].max()), **hp)
-    typer.echo(f"training {model} on {data}: {len(train)} train / {len(test)} test events, device {resolve_device(device)}")
+    typer.echo(f"training {model} on {data}: {len(train)} train / {len(test)} test events, device {pick_device(device)}")
     rep = fit(m, train, epochs=epochs, lr=lr, batch_users=batch_users, device=device,
               valid_frac=valid_frac, seed=seed, progress=progress)
     metrics: dict[str, Any] = {"best_valid_rmse": rep.best_valid_rmse, "train_rmse": rep.train_rmse[-1] if rep.train_rmse else None}

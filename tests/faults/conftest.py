@@ -31,9 +31,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fbp import procs
-from fbp.procs import Namespace
-from fbp.settings import Settings, load_settings
+from stack import procs
+from stack.procs import Namespace
+from core.settings import Settings, load_settings
 
 FAULT_KAFKA_PORT = int(os.environ.get("FBP_FAULTS_KAFKA_PORT", "19192"))
 FAULT_REDIS_PORT = int(os.environ.get("FBP_FAULTS_REDIS_PORT", "16479"))
@@ -88,7 +88,7 @@ def fstack(tmp_path_factory) -> Iterator[Settings]:
 
 @pytest.fixture(scope="session")
 def ml100k():
-    from trainer.data import load_dataset
+    from core.datasets import load_dataset
 
     return load_dataset("ml-100k")
 
@@ -174,7 +174,7 @@ class Scenario:
     # -- the replay ----------------------------------------------------------
     def producer(self):
         """Idempotent kafka-python producer that keeps retrying through a broker outage."""
-        from stream.kafka_io import make_producer
+        from core.kafka_io import make_producer
 
         return make_producer(self.settings, client_id=f"fault-{self.name}", retries=2**31 - 1,
                              delivery_timeout_ms=300_000, request_timeout_ms=20_000,

@@ -8,7 +8,7 @@ import httpx
 import orjson
 import pytest
 
-from fbp import procs
+from stack import procs
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(480)]
 
@@ -30,9 +30,9 @@ def test_trainer_sigkill_during_finetune(scenario):
     trainer resumes its buffer where the Redis offsets say (each event buffered
     exactly once) and its next run completes.  Promotion is disabled (margin
     100) so the stream's state can still be compared with the reference."""
-    from stream.model_store import ModelStore
-    from stream.redis_conn import sync_redis
-    from trainer.buffer import EventBuffer
+    from core.repos.models import ModelStore
+    from core.redis_conn import sync_redis
+    from core.repos.buffer import EventBuffer
 
     sc = scenario("trainer_sigkill", port=6195, seed=3)
     ns = sc.ns

@@ -20,8 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ConfigError(RuntimeError):
-    """A configuration the program refuses to run with; the message says what to fix."""
+from fbp_errors import ConfigError  # noqa: E402  (re-exported: callers import it from here too)
 
 
 class KafkaSettings(BaseModel):

@@ -5,7 +5,7 @@ every malformed payload becomes a :class:`Rejection` with one of the stable
 :data:`REJECT_REASONS` codes (counted in metrics, routed to the DLQ) instead of
 an exception that would stall a partition.  It runs once per event in the
 worker, so it is hand-written checks over :func:`orjson.loads` (a few
-microseconds) rather than a generic validator; ``stream/schemas/*.json`` say
+microseconds) rather than a generic validator; ``core/schemas/*.json`` say
 the same thing for other languages and tests keep the two in agreement.
 """
 

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 
-from fbp.settings import RedisSettings
+from core.settings import RedisSettings
 
 #: How long the worker's async client keeps retrying a command through a Redis
 #: outage (restart, failover, AOF loading) before giving up: ~60 tries spaced

@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
-from fbp.settings import Settings
+from core.settings import Settings
 
 _C = TypeVar("_C")
 

@@ -12,8 +12,8 @@ import time
 
 from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
-from fbp.settings import Settings
-from stream.kafka_io import make_admin
+from core.settings import Settings
+from core.kafka_io import make_admin
 
 
 def topic_specs(settings: Settings) -> dict[str, int]:
@@ -99,7 +99,7 @@ def topic_counts(settings: Settings, topics: list[str] | None = None) -> dict[st
     """Records currently held per topic (end minus beginning offsets, all partitions)."""
     from kafka import TopicPartition
 
-    from stream.kafka_io import make_consumer
+    from core.kafka_io import make_consumer
 
     specs = topic_specs(settings)
     names = topics or list(specs)

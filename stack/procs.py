@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from fbp.settings import Settings
+from core.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 FBP = [sys.executable, "-m", "fbp.cli"]
@@ -166,12 +166,12 @@ class Namespace:
         }
 
     def create(self) -> None:
-        from stream.topics import ensure_topics
+        from core.topics import ensure_topics
 
         ensure_topics(self.scoped())
 
     def drop(self) -> None:
-        from stream.kafka_io import make_admin
+        from core.kafka_io import make_admin
 
         admin = make_admin(self.settings)
         try:
@@ -180,7 +180,7 @@ class Namespace:
             pass
         finally:
             admin.close()
-        from stream.redis_conn import sync_redis
+        from core.redis_conn import sync_redis
 
         r = sync_redis(self.settings.redis)
         keys = list(r.scan_iter(match=f"{self.prefix}:*", count=5000))
