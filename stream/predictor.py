@@ -173,13 +173,13 @@ class Predictor:
         res.stage_s["redis_load"] = t2 - t1
 
         fresh = []
-        last_coord: dict[int, tuple[int, int]] = {}
+        last_coord: dict[int, dict[tuple[str, int], int]] = {}
         for ev, msg in events:
-            if stored[users[ev.user_id]].covers(msg.partition, msg.offset):
+            if stored[users[ev.user_id]].covers(msg.topic, msg.partition, msg.offset):
                 res.skipped += 1
                 continue
             fresh.append((ev, msg))
-            last_coord[ev.user_id] = (msg.partition, msg.offset)
+            last_coord.setdefault(ev.user_id, {})[(msg.topic, msg.partition)] = msg.offset
         if not fresh:
             return [], []
 
@@ -231,7 +231,7 @@ class Predictor:
         res.stage_s["topk"] = time.perf_counter() - t3
 
         blobs = mstate.pack_batch(model, state)
-        rows = [(u, blobs[frow[u]], *last_coord[u]) for u in fusers]
+        rows = [(u, blobs[frow[u]], [(t, p, o) for (t, p), o in last_coord[u].items()]) for u in fusers]
         m.STATE_BYTES.set(len(blobs[0]))
 
         # One top-K list per user, shared by that user's records in this batch.
