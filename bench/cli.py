@@ -45,13 +45,20 @@ def stream(
                        workers=_ints(workers), partitions=partitions,
                        latency_fraction=latency_fraction, logdir=logdir, checkpoint=checkpoint,
                        lingers=[float(x) for x in lingers.split(",") if x.strip()])
-    typer.echo(f"baseline aiokafka loop : {res['baseline_events_per_s']:10.0f} events/s")
-    typer.echo(f"no-op Faust agent      : {res['faust_noop_events_per_s']:10.0f} events/s   "
-               f"(Faust's own floor; ratio to baseline {res['faust_noop_events_per_s'] / res['baseline_events_per_s']:.2f})")
-    typer.echo(f"batch code, no Faust   : {res['no_faust_events_per_s']:10.0f} events/s   "
-               f"(the worker's Predictor fed by the bare loop; ratio to baseline {res['no_faust_ratio']:.2f})")
-    typer.echo(f"full path              : {res['events_per_s']:10.0f} events/s   ratio {res['ratio']:.2f} "
-               f"(to the no-op Faust agent: {res['ratio_to_faust_noop']:.2f})")
+    r, cpu = res["ratios"], res["events_per_cpu_s"]
+    base = res["baseline_events_per_s"]
+    typer.echo(f"{'path':38s} {'events/s':>10s} {'ratio':>6s} {'ev/CPU-s':>9s}")
+    for label, eps, ratio, c in (
+        ("bare aiokafka loop", base, 1.0, cpu["bare"]),
+        ("no-op handler on the worker's Faust path", res["faust_noop_events_per_s"],
+         r["faust_noop_over_bare"], cpu["faust_noop"]),
+        ("batch code on the bare loop", res["no_faust_events_per_s"], res["no_faust_events_per_s"] / base,
+         cpu["bare_batch"]),
+        ("full path (fbp worker)", res["events_per_s"], r["full_over_bare"], cpu["full"]),
+    ):
+        typer.echo(f"{label:38s} {eps:10.0f} {ratio:6.2f} {c:9.0f}")
+    typer.echo(f"ratios: full/bare {r['full_over_bare']:.2f}   faust no-op/bare {r['faust_noop_over_bare']:.2f}   "
+               f"full/batch-code-on-bare-loop {r['faust_batch_over_bare_batch']:.2f}")
     typer.echo(f"latency at {res['latency_rate_events_per_s']:.0f} ev/s : "
                f"p50 {res['latency_ms']['p50']:.1f} ms   p99 {res['latency_ms']['p99']:.1f} ms")
     typer.echo("sweep:")

@@ -7,10 +7,15 @@ run, so their ratio is meaningful on a shared, noisy machine:
   (not awaited one by one) -> commit.  Kafka's floor on this machine.
 * full path: real ``fbp worker`` processes (Faust, Redis state, model step,
   top-K, predictions), each in its own isolated topic/prefix namespace.
-* two references that split the gap between them: a no-op Faust agent (Faust's
-  own per-event floor) and the worker's batch code (``stream.predictor``, with
-  real Redis and Kafka) driven by the bare loop instead of Faust (our own
-  per-event cost, without Faust's).
+* two references that split the gap between them: the worker's Faust path
+  (``stream.consumer``) with a handler that does only the bare loop's work
+  (``bench.faust_noop``: the price of hosting in Faust), and the worker's batch
+  code (``stream.predictor``, with real Redis and Kafka) driven by the bare
+  loop instead of Faust (our own per-event cost, without Faust's).
+
+The ratios that matter side by side: full / bare, Faust no-op / bare, and full
+/ batch-code-on-the-bare-loop (what hosting the batch code in Faust costs).
+Events per CPU-second of the worker process(es) say what a core buys.
 
 Throughput is measured from a backlog (first to last output record), so
 worker start-up is excluded.  Latency is measured separately at a fixed
@@ -38,6 +43,13 @@ from core.settings import Settings, get_settings
 from core.events import RatingEvent, encode_rating, rating_key
 
 STAGES = ("decode", "redis_load", "model_step", "topk", "redis_store", "produce")
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def _events(source: str, n: int) -> list[RatingEvent]:
@@ -133,13 +145,24 @@ async def _baseline_loop(settings: Settings, src: str, dst: str, n: int) -> None
         await prod.stop()
 
 
-def run_baseline(settings: Settings, events: list[RatingEvent], partitions: int) -> float:
+@dataclass
+class PathResult:
+    events_per_s: float
+    stages_s: dict[str, float] = field(default_factory=dict)
+    #: events per CPU-second of the process(es) that did the work
+    events_per_cpu_s: float | None = None
+
+
+def run_baseline(settings: Settings, events: list[RatingEvent], partitions: int) -> PathResult:
     ns = Namespace.fresh(partitions, settings)
     ns.create()
     try:
         preload(settings, ns.ratings, events)
+        cpu0 = time.process_time()
         asyncio.run(_baseline_loop(settings, ns.ratings, ns.predictions, len(events)))
-        return _count_until(settings, ns.predictions, len(events), 60).events_per_s
+        cpu = time.process_time() - cpu0
+        out = _count_until(settings, ns.predictions, len(events), 60)
+        return PathResult(out.events_per_s, events_per_cpu_s=len(events) / max(cpu, 1e-9))
     finally:
         ns.drop()
 
@@ -187,7 +210,7 @@ async def _predictor_loop(settings: Settings, ns: Namespace, n: int, batch_size:
 
 
 def run_predictor_without_faust(settings: Settings, events: list[RatingEvent], *, batch_size: int,
-                                partitions: int) -> float:
+                                partitions: int) -> PathResult:
     """Events/s of the worker's batch code fed by the bare loop (no Faust)."""
     import torch
 
@@ -196,16 +219,19 @@ def run_predictor_without_faust(settings: Settings, events: list[RatingEvent], *
     threads = torch.get_num_threads()  # make_predictor sets the worker's
     try:
         preload(settings, ns.ratings, events)
+        cpu0 = time.process_time()
         asyncio.run(_predictor_loop(settings, ns, len(events), batch_size))
-        return _count_until(settings, ns.predictions, len(events), 120).events_per_s
+        cpu = time.process_time() - cpu0  # includes loading the model once
+        out = _count_until(settings, ns.predictions, len(events), 120)
+        return PathResult(out.events_per_s, events_per_cpu_s=len(events) / max(cpu, 1e-9))
     finally:
         torch.set_num_threads(threads)
         ns.drop()
 
 
 def run_faust_noop(settings: Settings, events: list[RatingEvent], *, batch_size: int,
-                   partitions: int, logdir: Path, port: int = 6178) -> float:
-    """Events/s of a Faust agent that only takes micro-batches (Faust's own floor)."""
+                   partitions: int, logdir: Path, port: int = 6178) -> PathResult:
+    """Events/s of the worker's Faust path doing only the bare loop's work."""
     import subprocess
     import sys
 
@@ -220,12 +246,14 @@ def run_faust_noop(settings: Settings, events: list[RatingEvent], *, batch_size:
                                      "-l", "warn", "--web-port", str(port)], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             try:
-                out = _count_until(settings, ns.predictions, len(events), 300,
-                                   events_in=lambda msg: orjson.loads(msg.value)["n"])
+                out = _count_until(settings, ns.predictions, len(events), 300)
+                cpu = cpu_seconds(proc.pid)  # includes start-up (imports, joining the group)
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
-        return out.events_per_s
+        if out.seen < len(events):
+            raise RuntimeError(f"faust no-op: only {out.seen}/{len(events)} records; see {logdir}")
+        return PathResult(out.events_per_s, events_per_cpu_s=len(events) / max(cpu, 1e-9))
     finally:
         ns.drop()
 
@@ -238,12 +266,6 @@ def _stage_sums(url: str) -> dict[str, float]:
             stage = line.split('stage="')[1].split('"')[0]
             out[stage] = float(line.rsplit(" ", 1)[1])
     return out
-
-
-@dataclass
-class PathResult:
-    events_per_s: float
-    stages_s: dict[str, float] = field(default_factory=dict)
 
 
 def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int, batch_size: int,
@@ -261,7 +283,9 @@ def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int
             if linger_s is not None:
                 env["FBP_WORKER__BATCH_TIMEOUT_S"] = str(linger_s)
             started.append(procs.start_worker(base_port + i, logdir, env))
+        cpu0 = sum(cpu_seconds(p.popen.pid) for p in started)  # from /health ok (model loaded)
         out = _count_until(settings, ns.predictions, len(events), 600)
+        cpu = sum(cpu_seconds(p.popen.pid) for p in started) - cpu0
         stages: dict[str, float] = {}
         for p in started:
             for k, v in _stage_sums(p.url).items():
@@ -271,7 +295,7 @@ def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int
         # What the stages do not account for: Faust's consumer/stream machinery,
         # fetching, acking, the event loop (per worker, over the busy span).
         stages["faust_overhead"] = max(0.0, (out.last - out.first) * workers - sum(stages.values()))
-        return PathResult(out.events_per_s, stages)
+        return PathResult(out.events_per_s, stages, events_per_cpu_s=out.seen / max(cpu, 1e-9))
     finally:
         for p in started:
             p.stop()
@@ -382,27 +406,37 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
         for w in workers:
             r = run_full_path(settings, evs, workers=w, batch_size=b, partitions=partitions, logdir=logdir)
             sweep.append({"batch_size": b, "workers": w, "linger_s": settings.worker.batch_timeout_s,
-                          "events_per_s": r.events_per_s, "ratio": r.events_per_s / base,
-                          "stages_s": r.stages_s})
+                          "events_per_s": r.events_per_s, "ratio": r.events_per_s / base.events_per_s,
+                          "events_per_cpu_s": r.events_per_cpu_s, "stages_s": r.stages_s})
     for lg in lingers or []:  # micro-batch time bound, at the first batch size, one worker
         r = run_full_path(settings, evs, workers=1, batch_size=batch_sizes[0], partitions=partitions,
                           logdir=logdir, linger_s=lg)
         sweep.append({"batch_size": batch_sizes[0], "workers": 1, "linger_s": lg,
-                      "events_per_s": r.events_per_s, "ratio": r.events_per_s / base,
-                      "stages_s": r.stages_s})
+                      "events_per_s": r.events_per_s, "ratio": r.events_per_s / base.events_per_s,
+                      "events_per_cpu_s": r.events_per_cpu_s, "stages_s": r.stages_s})
     main = sweep[0]  # first batch size, first worker count, default linger
     n_lat = min(len(evs), max(2000, int(main["events_per_s"] * latency_fraction * 20)))
     lat = run_latency(settings, evs[:n_lat], rate=main["events_per_s"] * latency_fraction,
                       batch_size=batch_sizes[0], partitions=partitions, logdir=logdir)
     total_stage = sum(main["stages_s"].values())
+    full = main["events_per_s"]
     return {
-        "events_per_s": main["events_per_s"],
-        "baseline_events_per_s": base,
-        "ratio": main["events_per_s"] / base,
-        "faust_noop_events_per_s": noop,
-        "ratio_to_faust_noop": main["events_per_s"] / noop,
-        "no_faust_events_per_s": no_faust,
-        "no_faust_ratio": no_faust / base,
+        "events_per_s": full,
+        "baseline_events_per_s": base.events_per_s,
+        "ratio": full / base.events_per_s,
+        "ratios": {
+            "full_over_bare": full / base.events_per_s,
+            "faust_noop_over_bare": noop.events_per_s / base.events_per_s,
+            "faust_batch_over_bare_batch": full / no_faust.events_per_s,
+        },
+        "faust_noop_events_per_s": noop.events_per_s,
+        "no_faust_events_per_s": no_faust.events_per_s,
+        "no_faust_ratio": no_faust.events_per_s / base.events_per_s,  # kept for bench/report.py
+        "ratio_to_faust_noop": full / noop.events_per_s,
+        "events_per_cpu_s": {
+            "full": main["events_per_cpu_s"], "bare": base.events_per_cpu_s,
+            "faust_noop": noop.events_per_cpu_s, "bare_batch": no_faust.events_per_cpu_s,
+        },
         "latency_ms": {"p50": lat["p50"], "p99": lat["p99"]},
         "latency_rate_events_per_s": lat["rate"],
         "latency_over_time": lat["over_time"],
@@ -411,6 +445,6 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
         "sweep": sweep,
         "stage_share": {k: v / total_stage for k, v in main["stages_s"].items()} if total_stage else {},
         "checkpoint": str(ckpt),
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {"cpus": os.cpu_count(), "loadavg_at_end": list(os.getloadavg())},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

@@ -151,6 +151,10 @@ class WorkerSettings(BaseModel):
     """Most records one Kafka fetch hands to Faust (its broker_max_poll_records; fewer, larger fetches)."""
     stream_buffer: int = Field(16_384, ge=64, le=1_000_000)
     """Events Faust buffers per partition ahead of the agent before pausing the fetch."""
+    fetch_max_wait_ms: int = Field(500, ge=0, le=60_000)
+    """Longest time the broker holds a fetch with no new data (Faust hard-codes 1500; a fully read partition delays the others' records by up to this)."""
+    topic_disable_leader: bool = True
+    """Skip Faust's leader-election topic (unused here; its empty partition makes every fetch wait fetch_max_wait_ms)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs: auto picks CUDA when present."""
     torch_threads: int = Field(1, ge=1, le=256)

@@ -36,5 +36,11 @@ def test_bench_stream_json_shape(stack, tmp_path):
                 "no_faust_events_per_s", "no_faust_ratio"):
         assert data[key] > 0, key
     assert set(data["latency_ms"]) == {"p50", "p99"}
+    assert set(data["ratios"]) == {"full_over_bare", "faust_noop_over_bare", "faust_batch_over_bare_batch"}
+    assert data["ratios"]["full_over_bare"] == data["ratio"]
+    assert data["ratios"]["faust_batch_over_bare_batch"] == data["events_per_s"] / data["no_faust_events_per_s"]
+    assert all(v > 0 for v in data["ratios"].values())
+    assert set(data["events_per_cpu_s"]) == {"full", "bare", "faust_noop", "bare_batch"}
+    assert all(v > 0 for v in data["events_per_cpu_s"].values())
     assert "faust_overhead" in data["stage_share"] and "model_step" in data["stage_share"]
-    assert "where the time goes" in res.output
+    assert "where the time goes" in res.output and "full/batch-code-on-bare-loop" in res.output
