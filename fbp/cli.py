@@ -31,6 +31,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("bench.cli", "app", "group"),
     "demo": ("fbp.demo", "cli", "command"),
     "config": ("fbp.config_cmd", "app", "group"),
+    "dlq": ("stream.dlq", "app", "group"),
 }
 
 
