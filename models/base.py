@@ -1,85 +1,236 @@
-"""The one small protocol every rating model speaks.
+"""The serving-model protocol: what the worker, the API, the trainer and the
+simulator may call on a rating model -- and nothing else.
 
 The stream runs :meth:`RatingModel.step`: for a batch of users, each with
 exactly one new event, it predicts the event's rating from the state *before*
 the event, then folds the event into the state.  That is O(1) work per event;
-a user's history is never re-read.  Training runs
-:meth:`RatingModel.forward_sequence` over padded histories.  The two must
-agree: feeding events one at a time through ``step`` gives the same
-predictions as the sequence forward (a property test checks it).
+a user's history is never re-read.  Training (and a worker batch holding
+several events of one user) runs :meth:`RatingModel.forward_sequence` over
+padded histories.  The two must agree: feeding events one at a time through
+``step`` gives the same predictions and final state as the sequence forward
+(``tests/test_model_protocol.py`` checks it for every registered family).
 
 A state is a ``dict[str, Tensor]`` whose tensors share a leading batch
 dimension.  Its layout is fixed by :meth:`RatingModel.state_spec`, so a
-user's slice packs into a few hundred bytes for Redis (see ``models.state``).
+user's slice packs into about a kilobyte for Redis (:meth:`pack_states`,
+format in ``models.state``).
+
+Serving code never reaches past these methods (no ``getattr`` on tables, no
+private attributes): a new family is one file in ``models/`` that implements
+the abstract methods (most families subclass ``models.common.StatefulModel``,
+which implements all but two of them) plus one line in ``models.registry``.
+
+Example -- a user's life in the worker, with the toy family::
+
+    >>> import torch
+    >>> from models.registry import build
+    >>> model = build("toy", n_movies=8)
+    >>> state = model.init_state(2)                      # two users, no history
+    >>> movie, rating, ts = torch.tensor([3, 5]), torch.tensor([4.0, 2.0]), torch.tensor([100, 100])
+    >>> state, pred = model.step(state, movie, rating, ts)   # predict, then learn
+    >>> pred.tolist()                                    # before any rating: the global mean
+    [3.5, 3.5]
+    >>> state["count"].tolist()
+    [1, 1]
+
+The same events as a padded sequence give the same predictions and state::
+
+    >>> mask = torch.ones(2, 1, dtype=torch.bool)
+    >>> seq_pred, seq_state = model.forward_sequence(
+    ...     movie[:, None], rating[:, None], ts[:, None], mask, return_state=True)
+    >>> torch.allclose(seq_pred[:, 0], pred)
+    True
+
+Scoring candidates (the top-K path) and the movies worth recommending::
+
+    >>> model.score(state, torch.tensor([3, 5])).shape    # [users, candidates]
+    torch.Size([2, 2])
+    >>> model.candidate_ids().tolist()                   # untrained: every movie
+    [0, 1, 2, 3, 4, 5, 6, 7]
+
+Redis round trip, and what a new model version does to stored states::
+
+    >>> blobs = model.pack_states(state)                 # one bytes per user
+    >>> model.version = 2                                # a swap: new weights
+    >>> back = model.unpack_states(blobs + [None])       # None: a user never seen
+    >>> back.stale.tolist(), back.foreign.tolist()
+    ([True, True, False], [False, False, False])
+    >>> fresh = model.rederive(back.state, back.stale)   # recompute stale rows
+    >>> fresh["count"].tolist()
+    [1, 1, 0]
 
 This module knows nothing of Kafka, Redis or Faust.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import abc
+from typing import Any, ClassVar, Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
 
-State = dict[str, Tensor]
-StateSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+from models import state as mstate
+from models.state import State, StateSpec
+
+__all__ = ["RatingModel", "State", "StateSpec", "Unpacked"]
 
 
-class RatingModel(nn.Module):
-    """Base class: shared weights plus a per-user fixed-size state."""
+class Unpacked(NamedTuple):
+    """Stored states read back for a batch of users (rows in blob order)."""
 
-    #: registry name: "lstm", "cnn", "mf", "baseline"
+    #: the states; new users (blob ``None``) and ``foreign`` rows hold ``init_state``
+    state: State
+    #: bool[B]: written under another version of this model -> :meth:`RatingModel.rederive`
+    stale: Tensor
+    #: bool[B]: written by another family or state layout -> reset to the initial state
+    foreign: Tensor
+
+
+class RatingModel(nn.Module, abc.ABC):
+    """Shared weights plus a fixed-size per-user state.
+
+    Subclasses implement every ``@abstractmethod``; the concrete methods here
+    (initial states, final state, candidates, packing, device) are built on
+    them and are not meant to be overridden.
+    """
+
+    #: registry name ("lstm", "cnn", "mf", "baseline", "toy"); stored in state
+    #: blobs and checkpoints, so it must stay stable once published
     name: ClassVar[str] = "base"
 
     def __init__(self) -> None:
         super().__init__()
         #: monotonically increasing serving version, set by checkpoints/promotion
         self.version: int = 0
+        #: (capacity, device, version, ids) behind :meth:`candidate_ids`
+        self._candidates: tuple[int, torch.device, int, Tensor] | None = None
 
     # -- construction ---------------------------------------------------
+    @abc.abstractmethod
     def hparams(self) -> dict[str, Any]:
-        """JSON-serialisable constructor arguments (saved in checkpoints)."""
-        raise NotImplementedError
+        """JSON-serialisable constructor arguments (saved in checkpoints):
+        ``build(name, **model.hparams())`` rebuilds the same architecture."""
+
+    def set_movies(self, movies: Any) -> None:
+        """Take movie side information (a DataFrame: movie_id, year, genres)
+        before training.  Families without side features ignore it."""
+
+    # -- vocabulary -----------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def capacity(self) -> int:
+        """Movie ids ``[0, capacity)`` have rows; others score as unknown movies."""
+
+    @abc.abstractmethod
+    def ensure_capacity(self, max_movie_id: int) -> bool:
+        """Grow movie tables so ``max_movie_id`` is addressable; True if grown."""
+
+    @abc.abstractmethod
+    def known_movies(self) -> Tensor:
+        """bool[capacity]: rows the weights know something about (trained or
+        given side features).  Feeds :meth:`candidate_ids`."""
+
+    def candidate_ids(self) -> Tensor:
+        """int64[M], sorted: the movies worth recommending -- the known ones,
+        or every id when the model knows none.  On the model's device.
+
+        Cached: computing it reads whole tables (and syncs with a GPU), while
+        top-K runs every batch.  The cache is keyed by capacity, device and
+        version, so growing tables, ``.to(device)`` and a new version (a
+        fine-tuned copy) each recompute it."""
+        key = (self.capacity, self.device, int(self.version))
+        hit = self._candidates
+        if hit is not None and hit[:3] == key:
+            return hit[3]
+        known = self.known_movies().detach()
+        if bool(known.any()):
+            ids = torch.nonzero(known).flatten().to(self.device)
+        else:
+            ids = torch.arange(self.capacity, device=self.device)
+        self._candidates = (*key, ids)
+        return ids
 
     # -- per-user state -------------------------------------------------
+    @abc.abstractmethod
     def state_spec(self) -> StateSpec:
-        """Name -> (per-user shape, dtype) of every state tensor."""
-        raise NotImplementedError
+        """Name -> (per-user shape, dtype) of every state tensor, in packing order."""
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
-        """States of ``batch_size`` users who have rated nothing yet."""
+        """States of ``batch_size`` users who have rated nothing yet (all zeros)."""
         device = device or self.device
         return {
             k: torch.zeros((batch_size, *shape), dtype=dt, device=device)
             for k, (shape, dt) in self.state_spec().items()
         }
 
+    def pack_states(self, state: State) -> list[bytes]:
+        """One Redis blob per row of ``state`` (layout in ``models.state``)."""
+        return mstate.pack_batch(self, state)
+
+    def unpack_states(
+        self, blobs: list[bytes | None], device: torch.device | str | None = None
+    ) -> Unpacked:
+        """Blobs (``None``: a new user) -> states on ``device`` (default: the
+        model's), with the rows to re-derive (``stale``) and the rows of
+        another family or layout (``foreign``, reset to the initial state).
+        A malformed blob raises :class:`fbp_errors.StateMismatch`."""
+        return Unpacked(*mstate.unpack_batch(self, blobs, device))
+
+    def state_bytes(self) -> int:
+        """Size of one packed user state (header + payload)."""
+        return mstate.state_bytes(self)
+
+    @abc.abstractmethod
+    def rederive(self, state: State, stale: Tensor) -> State:
+        """State after a weight change: rows where ``stale`` is True are
+        recomputed with the current weights (from what the state keeps of the
+        user's history), the others returned unchanged."""
+
     # -- streaming ------------------------------------------------------
-    def step(
-        self, state: State, movie: Tensor, rating: Tensor, ts: Tensor
-    ) -> tuple[State, Tensor]:
-        """One event per user: ``movie`` int64[B], ``rating`` float32[B], ``ts`` int64[B]
-        (unix seconds).  Returns (new state, prediction made before the event)."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def step(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor) -> tuple[State, Tensor]:
+        """One event per user: ``movie`` int64[B], ``rating`` float32[B], ``ts``
+        int64[B] (unix seconds).  Returns (new state, float32[B] prediction made
+        from the state *before* the event).  ``state`` is not modified."""
 
+    @abc.abstractmethod
     def score(self, state: State, movie_ids: Tensor) -> Tensor:
-        """Predicted ratings float32[B, M] of each user for each candidate movie."""
-        raise NotImplementedError
+        """Predicted ratings float32[B, M] of each user for candidate ids:
+        int64[M] shared by every user (the top-K case) or int64[B, M] per user.
+        Unknown ids score as a movie nobody rated."""
 
-    # -- training -------------------------------------------------------
+    # -- sequences ------------------------------------------------------
+    @overload
     def forward_sequence(
-        self, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor
-    ) -> Tensor:
-        """Padded histories [B, T] (mask True on real events) -> predictions [B, T],
-        each made from the events before it, exactly as ``step`` would."""
-        raise NotImplementedError
+        self, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor, *,
+        state: State | None = None, return_state: Literal[False] = False,
+    ) -> Tensor: ...
 
-    # -- vocabulary -----------------------------------------------------
-    def ensure_capacity(self, max_movie_id: int) -> bool:
-        """Grow movie tables so ``max_movie_id`` is addressable; True if grown."""
-        raise NotImplementedError
+    @overload
+    def forward_sequence(
+        self, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor, *,
+        state: State | None = None, return_state: Literal[True],
+    ) -> tuple[Tensor, State]: ...
 
+    @abc.abstractmethod
+    def forward_sequence(
+        self, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor, *,
+        state: State | None = None, return_state: bool = False,
+    ) -> Tensor | tuple[Tensor, State]:
+        """Left-aligned padded histories [B, T] (``mask`` True on a prefix of
+        real events) -> predictions float32[B, T], each made from the events
+        before it, starting from ``state`` (default: new users).  With
+        ``return_state`` also the state after each row's last real event.
+        Equal to feeding the events through :meth:`step` one at a time."""
+
+    def final_state(
+        self, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor, *, state: State | None = None
+    ) -> State:
+        """The state after the padded histories (see :meth:`forward_sequence`)."""
+        return self.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)[1]
+
+    # -- placement ------------------------------------------------------
     @property
     def device(self) -> torch.device:
         for p in self.parameters():

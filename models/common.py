@@ -20,13 +20,15 @@ Conventions
 
 from __future__ import annotations
 
+import abc
 import math
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from models import state as mstate
 from models.base import RatingModel, State, StateSpec
 
 HOUR = 3600.0
@@ -99,7 +101,36 @@ def movie_feature_matrix(
 
 
 class StatefulModel(RatingModel):
-    """Base for all four models.  Subclasses implement the ``_``-hooks."""
+    """The protocol implemented once for every family that keeps the generic
+    per-user state (count, running mean, last timestamp, a window of the last
+    ``W`` events and, optionally, the residual-sum user bias).  It provides
+    ``step``, ``forward_sequence``, ``score``, growing movie tables,
+    ``known_movies`` and ``rederive`` (a fresh pass over the stored window).
+
+    Subclassing contract -- a family (one file in ``models/``) sets ``name``
+    and implements two hooks; the others are optional:
+
+    ``_predict_state(state, ids) -> Tensor``  (required)
+        Unclamped predictions [B, M] from ``state`` for ids [B, M] or shared
+        ids [M].  Used by ``step`` (the event's movie) and ``score``.
+    ``_sequence(state, movie, rating, ts, mask, want_state) -> (Tensor, State)``  (required)
+        Unclamped predictions [B, T] for zero-padded histories starting from
+        ``state``, each from the events before it; with ``want_state`` also
+        the family's own state keys after each row's last real event
+        (``{}`` if it has none).  Must equal repeated ``_predict_state`` +
+        ``_step_extra``: the property test checks it.
+    ``_spec_extra() -> StateSpec``  (optional, default none)
+        The family's own per-user state tensors, beside the generic ones.
+    ``_step_extra(state, movie, rating, ts) -> State``  (optional)
+        The family's own state keys after one event (from the state before it).
+
+    Class attributes: ``movie_tables`` (parameters/buffers whose first
+    dimension is the movie capacity: grown together by ``ensure_capacity``)
+    and ``uses_resid_bias`` (keep ``resid_sum``/``resid_n`` in the state for
+    :meth:`_user_bias`).  Helpers for hooks: ``_bias`` (movie bias + side
+    feature bias), ``_feats``, ``_user_bias``, ``_resid_before``, ``_gap_step``,
+    ``_gap_seq``, ``_clamp``.
+    """
 
     #: names of parameters/buffers whose first dimension is the movie capacity
     movie_tables: tuple[str, ...] = ("movie_bias", "movie_features")
@@ -159,6 +190,12 @@ class StatefulModel(RatingModel):
         feats = movie_feature_matrix(movies, self.genre_vocab, hp["year_min"], hp["year_max"], self.capacity)
         with torch.no_grad():
             self.movie_features.copy_(feats.to(self.movie_features.device))
+
+    def known_movies(self) -> Tensor:
+        """Rows with a trained bias or side features."""
+        cap = self.capacity
+        known = (self.movie_bias.detach() != 0) | (self.movie_features.detach().reshape(cap, -1) != 0).any(1)
+        return known
 
     def ensure_capacity(self, max_movie_id: int) -> bool:
         need = int(max_movie_id) + 1
@@ -286,12 +323,25 @@ class StatefulModel(RatingModel):
         matmul) or [B, M] per user."""
         return self._clamp(self._predict_state(state, movie_ids.to(torch.int64)))
 
+    @overload
+    def forward_sequence(
+        self, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor, *,
+        state: State | None = None, return_state: Literal[False] = False,
+    ) -> Tensor: ...
+
+    @overload
+    def forward_sequence(
+        self, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor, *,
+        state: State | None = None, return_state: Literal[True],
+    ) -> tuple[Tensor, State]: ...
+
     def forward_sequence(
         self,
         movie: Tensor,
         rating: Tensor,
         ts: Tensor,
         mask: Tensor,
+        *,
         state: State | None = None,
         return_state: bool = False,
     ) -> Tensor | tuple[Tensor, State]:
@@ -313,20 +363,23 @@ class StatefulModel(RatingModel):
         final.update(extra)
         return pred, final
 
-    def final_state(self, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor, state: State | None = None) -> State:
-        return self.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)[1]  # type: ignore[index]
+    def rederive(self, state: State, stale: Tensor) -> State:
+        """Stale rows: a fresh pass over each stored window with the current
+        weights (``count``, ``mean`` and ``last_ts`` are kept: they describe
+        the whole history and do not depend on weights)."""
+        return mstate.after_swap(self, state, stale)
 
-    # -- hooks ---------------------------------------------------------------
+    # -- hooks (the subclassing contract in the class docstring) -------------
+    @abc.abstractmethod
     def _predict_state(self, state: State, ids: Tensor) -> Tensor:
         """Unclamped predictions [B, M] from ``state`` for candidate ids [B, M],
         or [M] shared by all users (see :func:`user_item_dot`)."""
-        raise NotImplementedError
 
     def _step_extra(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor) -> State:
         return {}
 
+    @abc.abstractmethod
     def _sequence(
         self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor, want_state: bool
     ) -> tuple[Tensor, State]:
         """Unclamped predictions [B, T] and (if ``want_state``) final model-specific state."""
-        raise NotImplementedError

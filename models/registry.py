@@ -1,21 +1,25 @@
-"""Model registry: ``build(name, **hparams)``."""
+"""Model registry: ``build(name, **hparams)``.
+
+A family is one line here -- its name and ``module.Class`` -- and one file in
+``models/`` with a :class:`models.base.RatingModel` subclass.  Classes are
+imported when first built, so a broken family fails where it is used.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from fbp_errors import ConfigError
 from models.base import RatingModel
-from models.baseline import BaselineModel
-from models.cnn import CNNModel
-from models.lstm import LSTMModel
-from models.mf import MFModel
 
-MODELS: dict[str, type[RatingModel]] = {
-    "lstm": LSTMModel,
-    "cnn": CNNModel,
-    "mf": MFModel,
-    "baseline": BaselineModel,
+#: name (as stored in checkpoints and state blobs) -> "module.Class"
+MODELS: dict[str, str] = {
+    "lstm": "models.lstm.LSTMModel",
+    "cnn": "models.cnn.CNNModel",
+    "mf": "models.mf.MFModel",
+    "baseline": "models.baseline.BaselineModel",
+    "toy": "models.toy.ToyModel",
 }
 DEFAULT_MODEL = "lstm"
 
@@ -25,13 +29,23 @@ class UnknownModel(ConfigError, KeyError):
 
 
 def available() -> list[str]:
+    """Every registered family, in registration order."""
     return list(MODELS)
+
+
+def model_class(name: str) -> type[RatingModel]:
+    """The class registered as ``name``."""
+    try:
+        path = MODELS[name]
+    except KeyError:
+        raise UnknownModel(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+    module, _, cls_name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), cls_name)
+    if not (isinstance(cls, type) and issubclass(cls, RatingModel) and cls.name == name):
+        raise TypeError(f"registry entry {name!r} -> {path} is not a RatingModel named {name!r}")
+    return cls
 
 
 def build(name: str, **hparams: Any) -> RatingModel:
     """A fresh model ``name`` with ``hparams`` (see each class's ``__init__``)."""
-    try:
-        cls = MODELS[name]
-    except KeyError:
-        raise UnknownModel(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
-    return cls(**hparams)
+    return model_class(name)(**hparams)

@@ -32,7 +32,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.base import RatingModel, State, StateSpec
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # models.base delegates packing to this module
+    from models.base import RatingModel
+
+State = dict[str, Tensor]
+StateSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 MAGIC = b"FBPS"
 FORMAT = 1
@@ -184,7 +190,7 @@ def rederive(model: RatingModel, state: State) -> State:
     window (the last W events).  ``count``, ``mean`` and ``last_ts`` describe
     the whole history and are weight-independent, so they are kept."""
     movie, rating, ts, mask = window_sequence(model, state)
-    fresh = model.final_state(movie, rating, ts, mask)  # type: ignore[attr-defined]
+    fresh = model.final_state(movie, rating, ts, mask)
     for k in ("count", "mean", "last_ts"):
         fresh[k] = state[k].clone()
     return fresh

@@ -115,4 +115,4 @@ def test_step_equals_sequence(name, hists, hists2):
 
 
 def test_registry_lists_all_four():
-    assert set(available()) == {"lstm", "cnn", "mf", "baseline"}
+    assert {"lstm", "cnn", "mf", "baseline"} <= set(available())  # and the toy family (test_model_protocol)

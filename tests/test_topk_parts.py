@@ -1,11 +1,12 @@
-"""The pieces of the worker's top-K: the seen-movie mask and candidate scoring."""
+"""The pieces of the worker's top-K: the seen-movie mask (the candidates are
+``RatingModel.candidate_ids``, tested with the protocol in test_model_protocol.py)."""
 
 from __future__ import annotations
 
 import torch
 
 from models.registry import build
-from stream.predictor import candidate_movies, seen_mask
+from stream.predictor import seen_mask
 
 
 def _reference(state, cands):
@@ -34,24 +35,3 @@ def test_seen_mask_matches_a_brute_force_reference():
     full = torch.arange(50)
     assert torch.equal(seen_mask(st, full), _reference(st, full))
     assert seen_mask(st, torch.tensor([], dtype=torch.int64)).shape == (4, 0)
-
-
-def test_candidates_are_the_known_movies():
-    m = build("lstm", n_movies=20)
-    with torch.no_grad():
-        m.movie_bias[[2, 5, 11]] = 0.3
-    assert candidate_movies(m).tolist() == [2, 5, 11]
-
-
-def test_candidates_follow_the_model_to_its_device():
-    """The cached candidate list must not outlive a move of the model (a model
-    queued for a swap can be scored by the API before the worker moves it)."""
-    m = build("lstm", n_movies=20)
-    with torch.no_grad():
-        m.movie_bias[[2, 5]] = 0.3
-    first = candidate_movies(m)
-    assert first.tolist() == [2, 5] and candidate_movies(m) is first  # cached
-    # as if cached while the model sat on another device (meta stands in for CUDA here)
-    m._fbp_candidates = (m.capacity, first.to("meta"))
-    again = candidate_movies(m)
-    assert again.device.type == "cpu" and again.tolist() == [2, 5]

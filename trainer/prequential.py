@@ -149,7 +149,7 @@ def sequence_events(
     preds = np.empty(len(uidx), dtype=np.float32)
     for b in iterate(seqs, batch_users, dev, max_events=1 << 17):
         u = torch.from_numpy(seqs.users[b.idx]).to(dev)
-        pred, fin = model.forward_sequence(b.movie, b.rating, b.ts, b.mask,  # type: ignore[call-arg]
+        pred, fin = model.forward_sequence(b.movie, b.rating, b.ts, b.mask,
                                            state=mstate.select(states, u), return_state=True)
         mstate.scatter(states, u, fin)
         m = b.mask.cpu().numpy()

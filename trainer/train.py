@@ -64,8 +64,8 @@ def make_model(
         max_movie_id = max(max_movie_id, int(movies["movie_id"].max()))
     hp.setdefault("n_movies", max_movie_id + 1)
     model = build(name, **hp)
-    if movies is not None and hasattr(model, "set_movies"):
-        model.set_movies(movies)  # type: ignore[attr-defined]
+    if movies is not None:
+        model.set_movies(movies)
     return model
 
 
@@ -281,7 +281,7 @@ def replay_states(
     dev = model.device
     state = model.init_state(seqs.n_users, dev)
     for b in iterate(seqs, batch_users, dev, max_events=65536):
-        fin = model.final_state(b.movie, b.rating, b.ts, b.mask)  # type: ignore[attr-defined]
+        fin = model.final_state(b.movie, b.rating, b.ts, b.mask)
         idx = torch.from_numpy(b.idx).to(dev)
         for k in state:
             state[k][idx] = fin[k]
