@@ -116,6 +116,24 @@ class RatingModel(nn.Module, abc.ABC):
         """Take movie side information (a DataFrame: movie_id, year, genres)
         before training.  Families without side features ignore it."""
 
+    def genre_names(self) -> list[str]:
+        """The genre vocabulary behind :meth:`movie_genres` (empty: none)."""
+        return []
+
+    def movie_genres(self, ids: Tensor) -> Tensor:
+        """float32[..., len(genre_names())] genre multi-hot of movies ``ids``."""
+        return torch.zeros((*ids.shape, 0), device=ids.device)
+
+    # -- training -------------------------------------------------------
+    def init_from_data(self, mean_rating: float) -> None:
+        """Constants taken from the data before the first training (the
+        global mean); a model that has been trained keeps its own."""
+
+    def movie_l2(self, movie: Tensor) -> Tensor:
+        """Sum of squares of the trainable movie-table rows that events with
+        movies ``movie`` use (the trainer's L2 term; 0 if none)."""
+        return torch.zeros((), device=movie.device)
+
     # -- vocabulary -----------------------------------------------------
     @property
     @abc.abstractmethod
@@ -176,6 +194,12 @@ class RatingModel(nn.Module, abc.ABC):
         another family or layout (``foreign``, reset to the initial state).
         A malformed blob raises :class:`fbp_errors.StateMismatch`."""
         return Unpacked(*mstate.unpack_batch(self, blobs, device))
+
+    @abc.abstractmethod
+    def recent_events(self, state: State) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What each state keeps of the user's latest events, oldest first and
+        left-aligned: (movie int64, rating float32, ts int64, mask bool), each
+        [B, W].  Top-K leaves these movies out; the API's profile shows them."""
 
     def state_bytes(self) -> int:
         """Size of one packed user state (header + payload)."""

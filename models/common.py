@@ -191,6 +191,26 @@ class StatefulModel(RatingModel):
         with torch.no_grad():
             self.movie_features.copy_(feats.to(self.movie_features.device))
 
+    def genre_names(self) -> list[str]:
+        return list(self.genre_vocab)
+
+    def movie_genres(self, ids: Tensor) -> Tensor:
+        return self._feats(ids)[..., : len(self.genre_vocab)]
+
+    def init_from_data(self, mean_rating: float) -> None:
+        if int(self.trained) == 0:
+            with torch.no_grad():
+                self.global_mean.fill_(float(mean_rating))
+                self.trained.fill_(1)
+
+    def movie_l2(self, movie: Tensor) -> Tensor:
+        total = torch.zeros((), device=movie.device)
+        for name in self.movie_tables:
+            t = getattr(self, name)
+            if isinstance(t, nn.Parameter):
+                total = total + t[movie.clamp(0, t.shape[0] - 1)].pow(2).sum()
+        return total
+
     def known_movies(self) -> Tensor:
         """Rows with a trained bias or side features."""
         cap = self.capacity
@@ -362,6 +382,9 @@ class StatefulModel(RatingModel):
         final = self._generic_final(state, movie, rating, ts, mask)
         final.update(extra)
         return pred, final
+
+    def recent_events(self, state: State) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return mstate.window_sequence(self, state)
 
     def rederive(self, state: State, stale: Tensor) -> State:
         """Stale rows: a fresh pass over each stored window with the current

@@ -216,3 +216,44 @@ def test_registry_entries_build_their_named_class():
     assert "toy" in MODELS
     with pytest.raises(UnknownModel):
         build("transformer")
+
+
+@pytest.mark.parametrize("name", available())
+def test_recent_events_are_the_latest_events_oldest_first(name):
+    m = build(name, n_movies=16, window=4)
+    st = m.init_state(2)
+    events = [(3, 4.0), (5, 2.0), (7, 5.0), (9, 1.0), (11, 3.0)]  # user 0 rates all, user 1 the first two
+    for t, (mv, r) in enumerate(events):
+        new, _ = m.step(st, torch.tensor([mv, mv]), torch.tensor([r, r]), torch.tensor([100 + t] * 2))
+        keep = torch.tensor([True, t < 2])
+        st = {k: torch.where(keep.view(-1, *[1] * (v.dim() - 1)), new[k], v) for k, v in st.items()}
+    movie, rating, ts, mask = m.recent_events(st)
+    assert movie[0].tolist() == [5, 7, 9, 11] and rating[0].tolist() == [2.0, 5.0, 1.0, 3.0]
+    assert ts[0].tolist() == [101, 102, 103, 104] and mask[0].all()
+    assert mask[1].tolist() == [True, True, False, False] and movie[1, :2].tolist() == [3, 5]
+
+
+@pytest.mark.parametrize("name", available())
+def test_training_hooks_init_from_data_and_movie_l2(name):
+    m = build(name, n_movies=8, genre_vocab=["x", "y"])
+    m.init_from_data(3.2)
+    m.init_from_data(4.4)  # trained once: keeps its own constants
+    assert m.score(m.init_state(1), torch.tensor([7]))[0, 0].item() == pytest.approx(3.2)
+    ids = torch.tensor([1, 1, 6])
+    loss = m.movie_l2(ids)
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and loss.item() >= 0
+    with torch.no_grad():
+        m.movie_bias[1] = 2.0
+    assert m.movie_l2(ids).item() >= 8.0  # row 1 used twice: 2 * 2.0**2
+
+
+def test_genres_of_movies():
+    import pandas as pd
+
+    m = build("toy", n_movies=4, genre_vocab=["Drama", "Comedy"])
+    m.set_movies(pd.DataFrame({"movie_id": [1, 2], "year": [1990.0, 1995.0],
+                               "genres": [["Comedy"], ["Drama", "Comedy"]]}))
+    assert m.genre_names() == ["Drama", "Comedy"]
+    assert m.movie_genres(torch.tensor([1, 2, 3, 99])).tolist() == [[0, 1], [1, 1], [0, 0], [0, 0]]

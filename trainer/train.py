@@ -99,17 +99,6 @@ def _time_order(df: pd.DataFrame) -> np.ndarray:
     return np.lexsort((np.arange(len(df)), df["ts"].to_numpy()))
 
 
-def _movie_penalty(model: RatingModel, movie: torch.Tensor) -> torch.Tensor:
-    """Sum of squares of the movie-table rows used by these events."""
-    total = movie.new_zeros((), dtype=torch.float32)
-    for name in getattr(model, "movie_tables", ()):
-        t = getattr(model, name)
-        if isinstance(t, torch.nn.Parameter):
-            rows = t[movie.clamp(0, t.shape[0] - 1)]
-            total = total + rows.pow(2).sum()
-    return total
-
-
 def fit(
     model: RatingModel,
     ratings_df: pd.DataFrame,
@@ -147,11 +136,7 @@ def fit(
         return FitReport(seconds=time.perf_counter() - t0)
     model.ensure_capacity(int(ratings_df["movie_id"].max()))
     model.to(dev)
-    trained = getattr(model, "trained", None)
-    if trained is not None and int(trained) == 0:
-        with torch.no_grad():
-            model.global_mean.fill_(float(ratings_df["rating"].mean()))  # type: ignore[operator]
-            trained.fill_(1)
+    model.init_from_data(float(ratings_df["rating"].mean()))
     n = len(ratings_df)
     n_valid = int(round(n * valid_frac)) if valid_frac > 0 else 0
     is_valid = np.zeros(n, dtype=bool)
@@ -178,7 +163,7 @@ def fit(
             err = (pred - b.rating)[b.mask]
             loss = err.pow(2).mean()
             if l2 > 0:
-                loss = loss + l2 * _movie_penalty(model, b.movie[b.mask]) / err.numel()
+                loss = loss + l2 * model.movie_l2(b.movie[b.mask]) / err.numel()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
