@@ -57,6 +57,8 @@ class KafkaSettings(BaseModel):
     """Partitions of ratings/predictions/DLQ: the most workers that can share the load."""
     replication_factor: int = Field(1, ge=1)
     """Replication factor of created topics."""
+    min_insync_replicas: int | None = Field(None, ge=1)
+    """min.insync.replicas of created topics (unset = the broker's default): with acks=all, a write is acknowledged once this many replicas have it (a 3-broker cluster: 2)."""
 
     @property
     def servers(self) -> list[str]:
@@ -119,6 +121,16 @@ class StackSettings(BaseModel):
     """JVM heap of the local broker."""
     redis_port: int = 6379
     """Local Redis port."""
+    kafka_brokers: int = Field(1, ge=1, le=9)
+    """Local Kafka brokers: 1 = the single broker on kafka_port; N > 1 = a KRaft cluster of N combined broker+controller nodes on kafka_cluster_port.. (topics get replication factor min(3, N), min.insync.replicas one less)."""
+    kafka_cluster_port: int = 9192
+    """First client port of the local Kafka cluster (broker i listens on this + i - 1), apart from the single broker's so both can run."""
+    kafka_cluster_controller_port: int = 9292
+    """First KRaft controller port of the local Kafka cluster (node i: this + i - 1)."""
+    redis_cluster: bool = False
+    """Run Redis as a local Redis Cluster of 3 masters + 3 replicas instead of one redis-server."""
+    redis_cluster_port: int = 7100
+    """First port of the local Redis Cluster's 6 nodes (this .. this + 5; cluster bus: each + 10000)."""
     prometheus_port: int = 9090
     """Local Prometheus port."""
     # Targets Prometheus scrapes (the workers' and trainer's /metrics endpoints).

@@ -28,16 +28,23 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     }
 
 
+def _topic_configs(settings: Settings) -> dict[str, str]:
+    """Per-topic configs from settings (min.insync.replicas on a replicated cluster)."""
+    m = settings.kafka.min_insync_replicas
+    return {} if m is None else {"min.insync.replicas": str(m)}
+
+
 def _create(admin, settings: Settings, specs: dict[str, int], timeout_s: float) -> list[str]:
     """Create the missing topics, retrying while a just-deleted one is still going away."""
     rf = settings.kafka.replication_factor
+    configs = _topic_configs(settings)
     created: list[str] = []
     deadline = time.monotonic() + timeout_s
     existing = set(admin.list_topics())
     todo = {t: p for t, p in specs.items() if t not in existing}
     while todo:
         res = admin.create_topics(
-            {t: {"num_partitions": p, "replication_factor": rf} for t, p in todo.items()},
+            {t: {"num_partitions": p, "replication_factor": rf, "configs": configs} for t, p in todo.items()},
             timeout_ms=int(timeout_s * 1000),
             raise_errors=False,
         )

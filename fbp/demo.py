@@ -38,7 +38,7 @@ def cli(
 ) -> None:
     """Run the main job end to end and print a summary."""
     from stack import procs
-    from fbp.stack import stack_up
+    from stack import stack_up
     from models.checkpoint import save_checkpoint
     from core.repos.models import ModelStore
     from core.redis_conn import sync_redis

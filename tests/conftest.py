@@ -32,7 +32,7 @@ def settings() -> Settings:
 @pytest.fixture(scope="session")
 def stack(settings: Settings) -> Iterator[Settings]:
     """Kafka, Redis and Prometheus up and healthy, topics created; yields settings."""
-    from fbp.stack import StackError, stack_up
+    from stack import StackError, stack_up
 
     try:
         stack_up(settings)

@@ -76,7 +76,7 @@ def test_compose_app_env_is_valid_config(compose, monkeypatch):
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_prometheus_configs_pass_promtool(tmp_path):
-    from fbp.stack import prometheus_config
+    from stack import prometheus_config
 
     res = subprocess.run(
         ["promtool", "check", "config", "--syntax-only", str(REPO_ROOT / "deploy/prometheus/prometheus.yml")],

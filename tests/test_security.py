@@ -92,7 +92,7 @@ class Secure:
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory) -> Iterator[Secure]:
-    from fbp.stack import StackError, stack_down, stack_up
+    from stack import StackError, stack_down, stack_up
 
     root = tmp_path_factory.mktemp("secure")
     sec = Secure(root)

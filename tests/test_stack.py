@@ -15,7 +15,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 
 from core.settings import REPO_ROOT, load_settings
-from fbp.stack import (
+from stack import (
     SERVICES,
     StackError,
     service_healthy,

@@ -62,7 +62,7 @@ def fault_settings(data_dir: Path, appendfsync: str = "always") -> Settings:
 @pytest.fixture(scope="session")
 def fstack(tmp_path_factory) -> Iterator[Settings]:
     """Private Kafka + Redis (appendfsync always), stopped at the end of the session."""
-    from fbp.stack import StackError, stack_down, stack_up
+    from stack import StackError, stack_down, stack_up
 
     data = tmp_path_factory.mktemp("faultstack")
     libs = load_settings().stack.data_dir / "kafka-libs"
@@ -121,7 +121,7 @@ def reference(ckpt, fault_df):
 
 @pytest.fixture
 def fns(fstack) -> Iterator[Namespace]:
-    from fbp.stack import stack_up
+    from stack import stack_up
 
     stack_up(fstack, ["kafka", "redis"], topics=False, timeout_s=120)  # a failed scenario may have left one down
     n = Namespace.fresh(4, fstack)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fbp.stack import service_healthy, start_service, stop_service
+from stack import service_healthy, start_service, stop_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(420)]
 

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from fbp.stack import service_dir, start_service, stop_service
+from stack import service_dir, start_service, stop_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(420)]
 
