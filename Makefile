@@ -7,16 +7,24 @@ PY     := $(VENV)/bin/python
 FBP    := $(PY) -m fbp.cli
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-deps stack-up stack-down stack-status test test-fast demo clean-stack
+.PHONY: help system-deps venv stack-deps stack-up stack-down stack-status test test-fast demo clean-stack
 
 help:
+	@echo "make system-deps install the Debian packages the stack and tests need (root; else prints the command)"
 	@echo "make venv        create/reuse .venv and install the project (+dev extras)"
 	@echo "make stack-up    start Kafka + Redis + Prometheus locally (idempotent)"
 	@echo "make stack-down  stop them"
 	@echo "make test        run the whole test suite (starts the stack itself)"
 	@echo "make demo        the whole pipeline: stack, bootstrap model, worker, trainer, replay, summary"
 
+# Debian packages (redis-server, prometheus, Java, Maven, ...): installed when
+# missing if run as root, otherwise the exact apt-get command is printed.
+# The one list lives in the script; .ci/run calls it too.
+system-deps:
+	@bash scripts/install-system-deps.sh
+
 # Reinstall only when pyproject.toml changes; pip's own cache keeps torch.
+# (demo/test/stack-up list system-deps before venv: the venv needs python3.11-venv.)
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -25,14 +33,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-stack-deps:
-	@missing=""; for c in java mvn redis-server prometheus; do \
-	  command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "missing programs:$$missing (apt-get install -y openjdk-17-jre-headless maven redis-server prometheus)" >&2; \
-	  exit 1; fi
+stack-deps: system-deps
 
-stack-up: venv stack-deps
+stack-up: system-deps venv
 	$(FBP) stack up
 
 stack-down: venv
@@ -41,7 +44,7 @@ stack-down: venv
 stack-status: venv
 	$(FBP) stack status
 
-test: venv stack-deps
+test: system-deps venv
 	$(PY) -m pytest -q tests/ $(PYTEST_ARGS)
 
 # Unit tests only (no Kafka/Redis/Prometheus needed).
@@ -49,11 +52,11 @@ test-fast: venv
 	$(PY) -m pytest -q tests/ -m "not integration" $(PYTEST_ARGS)
 
 # The main job end to end: stack, bootstrap model, worker + trainer, replay, summary.
-demo: venv stack-deps
+demo: system-deps venv
 	$(FBP) demo --json runs/demo/summary.json
 
 # Stop the stack and delete its data (Kafka logs, Redis AOF, Prometheus TSDB);
 # the downloaded Kafka jars are kept.
 clean-stack: venv
 	$(FBP) stack down
-	rm -rf .stack/kafka .stack/redis .stack/prometheus
+	rm -rf .stack/kafka .stack/redis .stack/prometheus .stack/kafka-[0-9]* .stack/kafka-cluster.id .stack/redis-node-*
