@@ -15,7 +15,6 @@ from models.checkpoint import load_checkpoint
 from stack import procs
 from stream.replay import replay
 from tests.streamkit import checkpoint, read_topic, redis_states, simulate, state_mismatches
-from trainer.prequential import stream_order
 
 pytestmark = pytest.mark.integration
 
@@ -45,8 +44,9 @@ def test_toy_family_trains_publishes_and_streams(stack, ns, ml100k, tmp_path):
         assert worker.stop() == 0, worker.tail()
 
     by_id = {r["event_id"]: r for r in recs}
-    order = stream_order(live)
-    ids = [f"toy-{i}" for i in order.index]
+    # simulate() predicts in stream order (by ts, ties by row); replay ids carry the row's index
+    order = np.lexsort((np.arange(len(live)), live["ts"].to_numpy()))
+    ids = [f"toy-{i}" for i in live.index[order]]
     assert set(by_id) == set(ids), f"{len(set(ids) - set(by_id))} events without a prediction"
     assert {r["model_version"] for r in recs} == {pub.version}
     assert all(len(r["top_k"]) == 10 for r in recs)
