@@ -4,6 +4,10 @@ real Redis: ``python -m bench.predictor_cpu [BATCH ...]``.
 Measured in process CPU time (torch on one thread), so other load on a shared
 machine barely moves it; the Redis server's own CPU is not included.  Used to
 compare changes to the batch path side by side.
+
+The Redis settings apply as everywhere: ``FBP_REDIS__CLUSTER=true
+FBP_REDIS__URL=redis://127.0.0.1:17000/0`` measures a local Redis Cluster,
+``FBP_REDIS__WAIT_REPLICAS=1`` the cost of waiting for a replica per batch.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ async def _run(batch: int, n: int = 20_000) -> float:
         return f
 
     torch.manual_seed(0)
-    p = Predictor(build("lstm"), StateStore(client, prefix), send, predictions_topic="p", dlq_topic="d")
+    store = StateStore.from_settings(client, s.redis.model_copy(update={"key_prefix": prefix}))
+    p = Predictor(build("lstm"), store, send, predictions_topic="p", dlq_topic="d")
     msgs = [Incoming(encode_rating(RatingEvent(f"e{i}", int(u), int(m), float(r), int(t))), 0, i, time.time())
             for i, (u, m, r, t) in enumerate(zip(df.user_id, df.movie_id, df.rating, df.ts))]
     try:
@@ -45,9 +50,7 @@ async def _run(batch: int, n: int = 20_000) -> float:
             await p.process(msgs[i:i + batch])
         return 1e6 * (time.process_time() - c0) / len(msgs)
     finally:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=5000)]
-        for i in range(0, len(keys), 5000):
-            await client.delete(*keys[i:i + 5000])
+        await store.drop()
         await client.aclose()
 
 

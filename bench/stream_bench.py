@@ -191,7 +191,7 @@ async def _predictor_loop(settings: Settings, ns: Namespace, n: int, batch_size:
 
     model, _ = load_checkpoint(settings.worker.checkpoint)
     scoped = ns.scoped()
-    pred = make_predictor(scoped, model, StateStore(redis, scoped.redis.key_prefix), send)
+    pred = make_predictor(scoped, model, StateStore.from_settings(redis, scoped.redis), send)
     w = settings.worker
     done = 0
     try:

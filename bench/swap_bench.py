@@ -71,6 +71,7 @@ def bench_swap(*, source: str = "ml-100k", rate: float = 200.0, duration_s: floa
                logdir: Path = Path("runs/bench/logs"), port: int = 0,
                settings: Settings | None = None, progress: Any = None) -> dict[str, Any]:
     from stack import procs
+    from core.repos.buffer import EventBuffer
     from core.repos.models import ModelStore
     from core.redis_conn import sync_redis
     from trainer.finetune import promote
@@ -140,7 +141,7 @@ def bench_swap(*, source: str = "ml-100k", rate: float = 200.0, duration_s: floa
                 prod.flush()
                 promoted_at = time.time()
                 pub = promote(store, prod, ns.model_updates, challenger, trigger="bench",
-                              buffer_key=f"{ns.prefix}:trainer:recent")
+                              buffer_key=EventBuffer.recent_key(ns.prefix))
                 say(f"promoted v{pub.version} at {promoted_at - wall0:.1f}s")
         prod.flush()
         deadline = time.monotonic() + 120

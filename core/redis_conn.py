@@ -1,4 +1,12 @@
-"""Redis connections built from settings, so TLS and ACL users work everywhere."""
+"""Redis connections built from settings, so TLS, ACL users and Redis Cluster
+work everywhere.
+
+``RedisSettings.cluster`` picks redis-py's cluster client (sync
+``redis.RedisCluster``, asyncio ``redis.asyncio.RedisCluster``); the
+repositories in ``core.repos`` use either the same way: their keys carry hash
+tags, every script declares its keys, and pipelines are split per node by the
+client (no slot routing here).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +14,11 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
 
 from core.settings import RedisSettings
 
@@ -17,6 +28,10 @@ from core.settings import RedisSettings
 #: watermark-guarded state store script).  Beyond this the worker fails stop
 #: (stream.app) and is restarted; the batch in hand is redelivered.
 ASYNC_RETRIES = 60
+
+#: Either client kind; the repositories accept both.
+AsyncClient = aioredis.Redis | AsyncRedisCluster
+SyncClient = redis.Redis | RedisCluster
 
 
 def _kwargs(cfg: RedisSettings) -> dict[str, Any]:
@@ -30,12 +45,37 @@ def _kwargs(cfg: RedisSettings) -> dict[str, Any]:
     return kw
 
 
-def async_redis(cfg: RedisSettings) -> aioredis.Redis:
+def async_redis(cfg: RedisSettings) -> AsyncClient:
     """An asyncio client; bytes in, bytes out (states are binary)."""
     retry = AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), ASYNC_RETRIES)
+    if cfg.cluster:
+        return AsyncRedisCluster.from_url(cfg.url, decode_responses=False, retry=retry, **_kwargs(cfg))
     return aioredis.Redis.from_url(cfg.url, decode_responses=False, retry=retry, **_kwargs(cfg))
 
 
-def sync_redis(cfg: RedisSettings) -> redis.Redis:
+def sync_redis(cfg: RedisSettings) -> SyncClient:
     """A blocking client for tools, tests and the trainer."""
+    if cfg.cluster:
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 10)
+        return RedisCluster.from_url(cfg.url, decode_responses=False, retry=retry, **_kwargs(cfg))
     return redis.Redis.from_url(cfg.url, decode_responses=False, **_kwargs(cfg))
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, (RedisCluster, AsyncRedisCluster))
+
+
+def queue_wait(client: Any, pipe: Any, replicas: int, timeout_ms: int) -> int:
+    """Queue ``WAIT replicas timeout_ms`` behind the writes already in ``pipe``;
+    returns how many WAIT replies the pipeline's results end with.
+
+    WAIT covers the writes sent earlier *on the same connection*, so it must
+    ride in the same pipeline: on a cluster, one WAIT per master (the client
+    sends each node's share of a pipeline on one connection, in order)."""
+    if not is_cluster(client):
+        pipe.execute_command("WAIT", replicas, timeout_ms)
+        return 1
+    masters = client.get_primaries()
+    for node in masters:
+        pipe.execute_command("WAIT", replicas, timeout_ms, target_nodes=node)
+    return len(masters)

@@ -85,11 +85,27 @@ class KafkaSettings(BaseModel):
 
 
 class RedisSettings(BaseModel):
-    """Where per-user state lives.  ``rediss://`` URLs turn on TLS."""
+    """Where per-user state lives.  ``rediss://`` URLs turn on TLS.
+
+    Redis Cluster: ``FBP_REDIS__CLUSTER=true`` with ``url`` naming any one
+    node (redis-py's cluster client discovers the rest and routes by slot).
+    The code path is the same as for one Redis: every key group shares a hash
+    tag (core.repos.keys).  Durability across a failover: replication is
+    asynchronous, so a master that dies can take acknowledged writes with it;
+    ``wait_replicas: 1`` makes each state write wait (WAIT) for one replica
+    before the worker commits its offsets, and the servers' own
+    ``min-replicas-to-write 1`` refuses writes a lone master could lose.
+    """
     model_config = ConfigDict(use_attribute_docstrings=True)
 
     url: str = "redis://127.0.0.1:6379/0"
-    """redis://host:port/db, rediss:// for TLS, or unix://."""
+    """redis://host:port/db, rediss:// for TLS, or unix://; for a cluster, any one node (db 0)."""
+    cluster: bool = False
+    """Talk to a Redis Cluster (redis-py's cluster client) instead of one Redis."""
+    wait_replicas: int = Field(0, ge=0, le=16)
+    """Replicas that must acknowledge each state write (WAIT) before it counts as durable; 0 = no WAIT (a failover may lose the last ~second of writes)."""
+    wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
+    """How long a state write waits for wait_replicas; fewer acknowledgements fail the batch (redelivered, not committed)."""
     username: str | None = None
     """Redis ACL user."""
     password: SecretStr | None = None

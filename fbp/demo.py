@@ -40,6 +40,7 @@ def cli(
     from stack import procs
     from stack import stack_up
     from models.checkpoint import save_checkpoint
+    from core.repos.keys import drop_namespace
     from core.repos.models import ModelStore
     from core.redis_conn import sync_redis
     from stream.replay import replay
@@ -53,8 +54,7 @@ def cli(
     stack_up(s)
     reset_topics(s)
     r = sync_redis(s.redis)
-    for key in r.scan_iter(match=f"{s.redis.key_prefix}:*", count=5000):
-        r.delete(key)
+    drop_namespace(r, s.redis.key_prefix)  # states, models and trainer keys of the last demo
 
     ds = load_dataset("ml-100k")
     df = ds.ratings

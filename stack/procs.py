@@ -181,8 +181,7 @@ class Namespace:
         finally:
             admin.close()
         from core.redis_conn import sync_redis
+        from core.repos.keys import drop_namespace
 
         r = sync_redis(self.settings.redis)
-        keys = list(r.scan_iter(match=f"{self.prefix}:*", count=5000))
-        for i in range(0, len(keys), 5000):
-            r.delete(*keys[i : i + 5000])
+        drop_namespace(r, self.prefix)

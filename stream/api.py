@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
 from typing import Any, Awaitable, Callable
 
 import orjson
@@ -231,10 +230,20 @@ class Finetune(View):
             _require_admin(request)
             if runtime.models is None:
                 raise ApiError(503, "not_ready", "worker not ready")
-            key = f"{runtime.settings.redis.key_prefix}:trainer:requests"
-            await asyncio.to_thread(runtime.models.r.rpush, key, orjson.dumps({"at": time.time()}))
+            await asyncio.to_thread(_request_finetune)
             return {"requested": True}
         return await guarded(self, run)
+
+
+def _request_finetune() -> None:
+    from core.redis_conn import sync_redis
+    from core.repos.trainer import TrainerStore
+
+    client = sync_redis(runtime.settings.redis)
+    try:
+        TrainerStore(client, runtime.settings.redis.key_prefix).request_finetune()
+    finally:
+        client.close()
 
 
 async def _body(request: Request) -> dict[str, Any]:

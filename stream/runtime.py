@@ -70,7 +70,7 @@ class Runtime:
             if self._predictor is None:
                 s = self.settings
                 self.models = ModelStore(sync_redis(s.redis), s.redis.key_prefix)
-                self.store = StateStore(async_redis(s.redis), s.redis.key_prefix)
+                self.store = StateStore.from_settings(async_redis(s.redis), s.redis)
                 model = initial_model(s, self.models)
 
                 async def send(topic: str, key: bytes | None, value: bytes) -> Any:

@@ -6,6 +6,7 @@ prefix), so tests never see each other's events or states.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,7 +21,8 @@ from stack.procs import Namespace
 from core.settings import Settings
 from models import state as mstate
 from models.base import RatingModel, State
-from core.redis_conn import sync_redis
+from core.redis_conn import async_redis
+from core.repos.states import StateStore
 from trainer.prequential import step_events, stream_order
 
 #: events the shared bootstrap checkpoint (tests/conftest.py ``ckpt``) trains on
@@ -75,12 +77,16 @@ def simulate(model: RatingModel, ratings: pd.DataFrame, batch_events: int = 1024
 
 def redis_states(ns: Namespace, model: RatingModel, users: Iterable[int]) -> tuple[State, list[int]]:
     """States stored by the workers for ``users`` (missing users -> init state)."""
-    r = sync_redis(ns.settings.redis)
     users = list(users)
-    pipe = r.pipeline(transaction=False)
-    for u in users:
-        pipe.hget(f"{ns.prefix}:u:{u}", "s")
-    blobs = pipe.execute()
+
+    async def load() -> list:
+        client = async_redis(ns.settings.redis)
+        try:
+            return await StateStore(client, ns.prefix).load(users)
+        finally:
+            await client.aclose()
+
+    blobs = [s.blob for s in asyncio.run(load())]
     missing = [u for u, b in zip(users, blobs) if b is None]
     st, _ = mstate.unpack_batch(model, blobs, "cpu")
     return st, missing

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.repos.buffer import REC
+from core.repos.buffer import REC, EventBuffer
 from trainer.finetune import ChampionData, decide, finetune, split_for_finetune
 
 
@@ -74,10 +74,10 @@ def test_split_never_holds_out_what_the_champion_may_have_trained_on(champ):
 
 
 def test_champion_data_from_checkpoint_meta():
-    key = "fbp:trainer:recent"
+    key = EventBuffer.recent_key("fbp")
     c = ChampionData.from_meta(3, {"trainer": {"buffer": key, "trained_through_seq": 77}}, key, 5.0)
     assert c.trained_through_seq == 77
-    other = ChampionData.from_meta(3, {"trainer": {"buffer": "x:trainer:recent", "trained_through_seq": 77}},
+    other = ChampionData.from_meta(3, {"trainer": {"buffer": EventBuffer.recent_key("x"), "trained_through_seq": 77}},
                                    key, 5.0)
     assert other.trained_through_seq is None and other.published_at == 5.0  # another buffer's seq means nothing
     off = ChampionData.from_meta(1, {"data": {"train_ts": [1, 99]}}, key, 5.0)

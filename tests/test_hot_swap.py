@@ -26,6 +26,7 @@ from stack import procs
 from stack.procs import Namespace
 from models import state as mstate
 from models.checkpoint import checkpoint_to_bytes, load_checkpoint
+from core.repos.buffer import EventBuffer
 from core.repos.models import ModelStore
 from core.redis_conn import sync_redis
 from stream.replay import replay
@@ -43,6 +44,23 @@ def _publish_bootstrap(stack, ns: Namespace, ckpt: Path):
     pub = store.publish(model, {"model": model.name, "data": {"train_ts": None}}, reason="bootstrap")
     assert pub.version == 1
     return store, model
+
+
+def _stored(stack, ns: Namespace, users: list[int]) -> list:
+    """What the workers stored for ``users`` (through the state store)."""
+    import asyncio
+
+    from core.redis_conn import async_redis
+    from core.repos.states import StateStore
+
+    async def go() -> list:
+        client = async_redis(stack.redis)
+        try:
+            return await StateStore(client, ns.prefix).load(users)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
 
 
 def _worker_env(ns: Namespace, ckpt: Path, port: int, batch: int = 256) -> dict[str, str]:
@@ -162,7 +180,7 @@ def test_promotion_mid_replay_no_gap_no_duplicate_and_rederived_states(stack, ns
 
         prod = KafkaProducer(**stack.kafka.kafka_python_kwargs())
         pub = promote(store, prod, ns.model_updates, res, trigger="test",
-                      buffer_key=f"{ns.prefix}:trainer:recent")
+                      buffer_key=EventBuffer.recent_key(ns.prefix))
         prod.close()
         assert pub.version == 2
         feeder.join()
@@ -180,8 +198,7 @@ def test_promotion_mid_replay_no_gap_no_duplicate_and_rederived_states(stack, ns
         users = order["user_id"].to_numpy()
         v2_users = set(users[ver == 2].tolist())
         stale_users = sorted(set(users[ver == 1].tolist()) - v2_users)[:40]
-        r = sync_redis(stack.redis)
-        blobs = [r.hget(f"{ns.prefix}:u:{u}", "s") for u in stale_users]
+        blobs = [s.blob for s in _stored(stack, ns, stale_users)]
         extra = [{"event_id": f"extra-{u}", "user_id": int(u), "movie_id": 50 + (k % 7), "rating": 4.0,
                   "ts": int(order["ts"].max()) + 10 + k} for k, u in enumerate(stale_users)]
         p = KafkaProducer(**stack.kafka.kafka_python_kwargs())
@@ -296,13 +313,12 @@ def test_corrupted_checkpoint_refused_and_rollback(stack, ns, ckpt, ml100k, tmp_
         wait_for(lambda: metric(worker.url, "fbp_model_swaps_refused_total") >= 1, 30, worker, "refusal of v2")
         good = checkpoint_to_bytes(boot, {"model": boot.name})
         r = sync_redis(stack.redis)
-        p = f"{ns.prefix}:model"
-        r.set(f"{p}:v:3:meta", orjson.dumps({"version": 3, "sha256": hashlib.sha256(good).hexdigest(),
-                                             "model": boot.name, "metrics": {}, "published_at": time.time(),
-                                             "reason": "bytes replaced later"}))
-        r.set(f"{p}:v:3", good[:-8] + b"\x00" * 8)  # not the bytes the sha256 was published for
-        r.set(f"{p}:seq", 3)  # the next publish gets v4
-        r.set(f"{p}:current", 3)
+        r.set(store.key("v", 3, "meta"), orjson.dumps({"version": 3, "sha256": hashlib.sha256(good).hexdigest(),
+                                                      "model": boot.name, "metrics": {}, "published_at": time.time(),
+                                                      "reason": "bytes replaced later"}))
+        r.set(store.key("v", 3), good[:-8] + b"\x00" * 8)  # not the bytes the sha256 was published for
+        r.set(store.key("seq"), 3)  # the next publish gets v4
+        r.set(store.key("current"), 3)
         wait_for(lambda: metric(worker.url, "fbp_model_swaps_refused_total") >= 2, 30, worker, "refusal of v3")
         b = _send(stack, ns, 200, "b", 893_001_000)
         recs = read_topic(stack, ns.predictions, until=400, timeout=120)

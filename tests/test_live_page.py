@@ -345,12 +345,11 @@ def _cleanup(s) -> None:
         admin.delete_topics([k.ratings_topic, k.predictions_topic, k.dlq_topic, k.model_updates_topic])
         admin.close()
     with contextlib.suppress(Exception):
-        import redis as redis_lib
+        from core.redis_conn import sync_redis
+        from core.repos.keys import drop_namespace
 
-        r = redis_lib.Redis.from_url(s.redis.url)
-        keys = list(r.scan_iter(match=f"{s.redis.key_prefix}:*", count=1000))
-        if keys:
-            r.delete(*keys)
+        r = sync_redis(s.redis)
+        drop_namespace(r, s.redis.key_prefix)
         r.close()
 
 

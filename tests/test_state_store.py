@@ -1,31 +1,24 @@
-"""The Redis state store's watermark rules, against the real Redis of the stack."""
+"""The Redis state store's watermark rules, against the real Redis of the
+stack and a local Redis Cluster (same tests, ``redis_cfg`` parametrised)."""
 
 from __future__ import annotations
 
 import asyncio
-import uuid
+import re
 
 import pytest
-import redis
 import torch
 
 from core.redis_conn import async_redis
 from models.devices import pick_device
-from core.repos.states import StateStore
+from core.repos.states import StateLayoutError, StateNotDurable, StateStore
+from fbp_errors import DataError
+from tests.rediscluster import local_cluster, redis_cfg  # noqa: F401  (fixtures)
 
 
-@pytest.fixture
-def prefix(stack):
-    p = f"test-{uuid.uuid4().hex[:8]}"
-    yield p
-    r = redis.Redis.from_url(stack.redis.url)
-    for k in r.scan_iter(match=f"{p}:*"):
-        r.delete(k)
-
-
-def test_state_and_watermark_written_together_and_never_backwards(stack, prefix):
+def test_state_and_watermark_written_together_and_never_backwards(redis_cfg):
     async def go() -> None:
-        store = StateStore(async_redis(stack.redis), prefix)
+        store = StateStore(async_redis(redis_cfg), redis_cfg.key_prefix)
         assert await store.store([(7, b"v1", [("r", 0, 10)])]) == (1, 1)
         got = await store.get(7)
         assert (got.blob, got.marks) == (b"v1", {("r", 0): 10})
@@ -47,12 +40,12 @@ def test_state_and_watermark_written_together_and_never_backwards(stack, prefix)
     asyncio.run(go())
 
 
-def test_watermarks_are_per_source_topic(stack, prefix):
+def test_watermarks_are_per_source_topic(redis_cfg):
     """A user fed from two topics (ratings and its repartition topic) keeps one
     watermark per (topic, partition): offset 5 of one topic says nothing about
     offset 3 of the other, and a redelivery from either is still recognised."""
     async def go() -> None:
-        store = StateStore(async_redis(stack.redis), prefix)
+        store = StateStore(async_redis(redis_cfg), redis_cfg.key_prefix)
         await store.store([(7, b"v1", [("ratings", 1, 5)])])
         got = await store.get(7)
         assert not got.covers("ratings-repartition", 1, 3)  # another topic's offsets
@@ -69,18 +62,76 @@ def test_watermarks_are_per_source_topic(stack, prefix):
     asyncio.run(go())
 
 
-def test_legacy_single_watermark_is_still_honoured(stack, prefix):
+def test_legacy_single_watermark_is_still_honoured(redis_cfg):
     """Hashes written before per-source marks (fields p/o) still cover their
     partition's redeliveries, and are converted on the next write."""
     async def go() -> None:
-        store = StateStore(async_redis(stack.redis), prefix)
+        store = StateStore(async_redis(redis_cfg), redis_cfg.key_prefix)
         await store.client.hset(store.key(7), mapping={"s": b"old", "p": 2, "o": 40})
         got = await store.get(7)
         assert got.covers("ratings", 2, 40) and not got.covers("ratings", 2, 41)
         assert not got.covers("ratings", 1, 0)
         await store.store([(7, b"new", [("ratings", 2, 41)])])
-        assert set(await store.client.hkeys(store.key(7))) == {b"s", b"o:ratings:2"}
+        assert set(await store.client.hkeys(store.key(7))) == {b"s", b"l", b"o:ratings:2"}
         await store.client.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_batch_of_many_users_spread_over_slots(redis_cfg):
+    """One store call over users of many buckets (on a cluster: every node),
+    each written atomically with its watermark; the users count is exact,
+    repeats change nothing, and tools can list and drop the states."""
+    async def go() -> None:
+        store = StateStore(async_redis(redis_cfg), redis_cfg.key_prefix)
+        users = list(range(0, 3000, 7))
+        rows = [(u, f"s{u}".encode(), [("r", u % 3, u)]) for u in users]
+        assert await store.store(rows) == (len(users), len(users))
+        assert await store.store(rows) == (0, 0)  # a redelivered batch: all dropped
+        got = await store.load(users)
+        assert [g.blob for g in got] == [f"s{u}".encode() for u in users]
+        assert all(g.covers("r", u % 3, u) and not g.covers("r", u % 3, u + 1) for g, u in zip(got, users))
+        assert await store.users() == len(users)
+        assert await store.user_ids() == users
+        assert await store.drop() > 0
+        assert await store.users() == 0 and await store.user_ids() == []
+        await store.client.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_state_of_another_layout_is_refused_then_replaced(redis_cfg):
+    """A hash written by another layout is not parsed: load() hands it back as
+    a fresh user flagged foreign with a message saying what to do (the worker
+    resets it), and the next write replaces it whole (its fields gone)."""
+    async def go() -> None:
+        store = StateStore(async_redis(redis_cfg), redis_cfg.key_prefix)
+        await store.client.hset(store.key(5), mapping={"s": b"future", "l": 99, "o:r:0": 70, "x": 1})
+        got = (await store.load([5]))[0]
+        assert got.blob is None and got.foreign is not None and not got.covers("r", 0, 1)
+        assert isinstance(got.foreign, StateLayoutError) and isinstance(got.foreign, DataError)
+        assert re.search(f"layout 99.*drop the states of prefix '{redis_cfg.key_prefix}'", str(got.foreign))
+        assert await store.store([(5, b"mine", [("r", 0, 1)])]) == (1, 0)
+        assert set(await store.client.hkeys(store.key(5))) == {b"s", b"l", b"o:r:0"}
+        assert (await store.get(5)).blob == b"mine"
+        await store.client.aclose()
+
+    asyncio.run(go())
+
+
+def test_wait_for_a_replica(redis_cfg):
+    """With wait_replicas the store waits for replica acknowledgement: on the
+    cluster (one replica per master) it succeeds; asking for more replicas
+    than exist fails the write as not durable instead of reporting success."""
+    async def go() -> None:
+        client = async_redis(redis_cfg)
+        if redis_cfg.cluster:
+            ok = StateStore(client, redis_cfg.key_prefix, wait_replicas=1, wait_timeout_ms=5000)
+            assert await ok.store([(u, b"x", [("r", 0, 1)]) for u in range(50)]) == (50, 50)
+        greedy = StateStore(client, redis_cfg.key_prefix, wait_replicas=3, wait_timeout_ms=50)
+        with pytest.raises(StateNotDurable, match="acknowledged by [01] of the 3"):
+            await greedy.store([(1000, b"y", [("r", 0, 1)])])
+        await client.aclose()
 
     asyncio.run(go())
 

@@ -10,10 +10,10 @@ import uuid
 
 import httpx
 import numpy as np
-import orjson
 import pytest
 
 from core.repos.buffer import BufferedEvent, EventBuffer, reservoir_slots
+from core.repos.trainer import TrainerStore
 from trainer.service import DriftMonitor, Schedule
 
 
@@ -65,13 +65,12 @@ def test_reservoir_is_uniform_and_deterministic():
 @pytest.fixture
 def rprefix(stack):
     from core.redis_conn import sync_redis
+    from core.repos.keys import drop_namespace
 
     r = sync_redis(stack.redis)
     prefix = f"test-buf-{uuid.uuid4().hex[:8]}"
     yield r, prefix
-    keys = list(r.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        r.delete(*keys)
+    drop_namespace(r, prefix)
 
 
 def _evs(a: int, b: int) -> list[BufferedEvent]:
@@ -177,7 +176,7 @@ def test_trainer_buffers_exactly_once_across_kill_and_promotes_on_request(stack,
     env["FBP_WORKER__CHECKPOINT"] = str(ckpt)
     port = free_port()
     r = sync_redis(stack.redis)
-    seq = lambda: int(r.get(f"{ns.prefix}:trainer:seq") or 0)  # noqa: E731
+    seq = lambda: EventBuffer(r, ns.prefix, capacity=1).seq  # noqa: E731
     t = procs.start_trainer(port, tmp_path, env)
     try:
         wait_http(t.url, t)
@@ -203,7 +202,7 @@ def test_trainer_buffers_exactly_once_across_kill_and_promotes_on_request(stack,
         assert keys <= allkeys
         assert metric(t.url, "fbp_trainer_buffer_events") == 4000
 
-        r.rpush(f"{ns.prefix}:trainer:requests", orjson.dumps({"at": time.time()}))
+        TrainerStore(r, ns.prefix).request_finetune()
         wait_for(lambda: metric(t.url, "fbp_finetune_runs_total", trigger="request") > 0, 150, t,
                  "the requested fine-tune")
         assert metric(t.url, "fbp_finetune_runs_total", outcome="promoted", trigger="request") == 1, t.tail()

@@ -283,7 +283,7 @@ def ensure_version_above(store: Any, version: int) -> None:
     """A model first published by the trainer must get a version above the
     serving one even when that one came from a local checkpoint (not from
     Redis): start the store's counter there if it has none yet."""
-    store.r.set(f"{store.p}:seq", int(version), nx=True)
+    store.ensure_seq_at_least(version)
 
 
 def log_decision(result: FinetuneResult | None, *, trigger: str, outcome: str,

@@ -14,8 +14,8 @@
   - ``events``: ``finetune_every_events`` new events since the last run;
   - ``time``: ``finetune_every_s`` seconds since the last run, if at least
     ``min_new_events`` events arrived;
-  - ``request``: an entry on the Redis list ``<prefix>:trainer:requests``
-    (pushed by the worker's ``POST /api/v1/admin/finetune``, bearer token);
+  - ``request``: a fine-tune request in Redis (:class:`core.repos.trainer.TrainerStore`,
+    pushed by the worker's ``POST /api/v1/admin/finetune``, bearer token);
   - ``drift``: the rolling RMSE of the serving version's latest
     ``drift_window`` predictions exceeds the RMSE of its first
     ``drift_window`` predictions (its RMSE right after promotion) by more
@@ -28,13 +28,10 @@
 * Serves ``/metrics`` (trainer.metrics.REGISTRY) and ``/health`` on
   ``settings.trainer.web_port`` (host ``settings.worker.web_host``).
 
-Redis keys besides the buffer's (``<prefix>:trainer:recent|reservoir|seq|offsets``,
-see :mod:`core.repos.buffer`) and the model store's (``<prefix>:model:*``):
-
-* ``<prefix>:trainer:requests``   list; one entry = one on-demand fine-tune
-* ``<prefix>:trainer:state``      hash ``last_run_seq``, ``last_run_at``, ``runs``,
-                                  ``promotions`` (a restart does not fine-tune again at once)
-* ``<prefix>:trainer:decisions``  list of the last 200 decisions (the JSON log line), newest first
+Redis: the event buffer (:mod:`core.repos.buffer`), the published models
+(:mod:`core.repos.models`), and the requests, schedule state (so a restart
+does not fine-tune again at once) and decision log (:mod:`core.repos.trainer`);
+those modules own the key names.
 
 One trainer per deployment (key prefix): the buffer has a single writer.
 """
@@ -64,6 +61,7 @@ from core.repos.models import ModelStore
 from core.redis_conn import sync_redis
 from trainer import metrics as tm
 from core.repos.buffer import BufferedEvent, EventBuffer
+from core.repos.trainer import TrainerStore
 from trainer.finetune import (ChampionData, finetune, log_decision, promote,
                               split_for_finetune)
 from models.devices import pick_device
@@ -184,9 +182,8 @@ class TrainerService:
         self.buffer = EventBuffer(self.r, prefix, capacity=t.buffer_events,
                                   reservoir=t.reservoir_events, seed=t.seed)
         self.buffer_key = self.buffer.k_recent
-        self.requests_key = f"{prefix}:trainer:requests"
-        self.state_key = f"{prefix}:trainer:state"
-        st = {k.decode(): v.decode() for k, v in self.r.hgetall(self.state_key).items()}
+        self.control = TrainerStore(self.r, prefix)
+        st = self.control.state()
         now = time.time()
         last_seq = int(st.get("last_run_seq", self.buffer.seq))
         last_at = float(st.get("last_run_at", now))
@@ -267,7 +264,7 @@ class TrainerService:
 
     # -- triggers --------------------------------------------------------------
     def next_trigger(self, now: float) -> str | None:
-        req = self.r.lpop(self.requests_key)
+        req = self.control.pop_request()
         if req is not None:
             return "request"
         with self.drift_lock:
@@ -288,7 +285,7 @@ class TrainerService:
         cur = self.store.current()
         if cur is not None:
             model = self.store.load(cur.version)
-            blob = self.r.get(f"{self.store.p}:v:{cur.version}")
+            blob = self.store.blob(cur.version)
             try:
                 meta = _read_meta(blob, f"model v{cur.version}")
             except CheckpointError:
@@ -357,10 +354,9 @@ class TrainerService:
                            error=error, champion_version=champ_v)
         rec["seq_at_start"] = seq_at_start
         rec["total_s"] = round(dur, 3)
-        self.r.hset(self.state_key, mapping={"last_run_seq": seq_at_start, "last_run_at": time.time(),
-                                             "runs": self.runs, "promotions": self.promotions})
-        self.r.lpush(f"{self.s.redis.key_prefix}:trainer:decisions", orjson.dumps(rec))
-        self.r.ltrim(f"{self.s.redis.key_prefix}:trainer:decisions", 0, 199)
+        self.control.save_state(last_run_seq=seq_at_start, last_run_at=time.time(),
+                                runs=self.runs, promotions=self.promotions)
+        self.control.log_decision(rec)
         return rec
 
     def _producer(self) -> Any:

@@ -2,16 +2,18 @@
 reservoir sample of everything seen, so fine-tunes can replay older data and
 the model does not forget.
 
-Keys (``<prefix>`` = settings.redis.key_prefix):
+Keys (``<prefix>`` = settings.redis.key_prefix; built by
+:func:`core.repos.keys.trainer_key`, hash tag ``{<prefix>:trainer}``, so they
+share one slot and the MULTI/EXEC below is legal on a Redis Cluster too):
 
-* ``<prefix>:trainer:recent``     list of packed events, oldest first, capped at
-                                  ``buffer_events`` (RPUSH + LTRIM)
-* ``<prefix>:trainer:reservoir``  hash slot -> packed event: a uniform sample
-                                  (Algorithm R) of every event ever appended,
-                                  ``reservoir_events`` slots
-* ``<prefix>:trainer:seq``        events appended so far (the next event's seq)
-* ``<prefix>:trainer:offsets``    hash ``topic:partition`` -> next Kafka offset
-                                  to read (what is already in the buffer)
+* ``{<prefix>:trainer}:recent``     list of packed events, oldest first, capped at
+                                    ``buffer_events`` (RPUSH + LTRIM)
+* ``{<prefix>:trainer}:reservoir``  hash slot -> packed event: a uniform sample
+                                    (Algorithm R) of every event ever appended,
+                                    ``reservoir_events`` slots
+* ``{<prefix>:trainer}:seq``        events appended so far (the next event's seq)
+* ``{<prefix>:trainer}:offsets``    hash ``topic:partition`` -> next Kafka offset
+                                    to read (what is already in the buffer)
 
 One append is one MULTI/EXEC transaction over all of these, so the buffer and
 the offsets it covers never disagree: after a crash the consumer skips records
@@ -30,9 +32,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
-import redis
+
+from core.repos import keys
 
 REC = np.dtype([("seq", "<i8"), ("user", "<i8"), ("movie", "<i8"), ("rating", "<f4"),
                 ("ts", "<i8"), ("kts", "<f8")])
@@ -84,21 +89,26 @@ def to_frame(recs: np.ndarray) -> pd.DataFrame:
 class EventBuffer:
     """Bounded, persistent buffer of recent events + reservoir (see module doc)."""
 
-    def __init__(self, client: redis.Redis, prefix: str, *, capacity: int,
+    def __init__(self, client: Any, prefix: str, *, capacity: int,
                  reservoir: int = 0, seed: int = 0) -> None:
-        self.r = client
-        self.p = f"{prefix}:trainer"
+        self._r = client  # sync Redis or RedisCluster
         self.capacity = int(capacity)
         self.reservoir = int(reservoir)
         self.seed = int(seed)
-        self.k_recent = f"{self.p}:recent"
-        self.k_res = f"{self.p}:reservoir"
-        self.k_seq = f"{self.p}:seq"
-        self.k_off = f"{self.p}:offsets"
-        self.seq = int(self.r.get(self.k_seq) or 0)
+        self.k_recent = self.recent_key(keys.check_prefix(prefix))
+        self.k_res = keys.trainer_key(prefix, "reservoir")
+        self.k_seq = keys.trainer_key(prefix, "seq")
+        self.k_off = keys.trainer_key(prefix, "offsets")
+        self.seq = int(self._r.get(self.k_seq) or 0)
         self.offsets: dict[str, int] = {
-            k.decode(): int(v) for k, v in self.r.hgetall(self.k_off).items()
+            k.decode(): int(v) for k, v in self._r.hgetall(self.k_off).items()
         }
+
+    @staticmethod
+    def recent_key(prefix: str) -> str:
+        """Name of the recent-events list: it also identifies the buffer in a
+        checkpoint's metadata (what ``trained_through_seq`` counts in)."""
+        return keys.trainer_key(prefix, "recent")
 
     # -- writing -----------------------------------------------------------
     def fresh(self, topic: str, partition: int, offset: int) -> bool:
@@ -125,7 +135,7 @@ class EventBuffer:
         items = [raw[i * REC.itemsize:(i + 1) * REC.itemsize] for i in range(n)]
         slots = reservoir_slots(self.seed, recs["seq"], self.reservoir)
         res = {int(s): items[i] for i, s in enumerate(slots.tolist()) if s >= 0}  # last write wins
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self._r.pipeline(transaction=True)
         if items:
             pipe.rpush(self.k_recent, *items)
             pipe.ltrim(self.k_recent, -self.capacity, -1)
@@ -141,20 +151,20 @@ class EventBuffer:
 
     # -- reading -----------------------------------------------------------
     def __len__(self) -> int:
-        return int(self.r.llen(self.k_recent))
+        return int(self._r.llen(self.k_recent))
 
     def recent(self) -> np.ndarray:
         """Packed records of the recent window, oldest first."""
-        return _unpack(self.r.lrange(self.k_recent, 0, -1))
+        return _unpack(self._r.lrange(self.k_recent, 0, -1))
 
     def sample(self) -> np.ndarray:
         """Packed records of the reservoir, in seq order."""
-        recs = _unpack(list(self.r.hvals(self.k_res)))
+        recs = _unpack(list(self._r.hvals(self.k_res)))
         return recs[np.argsort(recs["seq"], kind="stable")]
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """(recent, reservoir) read in one transaction (a consistent view)."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self._r.pipeline(transaction=True)
         pipe.lrange(self.k_recent, 0, -1)
         pipe.hvals(self.k_res)
         recent, res = pipe.execute()
@@ -162,7 +172,7 @@ class EventBuffer:
         return _unpack(recent), res[np.argsort(res["seq"], kind="stable")]
 
     def clear(self) -> None:
-        self.r.delete(self.k_recent, self.k_res, self.k_seq, self.k_off)
+        self._r.delete(self.k_recent, self.k_res, self.k_seq, self.k_off)
         self.seq = 0
         self.offsets = {}
 

@@ -1,8 +1,10 @@
 """Per-user state in Redis, written together with its Kafka watermarks.
 
-One hash per user, ``<prefix>:u:<user_id>``, with fields
+One hash per user, ``{<prefix>:<bucket>}:u:<user_id>`` (names built by
+:mod:`core.repos.keys`), with fields
 
 * ``s``: the model state bytes (``models.state`` format; carries the model version),
+* ``l``: the layout version of this hash (:data:`core.repos.keys.LAYOUT`),
 * ``o:<topic>:<partition>``: the offset of the last event from that source
   (topic, partition) folded into ``s`` -- one field per source.
 
@@ -13,11 +15,26 @@ of different sources are unrelated numbers, so a single (partition, offset)
 pair would either skip new events or apply redelivered ones twice.  (Kafka
 topic names cannot contain ``:``, so the field name parses unambiguously.)
 
-Loads are one pipelined round trip; stores are one Lua script call, so a
-state and its watermarks are always written together (atomically), and a
+Loads are one pipelined round trip; stores are one Lua script call *per
+user*, all pipelined (one round trip per Redis node): a user's state and
+watermarks are one hash, so each write is atomic on one Redis and on a Redis
+Cluster alike (a script may only touch keys of one slot, and each call's keys
+-- the user's hash and its bucket's users counter -- share a hash tag).  A
 write that brings nothing newer than the stored watermarks is dropped.  The
 worker skips any event at or below its source's watermark, so redelivery
 after a crash never applies an event twice.
+
+Layout: a hash whose ``l`` is another layout (written by another version of
+this program) is not read: :meth:`StateStore.load` hands it back as a fresh
+user with :attr:`Stored.foreign` set to a :class:`StateLayoutError` (a
+``StateMismatch``) whose message says what to do; the worker resets such a
+user (and can count them), and its next write replaces the hash whole.
+Hashes without ``l`` predate layouts and are read.
+
+Durability: with ``wait_replicas`` > 0 every store ends with ``WAIT`` on each
+master it wrote to and fails (:class:`StateNotDurable`) unless that many
+replicas acknowledged; the worker then exits without committing offsets, so
+a failover cannot lose a write whose events Kafka already counts as consumed.
 
 Hashes written before per-source watermarks (fields ``p``/``o``) are read as
 a watermark for partition ``p`` of any topic (what they meant then) and lose
@@ -27,47 +44,56 @@ those fields on their next write.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
-import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from core.redis_conn import queue_wait
+from core.repos import keys
+from fbp_errors import InfrastructureError, StateMismatch
 
 #: (topic, partition, offset) of the last event of one source in a stored state
 Mark = tuple[str, int, int]
 
-# KEYS: user keys.  ARGV: users-counter key, then per key: blob, n, and n
-# (field, offset) pairs.  A write lands when the key is new or some source's
-# offset moved forward; each watermark only ever grows, so a zombie worker
-# replaying old offsets cannot overwrite newer state or move a mark back.
+# KEYS: the user's hash, its bucket's users counter (same hash tag, so one
+# slot).  ARGV: layout, blob, then (field, offset) pairs.  A write lands when
+# the key is new or some source's offset moved forward; each watermark only
+# ever grows, so a zombie worker replaying old offsets cannot overwrite newer
+# state or move a mark back.  A hash of another layout is replaced whole.
 _STORE_LUA = """
-local counter = ARGV[1]
-local a = 2
-local created, written = 0, 0
-for _, key in ipairs(KEYS) do
-  local blob, n = ARGV[a], tonumber(ARGV[a + 1])
-  a = a + 2
-  local new = redis.call('HEXISTS', key, 's') == 0
-  local newer = new
-  local sets = {}
-  for j = 1, n do
-    local f, o = ARGV[a], tonumber(ARGV[a + 1])
-    a = a + 2
-    local cur = tonumber(redis.call('HGET', key, f))
-    if (not cur) or cur < o then
-      newer = true
-      sets[#sets + 1] = f
-      sets[#sets + 1] = o
-    end
-  end
-  if new then created = created + 1 end
-  if newer then
-    redis.call('HSET', key, 's', blob, unpack(sets))
-    redis.call('HDEL', key, 'p', 'o')
-    written = written + 1
+local key, layout, blob = KEYS[1], ARGV[1], ARGV[2]
+local was = redis.call('HGET', key, 'l')
+local foreign = was and was ~= layout
+if foreign then redis.call('DEL', key) end
+local new = redis.call('HEXISTS', key, 's') == 0
+local newer = new
+local sets = {}
+for a = 3, #ARGV, 2 do
+  local f, o = ARGV[a], tonumber(ARGV[a + 1])
+  local cur = tonumber(redis.call('HGET', key, f))
+  if (not cur) or cur < o then
+    newer = true
+    sets[#sets + 1] = f
+    sets[#sets + 1] = o
   end
 end
-if created > 0 then redis.call('INCRBY', counter, created) end
-return {written, created}
+if not newer then return {0, 0} end
+redis.call('HSET', key, 's', blob, 'l', layout, unpack(sets))
+redis.call('HDEL', key, 'p', 'o')
+if new and not foreign then
+  redis.call('INCR', KEYS[2])
+  return {1, 1}
+end
+return {1, 0}
 """
+
+
+class StateLayoutError(StateMismatch):
+    """A stored state hash of a layout this version cannot read."""
+
+
+class StateNotDurable(InfrastructureError):
+    """Fewer replicas than ``wait_replicas`` acknowledged a state write in time."""
 
 
 def mark_field(topic: str, partition: int) -> str:
@@ -80,10 +106,12 @@ class Stored:
     """What Redis holds for one user (``blob`` None for a user never seen).
 
     ``marks`` maps (topic, partition) to the last folded-in offset; a legacy
-    single watermark is stored under topic ``None`` (any topic)."""
+    single watermark is stored under topic ``None`` (any topic).  ``foreign``
+    is set (and ``blob`` None) when Redis holds a state of another layout."""
 
     blob: bytes | None
     marks: dict[tuple[str | None, int], int] = field(default_factory=dict)
+    foreign: StateLayoutError | None = None
 
     def covers(self, topic: str, partition: int, offset: int) -> bool:
         """True when the event at (topic, partition, offset) is already folded in."""
@@ -96,12 +124,19 @@ class Stored:
 
 
 _EMPTY = Stored(None)
+_LAYOUT = str(keys.LAYOUT).encode()
 
 
-def _parse(h: dict[bytes, bytes]) -> Stored:
+def _parse(prefix: str, user_id: int, h: dict[bytes, bytes]) -> Stored:
     blob = h.get(b"s")
     if blob is None:
         return _EMPTY
+    layout = h.get(b"l")
+    if layout is not None and layout != _LAYOUT:
+        return Stored(None, foreign=StateLayoutError(
+            f"user {user_id}: stored state has layout {layout.decode(errors='replace')}, this version "
+            f"reads layout {keys.LAYOUT}; run the matching version, or drop the states of prefix "
+            f"{prefix!r} (the worker resets such users when it meets them)"))
     marks: dict[tuple[str | None, int], int] = {}
     for f, v in h.items():
         if f.startswith(b"o:"):
@@ -113,46 +148,107 @@ def _parse(h: dict[bytes, bytes]) -> Stored:
 
 
 class StateStore:
-    """Async access to the user states of one deployment (one key prefix)."""
+    """Async access to the user states of one deployment (one key prefix);
+    ``client`` is an asyncio Redis or RedisCluster client."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "fbp") -> None:
+    def __init__(self, client: Any, prefix: str = "fbp", *,
+                 wait_replicas: int = 0, wait_timeout_ms: int = 1000) -> None:
         self.client = client
-        self.prefix = prefix
-        self.users_key = f"{prefix}:meta:users"
+        self.prefix = keys.check_prefix(prefix)
+        self.wait_replicas = int(wait_replicas)
+        self.wait_timeout_ms = int(wait_timeout_ms)
         self._store = client.register_script(_STORE_LUA)
 
+    @classmethod
+    def from_settings(cls, client: Any, redis_settings: Any) -> StateStore:
+        """The store as ``RedisSettings`` configure it (prefix, WAIT)."""
+        r = redis_settings
+        return cls(client, r.key_prefix, wait_replicas=r.wait_replicas, wait_timeout_ms=r.wait_timeout_ms)
+
     def key(self, user_id: int) -> str:
-        return f"{self.prefix}:u:{user_id}"
+        return keys.state_key(self.prefix, user_id)
 
     async def load(self, user_ids: Sequence[int]) -> list[Stored]:
-        """States and watermarks of ``user_ids`` in one round trip."""
+        """States and watermarks of ``user_ids`` in one round trip (per node)."""
         if not user_ids:
             return []
         pipe = self.client.pipeline(transaction=False)
         for u in user_ids:
             pipe.hgetall(self.key(u))
-        return [_parse(h) for h in await pipe.execute()]
+        return [_parse(self.prefix, u, h) for u, h in zip(user_ids, await pipe.execute())]
 
     async def store(self, rows: Sequence[tuple[int, bytes, Sequence[Mark]]]) -> tuple[int, int]:
-        """Write (user_id, blob, [(topic, partition, offset), ...]) rows atomically:
-        the state with the last offset of each source it folded in.
+        """Write (user_id, blob, [(topic, partition, offset), ...]) rows, each
+        atomically: the state with the last offset of each source it folded in.
 
-        Returns (rows written, users created)."""
+        Returns (rows written, users created).  Raises StateNotDurable when
+        ``wait_replicas`` replicas did not acknowledge in time."""
         if not rows:
             return 0, 0
-        keys = [self.key(u) for u, _, _ in rows]
-        args: list[bytes | str | int] = [self.users_key]
-        for _, blob, marks in rows:
-            args.extend((blob, len(marks)))
+        replies = await self._send(rows)
+        if any(isinstance(x, NoScriptError) for x in replies):
+            # a restarted or promoted node has no script cache; the writes are
+            # conditional, so sending them all again is harmless
+            await self.client.script_load(_STORE_LUA)
+            replies = await self._send(rows)
+        for x in replies:
+            if isinstance(x, Exception):
+                raise x
+        written = sum(int(w) for w, _ in replies[:len(rows)])
+        created = sum(int(c) for _, c in replies[:len(rows)])
+        self._check_acks(replies[len(rows):])
+        return written, created
+
+    async def _send(self, rows: Sequence[tuple[int, bytes, Sequence[Mark]]]) -> list[Any]:
+        """One EVALSHA per user and, with WAIT, one WAIT per master, pipelined."""
+        pipe = self.client.pipeline(transaction=False)
+        layout, sha = keys.LAYOUT, self._store.sha
+        for u, blob, marks in rows:
+            args: list[bytes | str | int] = [layout, blob]
             for t, p, o in marks:
                 args.extend((mark_field(t, p), o))
-        written, created = await self._store(keys=keys, args=args)
-        return int(written), int(created)
+            # execute_command: the cluster pipeline blocks its evalsha() helper, not
+            # the command (it routes EVALSHA by its declared keys)
+            pipe.execute_command("EVALSHA", sha, 2, self.key(u),
+                                 keys.users_key(self.prefix, keys.state_bucket(u)), *args)
+        if self.wait_replicas:
+            queue_wait(self.client, pipe, self.wait_replicas, self.wait_timeout_ms)
+            # with WAIT, a MOVED write must not be retried on another connection,
+            # which WAIT would not cover: fail the batch instead (redelivered)
+            if hasattr(pipe, "cluster_client"):
+                return await pipe.execute(raise_on_error=False, allow_redirections=False)
+        return await pipe.execute(raise_on_error=False)
+
+    def _check_acks(self, acks: Sequence[Any]) -> None:
+        short = [int(a) for a in acks if int(a) < self.wait_replicas]
+        if short:
+            raise StateNotDurable(
+                f"state write acknowledged by {min(short)} of the {self.wait_replicas} replica(s) asked "
+                f"for within {self.wait_timeout_ms} ms; not committing (a failover could lose it): "
+                "check the Redis replicas, or lower redis.wait_replicas")
 
     async def users(self) -> int:
-        """Number of users with a stored state."""
-        v = await self.client.get(self.users_key)
-        return int(v or 0)
+        """Number of users with a stored state (the buckets' counters summed)."""
+        pipe = self.client.pipeline(transaction=False)
+        for b in range(keys.STATE_BUCKETS):
+            pipe.get(keys.users_key(self.prefix, b))
+        return sum(int(v or 0) for v in await pipe.execute())
 
     async def get(self, user_id: int) -> Stored:
+        """One user's state (a state of another layout: blob None, ``foreign`` set)."""
         return (await self.load([user_id]))[0]
+
+    async def user_ids(self) -> list[int]:
+        """Every user with a stored state (a SCAN of all nodes: for tools, not the hot path)."""
+        out = [int(k.rsplit(b":", 1)[1]) async for k in
+               self.client.scan_iter(match=keys.state_pattern(self.prefix), count=5000)]
+        return sorted(out)
+
+    async def drop(self) -> int:
+        """Delete every user state and users counter of this prefix; returns keys removed."""
+        names = [k async for k in self.client.scan_iter(match=keys.state_pattern(self.prefix), count=5000)]
+        names += [keys.users_key(self.prefix, b) for b in range(keys.STATE_BUCKETS)]
+        n = 0
+        for i in range(0, len(names), 1000):
+            n += int(await self.client.unlink(*names[i:i + 1000]))
+        return n

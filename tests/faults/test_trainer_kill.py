@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import httpx
-import orjson
 import pytest
 
 from stack import procs
@@ -33,6 +32,7 @@ def test_trainer_sigkill_during_finetune(scenario):
     from core.repos.models import ModelStore
     from core.redis_conn import sync_redis
     from core.repos.buffer import EventBuffer
+    from core.repos.trainer import TrainerStore
 
     sc = scenario("trainer_sigkill", port=6195, seed=3)
     ns = sc.ns
@@ -52,8 +52,7 @@ def test_trainer_sigkill_during_finetune(scenario):
     })
     r = sync_redis(sc.settings.redis)
     store = ModelStore(r, ns.prefix)
-    req_key = f"{ns.prefix}:trainer:requests"
-    decisions_key = f"{ns.prefix}:trainer:decisions"
+    control = TrainerStore(r, ns.prefix)
 
     worker = sc.start_worker()
     before = (store.current(), store.versions(), _serving(worker))
@@ -62,7 +61,7 @@ def test_trainer_sigkill_during_finetune(scenario):
     sc.feed(rate=800)
     try:
         sc.wait_fraction(0.3)
-        r.rpush(req_key, orjson.dumps({"at": time.time(), "by": "fault-test"}))
+        control.request_finetune(by="fault-test")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             h = _health(trainer)
@@ -81,17 +80,17 @@ def test_trainer_sigkill_during_finetune(scenario):
         # the serving model is unaffected
         after = (store.current(), store.versions(), _serving(worker))
         assert after == before, (before, after)
-        assert r.llen(decisions_key) == 0, "the killed run must not have recorded a decision"
+        assert control.decisions() == [], "the killed run must not have recorded a decision"
 
         trainer = procs.start_trainer(tport, sc.logdir, tenv)
         procs.wait_healthy(trainer, timeout=120)
-        r.rpush(req_key, orjson.dumps({"at": time.time(), "by": "fault-test"}))
+        control.request_finetune(by="fault-test")
         deadline = time.monotonic() + 240
-        while r.llen(decisions_key) == 0 and time.monotonic() < deadline:
+        while not control.decisions(1) and time.monotonic() < deadline:
             assert trainer.alive(), trainer.tail()
             time.sleep(0.5)
-        assert r.llen(decisions_key) > 0, "the restarted trainer never finished a run:\n" + trainer.tail()
-        rec = orjson.loads(r.lindex(decisions_key, 0))
+        assert control.decisions(1), "the restarted trainer never finished a run:\n" + trainer.tail()
+        rec = control.decisions(1)[0]
         print(f"  next run: outcome={rec.get('outcome')} trigger={rec.get('trigger')} "
               f"error={rec.get('error')}")
         assert rec["outcome"] in ("rejected", "skipped", "promoted") and rec["outcome"] != "failed"

@@ -1,0 +1,200 @@
+"""The Redis repositories on one Redis and on a local Redis Cluster (3 masters
++ 3 replicas, tests/rediscluster.py): same code, same results; key groups
+that move together share a slot; and a master failover loses no state write
+that was acknowledged with ``wait_replicas``.
+
+Durability, plainly: Redis replication is asynchronous.  A master
+acknowledges a write before its replica has it; if the master dies in that
+window its replica is promoted without the write, and the worker -- which has
+already committed the Kafka offsets of those events -- never applies them
+again: the users' states silently miss them.  What makes the promise hold:
+
+* ``FBP_REDIS__WAIT_REPLICAS=1``: each state write ends with ``WAIT 1`` on
+  every master it touched; fewer acknowledgements fail the batch
+  (StateNotDurable), the worker exits without committing, and the batch is
+  redelivered (the watermark makes the replay idempotent);
+* ``min-replicas-to-write 1`` (+ ``min-replicas-max-lag``) on the servers:
+  a master cut off from its replicas refuses writes at all, so a
+  partitioned old master cannot take writes that the promotion discards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import redis
+from redis.crc import key_slot
+
+from core.redis_conn import async_redis, sync_redis
+from core.repos import keys
+from core.repos.buffer import BufferedEvent, EventBuffer
+from core.repos.models import ModelStore
+from core.repos.states import StateNotDurable, StateStore
+from core.repos.trainer import TrainerStore
+from fbp_errors import CheckpointError
+from tests.rediscluster import PORTS, local_cluster, redis_cfg  # noqa: F401  (fixtures)
+
+
+def test_model_store_publish_load_rollback(redis_cfg):
+    from models.registry import build
+
+    r = sync_redis(redis_cfg)
+    store = ModelStore(r, redis_cfg.key_prefix)
+    assert store.current() is None and store.versions() == []
+    store.ensure_seq_at_least(6)  # serving a local checkpoint of version 6
+    a = store.publish(build("baseline"), {"model": "baseline"})
+    b = store.publish(build("baseline"), {"model": "baseline"})
+    assert (a.version, b.version) == (7, 8)
+    store.ensure_seq_at_least(2)  # a counter that exists is left alone
+    assert store.versions() == [7, 8] and store.current().version == 8
+    assert store.load(7).version == 7 and store.blob(7) is not None and store.blob(99) is None
+    assert store.rollback().version == 7 and store.current().version == 7
+    assert [h["reason"] for h in store.history()][:2] == ["rollback from 8", "publish"]
+    with pytest.raises(CheckpointError, match="not published"):
+        store.load(99)
+    r.close()
+
+
+def test_event_buffer_and_trainer_control(redis_cfg):
+    r = sync_redis(redis_cfg)
+    buf = EventBuffer(r, redis_cfg.key_prefix, capacity=50, reservoir=20, seed=1)
+    evs = [BufferedEvent(i % 7, 1 + i, 3.0, 1000 + i) for i in range(120)]
+    for a in range(0, 120, 40):
+        buf.append(evs[a:a + 40], {("ratings", 0): a + 40})
+    again = EventBuffer(r, redis_cfg.key_prefix, capacity=50, reservoir=20, seed=1)
+    assert again.seq == 120 and len(again) == 50
+    recent, sample = again.snapshot()
+    assert recent["seq"].tolist() == list(range(70, 120)) and len(sample) == 20
+    assert np.array_equal(sample, again.sample())
+    assert not again.fresh("ratings", 0, 119) and again.fresh("ratings", 0, 120)
+    assert EventBuffer.recent_key(redis_cfg.key_prefix) == again.k_recent
+
+    ctl = TrainerStore(r, redis_cfg.key_prefix)
+    assert ctl.pop_request() is None
+    ctl.request_finetune(by="test")
+    assert ctl.pending_requests() == 1 and ctl.pop_request()["by"] == "test"
+    ctl.save_state(runs=3, last_run_seq=120)
+    assert ctl.state() == {"runs": "3", "last_run_seq": "120"}
+    for i in range(205):
+        ctl.log_decision({"i": i})
+    got = ctl.decisions()
+    assert len(got) == 200 and got[0] == {"i": 204}
+    again.clear()
+    assert EventBuffer(r, redis_cfg.key_prefix, capacity=50).seq == 0
+    r.close()
+
+
+def test_key_groups_share_a_slot():
+    """What one MULTI or script touches must hash to one slot (the cluster
+    refuses otherwise); user states must spread over many slots."""
+    p = "fbp"
+    model = {key_slot(keys.model_key(p, *k).encode()) for k in
+             [("seq",), ("current",), ("history",), ("v", 3), ("v", 3, "meta")]}
+    trainer = {key_slot(keys.trainer_key(p, k).encode()) for k in
+               ["recent", "reservoir", "seq", "offsets", "requests", "state", "decisions"]}
+    assert len(model) == 1 and len(trainer) == 1
+    for u in (0, 1, 1023, 1024, 98765):
+        b = keys.state_bucket(u)
+        assert key_slot(keys.state_key(p, u).encode()) == key_slot(keys.users_key(p, b).encode())
+    spread = {key_slot(keys.state_key(p, u).encode()) for u in range(5000)}
+    assert len(spread) > 900
+
+
+# -- failover ---------------------------------------------------------------------
+def _node(port: int) -> redis.Redis:
+    return redis.Redis(port=port, socket_connect_timeout=1)
+
+
+def _kill_and_remember(port: int) -> list[str]:
+    """SIGKILL the redis-server on ``port``; returns the command that restarts it
+    (same dir and nodes.conf, so it rejoins as a replica of its successor)."""
+    n = _node(port)
+    pid = int(n.info("server")["process_id"])
+    cfg = {k: n.config_get(k)[k] for k in ("dir", "cluster-config-file", "cluster-node-timeout", "logfile")}
+    os.kill(pid, signal.SIGKILL)
+    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", cfg["dir"],
+            "--cluster-enabled", "yes", "--cluster-config-file", cfg["cluster-config-file"],
+            "--cluster-node-timeout", cfg["cluster-node-timeout"], "--appendonly", "no", "--save", "",
+            "--logfile", cfg["logfile"]]
+
+
+def _healed(masters_wanted: int = 3) -> bool:
+    masters = replicas_up = 0
+    for port in PORTS:
+        try:
+            info = _node(port).info("replication")
+        except redis.ConnectionError:
+            return False
+        if info["role"] == "master":
+            masters += 1
+        elif info.get("master_link_status") == "up":
+            replicas_up += 1
+    return masters == masters_wanted and replicas_up == 6 - masters_wanted
+
+
+@pytest.mark.slow
+def test_master_failover_loses_no_acknowledged_write(redis_cfg, local_cluster):  # noqa: F811
+    """Kill -9 the master that owns user 0 while batches of 200 users are
+    stored with wait_replicas=1.  Every batch either raises (not durable: the
+    worker would not commit it) or is on a replica; after the failover each
+    user holds at least its last acknowledged write."""
+    if not redis_cfg.cluster:
+        pytest.skip("failover needs the cluster")
+    restart: list[str] = []
+    victim = None
+
+    async def go() -> tuple[dict[int, int], int]:
+        nonlocal restart, victim
+        client = async_redis(redis_cfg)
+        store = StateStore(client, redis_cfg.key_prefix, wait_replicas=1, wait_timeout_ms=500)
+        users = list(range(200))
+        acked: dict[int, int] = {}
+        refused = 0
+        b = 0
+        deadline = time.monotonic() + 240
+        while b < 40 and time.monotonic() < deadline:
+            if b == 15 and victim is None:
+                victim = client.get_node_from_key(store.key(0)).port
+                restart = _kill_and_remember(victim)
+            if refused >= 3 and restart:  # WAIT was refused: give the new master its replica back
+                proc = subprocess.Popen(restart, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if local_cluster.owned:
+                    local_cluster.procs.append(proc)  # stopped with the cluster
+                restart = []
+            rows = [(u, f"b{b}".encode(), [("r", 0, b)]) for u in users]
+            try:
+                await store.store(rows)
+            except (StateNotDurable, redis.RedisError):
+                refused += 1  # a worker exits 75 here; Kafka redelivers the batch
+                await asyncio.sleep(0.3)
+                continue
+            acked.update((u, b) for u in users)
+            b += 1
+        await client.aclose()
+        return acked, refused
+
+    acked, refused = asyncio.run(go())
+    assert victim is not None and not restart, "the killed master was never restarted"
+    end = time.monotonic() + 60
+    while not _healed() and time.monotonic() < end:
+        time.sleep(0.5)
+    assert _healed(), "the cluster did not heal after the failover"
+
+    async def check() -> list:
+        client = async_redis(redis_cfg)
+        got = await StateStore(client, redis_cfg.key_prefix).load(list(acked))
+        await client.aclose()
+        return got
+
+    got = asyncio.run(check())
+    lost = [u for u, s in zip(acked, got) if s.marks.get(("r", 0), -1) < acked[u]]
+    print(f"  failover of master :{victim}: {len(acked)} users, {refused} store calls refused "
+          f"as not durable or failed, {len(lost)} acknowledged writes lost")
+    assert refused > 0, "the promoted master had no replica, yet WAIT 1 was satisfied"
+    assert lost == []
