@@ -33,12 +33,71 @@ def _host_ports(service: dict) -> set[int]:
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
-def test_compose_config_is_valid():
+@pytest.mark.parametrize("profile", [[], ["--profile", "cluster"]], ids=["default", "cluster"])
+def test_compose_config_is_valid(profile):
     res = subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE), "config", "-q"],
+        ["docker-compose", "-f", str(COMPOSE), *profile, "config", "-q"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
+
+
+CLUSTER_SERVICES = {f"kafka-{i}" for i in (1, 2, 3)} | {f"redis-node-{i}" for i in range(1, 7)} | {
+    "redis-cluster-init", "init-topics-cluster"}
+
+
+def test_cluster_profile_is_separate(compose):
+    svc = compose["services"]
+    assert CLUSTER_SERVICES <= set(svc)
+    assert all(svc[n].get("profiles") == ["cluster"] for n in CLUSTER_SERVICES)
+    assert not any("profiles" in v for n, v in svc.items() if n not in CLUSTER_SERVICES)
+
+
+def test_cluster_profile_kafka_matches_local_cluster(compose):
+    """Same ports, replication and min.insync as `fbp stack up --kafka-brokers 3`."""
+    from stack.kafka_cluster import client_env, client_ports
+
+    s = load_settings(stack={"kafka_brokers": 3})
+    want = client_env(s)
+    svc = compose["services"]
+    for i, port in enumerate(client_ports(s), start=1):
+        node = svc[f"kafka-{i}"]
+        env = node["environment"]
+        assert _host_ports(node) == {port}
+        assert env["KAFKA_NODE_ID"] == str(i)
+        assert f"EXTERNAL://127.0.0.1:{port}" in env["KAFKA_ADVERTISED_LISTENERS"]
+        assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].count("@") == 3
+        assert env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == want["FBP_KAFKA__REPLICATION_FACTOR"] == "3"
+        assert env["KAFKA_MIN_INSYNC_REPLICAS"] == want["FBP_KAFKA__MIN_INSYNC_REPLICAS"] == "2"
+        assert env["KAFKA_NUM_PARTITIONS"] == str(s.kafka.partitions)
+    assert len({svc[f"kafka-{i}"]["environment"]["CLUSTER_ID"] for i in (1, 2, 3)}) == 1
+
+
+def test_cluster_profile_topics_env_is_valid_config(compose, monkeypatch):
+    env = compose["services"]["init-topics-cluster"]["environment"]
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(v))
+    s = load_settings()
+    assert len(s.kafka.servers) == 3
+    assert (s.kafka.replication_factor, s.kafka.min_insync_replicas) == (3, 2)
+
+
+def test_cluster_profile_redis_matches_local_cluster(compose):
+    """Six nodes on the local cluster's ports, joined 1 replica per master."""
+    from stack.redis_cluster import REPLICAS_PER_MASTER, ports
+
+    want = ports(load_settings())
+    svc = compose["services"]
+    got = []
+    for i in range(1, 7):
+        cmd = svc[f"redis-node-{i}"]["command"]
+        assert cmd[cmd.index("--cluster-enabled") + 1] == "yes"
+        assert "--appendonly" in cmd
+        got.append(int(cmd[cmd.index("--port") + 1]))
+    assert got == want
+    init = svc["redis-cluster-init"]["command"]
+    assert [a for a in init if a.startswith("127.0.0.1:")] == [f"127.0.0.1:{p}" for p in want]
+    assert init[init.index("--cluster-replicas") + 1] == str(REPLICAS_PER_MASTER)
 
 
 def test_compose_ports_match_settings(compose):
@@ -56,7 +115,7 @@ def test_compose_ports_match_settings(compose):
 
 
 def test_compose_services_present(compose):
-    assert {"kafka", "redis", "prometheus", "grafana", "worker", "trainer", "producer"} <= set(
+    assert {"kafka", "redis", "prometheus", "grafana", "worker", "trainer", "producer", "init-topics"} <= set(
         compose["services"]
     )
     assert compose["services"]["kafka"]["image"] == "apache/kafka:3.9.1"
