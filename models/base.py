@@ -90,9 +90,13 @@ class Unpacked(NamedTuple):
 class RatingModel(nn.Module, abc.ABC):
     """Shared weights plus a fixed-size per-user state.
 
-    Subclasses implement every ``@abstractmethod``; the concrete methods here
-    (initial states, final state, candidates, packing, device) are built on
-    them and are not meant to be overridden.
+    A family implements every ``@abstractmethod`` (Python refuses to build
+    one that misses any).  ``set_movies``, ``genre_names``, ``movie_genres``,
+    ``init_from_data`` and ``movie_l2`` have do-nothing defaults to override
+    when the family has side information or trainable movie tables.  The rest
+    (``init_state``, ``final_state``, ``candidate_ids``, ``pack_states``,
+    ``unpack_states``, ``state_bytes``, ``device``) is built on those and is
+    not overridden.
     """
 
     #: registry name ("lstm", "cnn", "mf", "baseline", "toy"); stored in state

@@ -1,5 +1,9 @@
 """Per-user state slices <-> compact bytes, and the state-after-swap policy.
 
+Callers outside ``models/`` go through the protocol
+(:meth:`models.base.RatingModel.pack_states`, ``unpack_states``,
+``rederive``), which delegates here.
+
 Blob layout (all little-endian)::
 
     magic  b"FBPS"            4 bytes
@@ -13,7 +17,7 @@ Blob layout (all little-endian)::
 The payload uses each tensor's dtype from ``state_spec`` (float32, int64,
 int16).  Bytes per user at default hparams (W=32; payload + header):
 baseline 670 + 26 = 696, cnn (k=8) 1022 + 21 = 1043, mf (k=10) 1190 + 20 = 1210,
-lstm (hidden=32, k=4) 1038 + 22 = 1060.  The generic part (count, mean,
+lstm (hidden=32, k=4) 1038 + 22 = 1060, toy 662 + 21 = 683.  The generic part (count, mean,
 last_ts, window of 32 events, win_len) is 662 bytes of that.
 
 Model version changes keep the layout (same fingerprint) but make a user's
