@@ -197,7 +197,7 @@ async def _predictor_loop(settings: Settings, ns: Namespace, n: int, batch_size:
     try:
         while done < n:
             got = await cons.getmany(timeout_ms=int(w.batch_timeout_s * 1000), max_records=batch_size)
-            msgs = [Incoming(m.value, m.partition, m.offset, m.timestamp / 1000.0, m.topic)
+            msgs = [Incoming(m.value, m.partition, m.offset, m.timestamp / 1000.0, m.topic, m.key)
                     for recs in got.values() for m in recs]
             if msgs:
                 await pred.process(msgs)

@@ -1,9 +1,12 @@
 """The wire contract: what a rating event and a prediction look like on Kafka.
 
-Rating events arrive from anywhere, so :func:`decode_rating` trusts nothing:
-every malformed payload becomes a :class:`Rejection` with one of the stable
-:data:`REJECT_REASONS` codes (counted in metrics, routed to the DLQ) instead of
-an exception that would stall a partition.  It runs once per event in the
+Rating events arrive from anywhere, so the worker trusts nothing: everything
+it learns about one Kafka record goes into a :class:`KafkaRecord`, and
+:func:`classify` turns that into a valid event or a :class:`Rejection` with
+one of the stable :data:`REJECT_REASONS` codes (counted in metrics, routed to
+the DLQ by :func:`dlq_record`, whose output is bounded whatever the record's
+size) instead of an exception that would stall a partition.  The value's
+own checks live in :func:`decode_rating`.  It runs once per event in the
 worker, so it is hand-written checks over :func:`orjson.loads` (a few
 microseconds) rather than a generic validator; ``core/schemas/*.json`` say
 the same thing for other languages and tests keep the two in agreement.
@@ -12,10 +15,11 @@ the same thing for other languages and tests keep the two in agreement.
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import orjson
 
@@ -35,7 +39,18 @@ REJECT_REASONS: tuple[str, ...] = (
     "rating_out_of_range",
     "id_out_of_range",
     "absurd_timestamp",
+    # record-level reasons (appended: the codes above keep their positions)
+    "null_value",       # a tombstone or a key sent without a value
+    "empty_value",      # a zero-length value
+    "bad_key",          # key is not the user id as decimal text (key_policy=refuse)
+    "internal_error",   # an unexpected exception while handling this one record
 )
+
+#: the reasons :func:`decode_rating` gives (about the value's bytes alone)
+VALUE_REASONS: tuple[str, ...] = REJECT_REASONS[:10]
+
+#: what the worker does with a valid event whose key is not its user id
+KEY_POLICIES = ("rekey", "refuse")
 
 _REQUIRED = ("event_id", "user_id", "movie_id", "rating", "ts")
 _ALLOWED = frozenset(_REQUIRED + ("context",))
@@ -55,11 +70,37 @@ class RatingEvent:
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """Why a payload was refused (``reason`` is one of REJECT_REASONS) and the payload."""
+    """Why a record was refused (``reason`` is one of REJECT_REASONS) and its value
+    (None for a null value); ``error_type`` names the exception of an internal_error."""
 
     reason: str
     detail: str
-    raw: bytes
+    raw: bytes | None
+    error_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaRecord:
+    """Everything the worker learns about one Kafka record, as the client gave it.
+
+    ``key``/``value`` are None when absent (Kafka distinguishes null from
+    empty); ``timestamp`` is the record's timestamp in seconds."""
+
+    value: bytes | None
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    topic: str = "ratings"
+    partition: int = 0
+    offset: int = 0
+    timestamp: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Misrouted:
+    """A valid event whose Kafka key is not its user id (``key_policy=rekey``):
+    it must go through the repartition topic before it touches state."""
+
+    event: RatingEvent
 
 
 @dataclass(slots=True)
@@ -176,6 +217,38 @@ def decode_rating(
     return RatingEvent(event_id, user_id, movie_id, rating, ts, context)
 
 
+def classify(
+    rec: KafkaRecord, *, max_payload_bytes: int, min_ts: int, max_ts: int,
+    key_policy: str = "rekey", rekey: bool = True,
+) -> RatingEvent | Misrouted | Rejection:
+    """The one place that decides what a record is; never raises for bad input.
+
+    Value first (null, empty, then :func:`decode_rating`), then the key: a valid
+    event keyed otherwise than by its user id is :class:`Misrouted` under
+    ``key_policy="rekey"`` and a ``bad_key`` rejection under ``"refuse"`` --
+    or always when ``rekey`` is False (records already on the repartition
+    topic were keyed by a worker; a wrong key there is not re-keyed again).
+    """
+    value = rec.value
+    if value is None:
+        return Rejection("null_value", "record has no value (tombstone or key-only record)", None)
+    if len(value) == 0:
+        return Rejection("empty_value", "record value is empty", value)
+    ev = decode_rating(value, max_payload_bytes=max_payload_bytes, min_ts=min_ts, max_ts=max_ts)
+    if isinstance(ev, Rejection) or rec.key == rating_key(ev.user_id):
+        return ev
+    if key_policy == "rekey" and rekey:
+        return Misrouted(ev)
+    shown = "no key" if rec.key is None else f"key {bytes(rec.key[:40])!r}"
+    return Rejection("bad_key", f"{shown} is not user id {ev.user_id} as decimal text", value)
+
+
+def internal_error(exc: BaseException, raw: bytes | None) -> Rejection:
+    """An unexpected exception while handling one record, as its dead letter."""
+    return Rejection("internal_error", _clip(str(exc) or repr(exc), DETAIL_MAX_CHARS), raw,
+                     error_type=type(exc).__name__)
+
+
 def encode_rating(ev: RatingEvent) -> bytes:
     """The canonical JSON of a rating event (``context`` omitted when None)."""
     d: dict[str, Any] = {
@@ -235,24 +308,84 @@ def decode_prediction(raw: bytes) -> PredictionRecord:
         raise ValueError(f"prediction has a malformed field: {exc}") from None
 
 
-def dlq_record(rejection: Rejection, *, topic: str, partition: int, offset: int) -> bytes:
-    """The dead-letter record: why, the original payload, and where it came from.
+DETAIL_MAX_CHARS = 1024
+KEY_PREFIX_BYTES = 256
+MAX_HEADERS = 16
+HEADER_VALUE_BYTES = 256
+HEADER_NAME_CHARS = 256
 
-    The payload is kept verbatim as a string when it is UTF-8, else base64, so
-    it can be inspected and replayed after a fix.
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _prefix(raw: bytes | None, limit: int, *, full_hash: bool) -> dict[str, Any]:
+    """A bounded view of ``raw``: a prefix as UTF-8 text when it decodes (cut at
+    a character boundary), else base64; its size, truncation and sha256."""
+    if raw is None:
+        return {"text": None, "encoding": None, "bytes": None, "truncated": False, "sha256": None}
+    head = raw[:limit]
+    text = enc = None
+    for cut in range(0, 4 if len(raw) > limit else 1):  # a multi-byte char may straddle the cut
+        try:
+            text, enc = head[: len(head) - cut].decode("utf-8"), "utf-8"
+            head = head[: len(head) - cut]
+            break
+        except UnicodeDecodeError:
+            continue
+    if text is None:
+        text, enc = base64.b64encode(head).decode("ascii"), "base64"
+    return {"text": text, "encoding": enc, "bytes": len(raw), "truncated": len(head) < len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest() if full_hash else None}
+
+
+def _headers(headers: Sequence[tuple[str, bytes | None]]) -> list[list[str | None]]:
+    out: list[list[str | None]] = []
+    for name, value in list(headers)[:MAX_HEADERS]:
+        name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+        v = None if value is None else base64.b64encode(bytes(value[:HEADER_VALUE_BYTES])).decode("ascii")
+        out.append([_clip(name, HEADER_NAME_CHARS), v])
+    return out
+
+
+def dlq_record(
+    rejection: Rejection, record: KafkaRecord, *, payload_prefix_bytes: int = 1024, stripped: bool = False,
+) -> bytes:
+    """The dead-letter record: why, a bounded copy of the record, and where it came from.
+
+    Whatever the record's size, the result stays within a few times
+    ``payload_prefix_bytes`` + 16 headers, so it always fits the producer's and
+    the broker's limits; the original can be fetched from ``source`` while
+    retention lasts, and checked against ``payload_sha256``.  ``stripped``
+    drops payload, key and headers (kept: sizes, hash, source) -- the retry
+    after a size error, which must not fail twice.
     """
-    raw = bytes(rejection.raw)
-    try:
-        payload, enc = raw.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        payload, enc = base64.b64encode(raw).decode("ascii"), "base64"
+    raw = None if rejection.raw is None else bytes(rejection.raw)
+    key = None if record.key is None else bytes(record.key)
+    lim, klim = (0, 0) if stripped else (payload_prefix_bytes, KEY_PREFIX_BYTES)
+    p = _prefix(raw, lim, full_hash=True)
+    k = _prefix(key, klim, full_hash=False)
+    if stripped:  # sizes and hash stay; ``stripped`` says why payload and key are null
+        p["text"] = p["encoding"] = k["text"] = k["encoding"] = None
     return orjson.dumps(
         {
             "reason": rejection.reason,
-            "detail": rejection.detail,
-            "payload": payload,
-            "payload_encoding": enc,
-            "source": {"topic": topic, "partition": partition, "offset": offset},
+            "detail": _clip(rejection.detail, DETAIL_MAX_CHARS),
+            "error_type": rejection.error_type,
+            "payload": p["text"],
+            "payload_encoding": p["encoding"],
+            "payload_bytes": p["bytes"],
+            "payload_truncated": p["truncated"],
+            "payload_sha256": p["sha256"],
+            "key": k["text"],
+            "key_encoding": k["encoding"],
+            "key_bytes": k["bytes"],
+            "key_truncated": k["truncated"],
+            "headers": [] if stripped else _headers(record.headers),
+            "headers_truncated": stripped and bool(record.headers) or len(record.headers) > MAX_HEADERS,
+            "stripped": stripped,
+            "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset,
+                       "timestamp": record.timestamp},
             "rejected_at": time.time(),
         }
     )

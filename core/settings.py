@@ -193,6 +193,10 @@ class WorkerSettings(BaseModel):
     """Model used when Redis has no published model."""
     max_payload_bytes: int = Field(4096, ge=128)
     """Larger rating payloads go to the DLQ as oversized_payload."""
+    dlq_payload_prefix_bytes: int = Field(1024, ge=0, le=65536)
+    """Most bytes of a refused record's value copied into its dead letter (size and sha256 always kept)."""
+    key_policy: Literal["rekey", "refuse"] = "rekey"
+    """Valid events not keyed by their user id: rekey (via <ratings>-repartition) or refuse (DLQ bad_key)."""
     # Timestamps outside [min_ts, now + max_future_s] are refused as absurd.
     min_ts: int = 0
     """Earliest acceptable event timestamp (unix s)."""

@@ -1,4 +1,4 @@
-"""The four topics the system uses, created idempotently.
+"""The topics the system uses, created idempotently.
 
 Auto-creation is off on our broker (a typo must not silently create a topic
 with the wrong partition count), so everything that produces or consumes calls
@@ -16,12 +16,21 @@ from core.settings import Settings
 from core.kafka_io import make_admin
 
 
+def repartition_topic(settings: Settings) -> str:
+    """Where workers re-publish valid events that were not keyed by their user
+    id (``worker.key_policy=rekey``), keyed by user id -- Kafka Streams' and
+    Faust's ``group_by`` pattern.  Same partition count as ``ratings``, so a
+    user's re-keyed and directly keyed events land on partitions of one number."""
+    return f"{settings.kafka.ratings_topic}-repartition"
+
+
 def topic_specs(settings: Settings) -> dict[str, int]:
     """Topic name -> partition count.  model-updates has one partition: it is a
     totally ordered log of model versions."""
     k = settings.kafka
     return {
         k.ratings_topic: k.partitions,
+        repartition_topic(settings): k.partitions,
         k.predictions_topic: k.partitions,
         k.dlq_topic: k.partitions,
         k.model_updates_topic: 1,
@@ -80,7 +89,7 @@ def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
 def reset_topics(
     settings: Settings, topics: list[str] | None = None, *, timeout_s: float = 60.0
 ) -> None:
-    """Delete and recreate topics (default: all four), empty and with fresh offsets."""
+    """Delete and recreate topics (default: all of them), empty and with fresh offsets."""
     specs = topic_specs(settings)
     if topics is not None:
         specs = {t: specs[t] for t in topics}

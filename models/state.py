@@ -120,12 +120,15 @@ def parse_header(blob: bytes) -> tuple[str, int, bytes, int]:
 
 def unpack_batch(
     model: RatingModel, blobs: Sequence[bytes | None], device: torch.device | str | None = None
-) -> tuple[State, Tensor]:
-    """Blobs (None = new user) -> (state [B], stale bool[B]).
+) -> tuple[State, Tensor, Tensor]:
+    """Blobs (None = new user) -> (state [B], stale bool[B], foreign bool[B]).
 
     ``stale[i]`` is True when blob i was written under another model version
     (same name and layout): its rows should go through :func:`rederive`.
-    A blob of another model name or state layout raises :class:`StateMismatch`.
+    ``foreign[i]`` is True when blob i cannot be read by ``model`` at all
+    (another model family, another state layout, a malformed blob): its row
+    is left at the initial state -- the caller resets that user (and counts
+    it) rather than stopping, since a family switch must not stop a stream.
     """
     device = device or model.device
     spec = model.state_spec()
@@ -134,21 +137,17 @@ def unpack_batch(
     B = len(blobs)
     state = model.init_state(B, "cpu")
     stale = torch.zeros(B, dtype=torch.bool)
+    foreign = torch.zeros(B, dtype=torch.bool)
     rows: list[int] = []
     payloads: list[bytes] = []
     for i, blob in enumerate(blobs):
         if blob is None:
             continue
-        name, version, fp, off = parse_header(bytes(blob))
-        if name != model.name:
-            raise StateMismatch(f"state of model {name!r} cannot be read by model {model.name!r}")
-        if fp != fp_want:
-            raise StateMismatch(
-                f"state layout of {name!r} differs from the loaded model's (hparams changed); "
-                "drop the stored states or load the matching checkpoint"
-            )
-        if len(blob) - off != sdt.itemsize:
-            raise StateMismatch(f"state payload is {len(blob) - off} bytes, want {sdt.itemsize}")
+        try:
+            version, off = _readable(model, bytes(blob), fp_want, sdt.itemsize)
+        except StateMismatch:
+            foreign[i] = True
+            continue
         if version != (int(model.version) & 0xFFFFFFFF):
             stale[i] = True
         rows.append(i)
@@ -161,7 +160,22 @@ def unpack_batch(
             # via bytes: fresh, aligned, writable memory whatever numpy's strides were
             fresh = np.frombuffer(bytearray(col.tobytes()), dtype=col.dtype.base).reshape(col.shape)
             state[k][idx] = torch.from_numpy(fresh).to(dt)
-    return {k: v.to(device) for k, v in state.items()}, stale.to(device)
+    return {k: v.to(device) for k, v in state.items()}, stale.to(device), foreign.to(device)
+
+
+def _readable(model: RatingModel, blob: bytes, fp_want: bytes, itemsize: int) -> tuple[int, int]:
+    """(version, payload offset) of a blob ``model`` can read; StateMismatch saying why not."""
+    name, version, fp, off = parse_header(blob)
+    if name != model.name:
+        raise StateMismatch(f"state of model {name!r} cannot be read by model {model.name!r}")
+    if fp != fp_want:
+        raise StateMismatch(
+            f"state layout of {name!r} differs from the loaded model's (hparams changed); "
+            "drop the stored states or load the matching checkpoint"
+        )
+    if len(blob) - off != itemsize:
+        raise StateMismatch(f"state payload is {len(blob) - off} bytes, want {itemsize}")
+    return version, off
 
 
 def select(state: State, idx: Tensor) -> State:

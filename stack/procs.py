@@ -175,7 +175,8 @@ class Namespace:
 
         admin = make_admin(self.settings)
         try:
-            admin.delete_topics([self.ratings, self.predictions, self.dlq, self.model_updates])
+            admin.delete_topics([self.ratings, f"{self.ratings}-repartition", self.predictions, self.dlq,
+                                 self.model_updates])
         except Exception:  # noqa: BLE001 - best-effort clean-up
             pass
         finally:

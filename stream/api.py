@@ -32,7 +32,7 @@ from models import state as mstate
 from models.checkpoint import CheckpointError
 from stream import metrics as m
 from stream.app import app
-from stream.predictor import candidate_movies, seen_mask
+from stream.topk import top_k
 from stream.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,12 @@ async def _user_state(user_id: int) -> tuple[Any, mstate.State, bool]:
     model = runtime.model
     stored = await runtime.store.get(user_id)
     device = model.device
-    st, stale = mstate.unpack_batch(model, [stored.blob], device)
+    st, stale, foreign = mstate.unpack_batch(model, [stored.blob], device)
     if bool(stale.any()):
         st = mstate.rederive(model, st)
-    return model, st, stored.blob is not None
+    # a state the serving model cannot read is answered as a new user's (the
+    # worker resets it on the user's next event)
+    return model, st, stored.blob is not None and not bool(foreign.any())
 
 
 @app.page("/health")
@@ -166,12 +168,10 @@ class Top(View):
             uid = _int(user_id, "user_id")
             k = _int(request.query.get("k", "10"), "k", 1, 1001)
             model, st, known = await _user_state(uid)
-            cands = candidate_movies(model)
             with torch.inference_mode():
-                sc = model.score(st, cands).masked_fill(seen_mask(st, cands), float("-inf"))
-                v, ix = torch.topk(sc[0], min(k, cands.numel()))
+                ids, scores = top_k(model, st, k)
             return {"user_id": uid, "known_user": known, "model_version": model.version,
-                    "top": [[int(cands[i]), round(float(s), 4)] for s, i in zip(v, ix)]}
+                    "top": [[a, b] for a, b in zip(ids[0], scores[0])]}
         return await guarded(self, run)
 
 

@@ -14,8 +14,11 @@ import ssl
 import faust
 import redis.exceptions
 
+from core.events import KafkaRecord
 from core.settings import KafkaSettings, get_settings
-from stream.predictor import Incoming
+from core.topics import repartition_topic
+from stream.faults import is_infrastructure
+from stream.predictor import BatchResult, Incoming
 from stream.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -82,34 +85,49 @@ app = faust.App(
     Worker=QuietWorker,
 )
 
+# The ratings topic and its repartition topic (events re-keyed by user id,
+# see worker.key_policy): one agent, so a user's events from both are
+# handled by the batch code that holds the per-source watermarks.
 ratings_topic = app.topic(
-    settings.kafka.ratings_topic, key_type=bytes, value_type=bytes,
+    settings.kafka.ratings_topic, repartition_topic(settings), key_type=bytes, value_type=bytes,
     key_serializer="raw", value_serializer="raw",
 )
 
 
+async def handle_batch(records: list[KafkaRecord]) -> BatchResult:
+    """One micro-batch of records -> predictions, or fail stop.
+
+    Bad records never get here as exceptions: the predictor dead-letters them
+    (``stream.faults`` says which failures are infrastructure).  Whatever
+    does escape -- Redis away longer than the client's retries, Kafka refusing
+    the predictions -- stops the worker *before* the batch is acknowledged:
+    Faust's take_events acks a batch in a ``finally`` even when its body
+    raises, so a failed batch would otherwise have its offsets committed
+    without its states stored (silent loss).  Exiting leaves it uncommitted;
+    the restarted worker (or the group's next owner) gets it again."""
+    try:
+        predictor = await runtime.predictor(app)
+        return await predictor.process(records)
+    except Exception as exc:  # fail stop: see above
+        kind = "infrastructure fault" if is_infrastructure(exc) else "unexpected batch-level error"
+        log.critical("batch of %d records failed (%s); exiting (75) without committing it, "
+                     "it will be redelivered", len(records), kind, exc_info=True)
+        logging.shutdown()
+        os._exit(75)
+
+
+def as_record(e: faust.types.EventT) -> KafkaRecord:
+    """What Faust's event says about its Kafka record."""
+    msg = e.message
+    return Incoming(msg.value, msg.partition, msg.offset, msg.timestamp, msg.topic, msg.key, msg.headers)
+
+
 @app.agent(ratings_topic, concurrency=1)
 async def predict(stream: faust.StreamT) -> None:
-    """Micro-batches of rating events -> predictions (events acked after the batch)."""
+    """Micro-batches of rating records -> predictions (records acked after the batch)."""
     w = settings.worker
     async for events in stream.take_events(w.batch_size, within=w.batch_timeout_s):
-        try:
-            predictor = await runtime.predictor(app)
-            result = await predictor.process([
-                Incoming(e.value, e.message.partition, e.message.offset, e.message.timestamp, e.message.topic)
-                for e in events
-            ])
-        except Exception:
-            # Fail stop.  Faust's take_events acks a batch in a ``finally`` even
-            # when this body raises, so a failed batch (Redis away longer than the
-            # client's retries, Kafka refusing the predictions) would have its
-            # offsets committed without its states stored: silent loss.  Exiting
-            # here, before that ack, leaves the batch uncommitted; the restarted
-            # worker (or the group's next owner) gets it again.
-            log.critical("batch of %d events failed; exiting (75) without committing it, "
-                         "it will be redelivered", len(events), exc_info=True)
-            logging.shutdown()
-            os._exit(75)
+        result = await handle_batch([as_record(e) for e in events])
         live.stats.observe(result)
 
 

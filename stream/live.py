@@ -29,6 +29,8 @@ from typing import Any, Iterable
 
 from faust.web import Request, Response, View
 
+from core.rolling import RollingError, finite_or_none
+
 from stream.api import ApiError, guarded, require_read
 from stream.app import app
 from stream.runtime import runtime
@@ -52,9 +54,7 @@ def _quantile(sorted_values: list[float], q: float) -> float | None:
 
 
 def _num(x: float | None, nd: int = 4) -> float | None:
-    if x is None or not math.isfinite(x):
-        return None
-    return round(float(x), nd)
+    return finite_or_none(x, nd)
 
 
 def _record(rec: Any) -> dict[str, Any]:
@@ -109,7 +109,7 @@ class LiveStats:
         self.model_version: int | None = None
         self._latency: deque[tuple[float, float]] = deque(maxlen=latency_keep)  # (t, ms)
         self._batch_ms: deque[tuple[float, float]] = deque(maxlen=1000)          # (t, ms)
-        self._errors: deque[float] = deque(maxlen=error_window)
+        self._errors = RollingError(error_window)
         self._last: deque[Any] = deque(maxlen=last)
         self._counts: deque[tuple[float, int]] = deque()  # (t, events) for events/s
         self.history: deque[dict[str, Any]] = deque(maxlen=history)
@@ -135,9 +135,7 @@ class LiveStats:
         # Bounded work per batch, whatever its size: the error window only ever
         # holds the last ``error_window`` predictions, and latencies are an even
         # subsample (at most LATENCY_SAMPLES_PER_BATCH) of the batch.
-        errors = self._errors
-        for rec in preds[-errors.maxlen:]:
-            errors.append(float(rec.predicted) - float(rec.actual))
+        self._errors.extend(float(rec.predicted) - float(rec.actual) for rec in preds[-self._errors.window:])
         stride = max(1, len(preds) // self.LATENCY_SAMPLES_PER_BATCH)
         batch_ms = None
         for rec in preds[::stride]:
@@ -175,9 +173,7 @@ class LiveStats:
         horizon = now - self.latency_window_s
         lat = sorted(ms for t, ms in self._latency if t >= horizon)
         bms = [ms for t, ms in self._batch_ms if t >= horizon]
-        errs = list(self._errors)
-        rmse = math.sqrt(sum(e * e for e in errs) / len(errs)) if errs else None
-        mae = sum(abs(e) for e in errs) / len(errs) if errs else None
+        rmse, mae = self._errors.rmse(), self._errors.mae()
         s = {
             "t": round(now, 3),
             "events": self.events,
@@ -214,7 +210,7 @@ class LiveStats:
             "events_per_s": cur["events_per_s"],
             "latency_ms": {"p50": cur["p50_ms"], "p99": cur["p99_ms"], "batch_mean": cur["batch_ms"],
                            "window_s": self.latency_window_s},
-            "error": {"rmse": cur["rmse"], "mae": cur["mae"], "window": self._errors.maxlen,
+            "error": {"rmse": cur["rmse"], "mae": cur["mae"], "window": self._errors.window,
                       "n": len(self._errors)},
             "history": hist,
             "model": model or {"version": self.model_version},

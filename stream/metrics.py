@@ -10,9 +10,10 @@ into RMSE over any range: ``sqrt(rate(sq_sum) / rate(count))``).
 from __future__ import annotations
 
 import math
-from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from core.rolling import RollingError
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -70,6 +71,22 @@ REDERIVED = Counter(
     "User states re-derived from their window after a model swap",
     registry=REGISTRY,
 )
+STATES_RESET = Counter(
+    "fbp_states_reset_total",
+    "User states reset to the initial state because the serving model cannot read them "
+    "(another model family, another state layout, a malformed blob)",
+    ["reason"], registry=REGISTRY,
+)
+REKEYED = Counter(
+    "fbp_events_rekeyed_total",
+    "Valid events not keyed by their user id, re-published to the repartition topic",
+    registry=REGISTRY,
+)
+DLQ_STRIPPED = Counter(
+    "fbp_dlq_stripped_total",
+    "Dead letters re-sent without payload, key and headers after a record-size error",
+    registry=REGISTRY,
+)
 SWAPS = Counter("fbp_model_swaps_total", "Models hot-swapped into this worker", registry=REGISTRY)
 SWAP_REFUSED = Counter(
     "fbp_model_swaps_refused_total", "Published models this worker refused", ["reason"],
@@ -84,27 +101,14 @@ LAST_BATCH = Gauge(
 )
 
 
-class RollingError:
-    """Online RMSE/MAE over the last ``window`` predictions, fed once per batch."""
-
-    def __init__(self, window: int = 2000) -> None:
-        self.errors: deque[float] = deque(maxlen=window)
-
-    def extend(self, errors: list[float]) -> None:
-        """Add a batch of (predicted - actual) errors; bumps the cumulative counters once."""
-        if not errors:
-            return
-        self.errors.extend(errors)
+def publish_errors(rolling: RollingError, errors: list[float]) -> None:
+    """Fold a batch's (predicted - actual) errors into ``rolling``: the
+    cumulative counters are bumped once per batch, the gauges set from the
+    window (the window's arithmetic lives in ``core.rolling``)."""
+    if errors:
+        rolling.extend(errors)
         SQ_ERR.inc(math.fsum(e * e for e in errors))
         ABS_ERR.inc(math.fsum(abs(e) for e in errors))
-
-    def publish(self) -> tuple[float, float]:
-        """Set the gauges from the window (once per batch: at most ``window`` terms)."""
-        n = len(self.errors)
-        if not n:
-            return math.nan, math.nan
-        rmse = math.sqrt(math.fsum(e * e for e in self.errors) / n)
-        mae = math.fsum(abs(e) for e in self.errors) / n
-        ONLINE_RMSE.set(rmse)
-        ONLINE_MAE.set(mae)
-        return rmse, mae
+    if len(rolling):
+        ONLINE_RMSE.set(rolling.rmse())
+        ONLINE_MAE.set(rolling.mae())

@@ -1,23 +1,32 @@
 """The work of one micro-batch, independent of Faust.
 
-For a batch of raw Kafka messages:
+:meth:`Predictor.process` reads as its stages, named like the
+``fbp_stage_duration_seconds`` labels:
 
-1. decode and validate each (bad ones become dead-letter records with a reason);
-2. load the states of the batch's users from Redis in one round trip, and
-   drop events at or below a user's watermark (already applied: redelivery);
-3. run the model once for the whole batch: with one event per user that is
-   one batched ``step``; when a user has several events in the batch, their
-   new events form a padded [users, T] sequence fed to ``forward_sequence``
-   *from the stored state* (property-tested to equal T steps), so one user's
-   events apply in order and no history is ever re-read;
-4. score the known movies for each user once, after all of its events in
-   the batch, to get the top-K attached to that user's records;
-5. produce predictions and dead letters, and wait until Kafka has them;
-6. only then store states and watermarks in one atomic Redis call.
+1. **decode** each Kafka record (:func:`core.events.classify`): a valid
+   event, an event keyed otherwise than by its user id (re-published to the
+   repartition topic, or refused, per ``key_policy``), or a dead letter with
+   a reason -- an unexpected exception on one record included
+   (``internal_error``);
+2. **load** the states of the batch's users from Redis in one round trip, and
+   **filter** out events at or below their source's watermark (already
+   applied: redelivery);
+3. **model**: run the model once for the whole batch: with one event per
+   user that is one batched ``step``; when a user has several events in the
+   batch, their new events form a padded [users, T] sequence fed to
+   ``forward_sequence`` *from the stored state* (property-tested to equal T
+   steps), so one user's events apply in order and no history is re-read;
+4. **top-K**: score the known movies for each user once, after all of its
+   events in the batch (``stream.topk``);
+5. **produce** predictions, re-keyed events and dead letters, and wait until
+   Kafka has them all;
+6. only then **store** states and watermarks in one atomic Redis call.
 
 Producing before storing means a crash can only cause a repeat (same event
 id, same predicted value: the state it came from was not yet replaced),
-never a missing prediction.
+never a missing prediction.  Infrastructure faults (``stream.faults``)
+propagate so the caller can fail stop; anything else is one record's fault
+and becomes that record's dead letter.
 """
 
 from __future__ import annotations
@@ -25,34 +34,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from core.events import (
+    KafkaRecord, Misrouted, PredictionRecord, RatingEvent, Rejection, classify, decode_limits,
+    dlq_record, encode_prediction, internal_error, rating_key,
+)
+from core.repos.states import Mark, Stored, StateStore
+from core.rolling import RollingError
 from models import state as mstate
 from models.base import RatingModel
 from stream import metrics as m
-from core.events import (
-    PredictionRecord, Rejection, decode_limits, decode_rating, dlq_record, encode_prediction, rating_key,
-)
-from core.repos.states import StateStore
+from stream.faults import INFRASTRUCTURE, is_size_error
+from stream.topk import candidate_movies, seen_mask, top_k  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-SendFn = Callable[[str, bytes | None, bytes], Awaitable[Awaitable[object]]]
+#: ``send(topic, key, value, headers=None, timestamp=None)`` -> a future acked by Kafka
+SendFn = Callable[..., Awaitable[Awaitable[object]]]
+
+#: header a re-keyed event carries: where it was first read ("topic:partition:offset")
+SOURCE_HEADER = "fbp-source"
+#: watermark namespace of re-keyed events ('@' cannot occur in a Kafka topic name)
+REKEYED_SUFFIX = "@rekeyed"
+
+Row = tuple[int, bytes, list[Mark]]
+Work = list[tuple[RatingEvent, KafkaRecord]]
 
 
-@dataclass(slots=True)
-class Incoming:
-    """One Kafka message as the worker received it."""
-
-    raw: bytes
-    partition: int
-    offset: int
-    kafka_ts: float  # seconds, the producer's timestamp
-    topic: str = "ratings"
+def Incoming(raw: bytes | None, partition: int, offset: int, kafka_ts: float, topic: str = "ratings",
+             key: bytes | None = None, headers: Any = ()) -> KafkaRecord:
+    """A :class:`KafkaRecord` from the fields a consumer hands over, in the
+    positional order the worker's callers use (``kafka_ts`` in seconds;
+    ``headers`` a list of (name, value) pairs or a mapping)."""
+    hs = tuple(headers.items()) if isinstance(headers, Mapping) else tuple(headers or ())
+    return KafkaRecord(raw, key, hs, topic, partition, offset, kafka_ts)
 
 
 @dataclass
@@ -62,11 +84,56 @@ class BatchResult:
     kafka_ts: list[float] = field(default_factory=list)
     skipped: int = 0
     rederived: int = 0
+    reset: int = 0
+    rekeyed: int = 0
     stage_s: dict[str, float] = field(default_factory=dict)
+    #: (rejection, its record) for the dead-letter producer
+    dead: list[tuple[Rejection, KafkaRecord]] = field(default_factory=list)
+
+
+@dataclass
+class _Predicted:
+    """What the model stages made of some events: prediction records with their
+    Kafka timestamps, state rows to store, and the sends in flight."""
+
+    predictions: list[PredictionRecord] = field(default_factory=list)
+    kafka_ts: list[float] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    futs: list[Awaitable[object]] = field(default_factory=list)
+    skipped: int = 0
+    rederived: int = 0
+    reset: int = 0
+
+
+@contextmanager
+def _stage(res: BatchResult, name: str) -> Iterator[None]:
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        res.stage_s[name] = res.stage_s.get(name, 0.0) + time.perf_counter() - t
+
+
+def watermark(rec: KafkaRecord, repartition_topic: str | None) -> tuple[str, int, int]:
+    """The (source, partition, offset) an event is de-duplicated by.
+
+    A re-keyed event is de-duplicated by where it was *first* read (its
+    ``fbp-source`` header), in a namespace of its own: a crash after
+    re-publishing but before committing re-publishes it, and both copies
+    must count once.  Everything else by its own position."""
+    if rec.topic == repartition_topic:
+        for name, value in rec.headers:
+            if name == SOURCE_HEADER and value:
+                try:
+                    topic, part, off = bytes(value).decode("ascii").rsplit(":", 2)
+                    return topic + REKEYED_SUFFIX, int(part), int(off)
+                except (UnicodeDecodeError, ValueError):
+                    break
+    return rec.topic, rec.partition, rec.offset
 
 
 class Predictor:
-    """Turns micro-batches of rating messages into prediction records."""
+    """Turns micro-batches of rating records into prediction records."""
 
     def __init__(
         self,
@@ -76,10 +143,13 @@ class Predictor:
         *,
         predictions_topic: str,
         dlq_topic: str,
+        repartition_topic: str | None = None,
+        key_policy: str = "rekey",
         top_k: int = 10,
         max_payload_bytes: int = 4096,
         min_ts: int = 0,
         max_future_s: int = 7 * 24 * 3600,
+        dlq_payload_prefix_bytes: int = 1024,
         device: torch.device | str = "cpu",
     ) -> None:
         self.device = torch.device(device)
@@ -88,13 +158,18 @@ class Predictor:
         self.send = send
         self.predictions_topic = predictions_topic
         self.dlq_topic = dlq_topic
+        self.repartition_topic = repartition_topic
+        # without a repartition topic there is nowhere to re-key to
+        self.key_policy = key_policy if repartition_topic else "refuse"
         self.top_k = top_k
         self.max_payload_bytes = max_payload_bytes
         self.min_ts = min_ts
         self.max_future_s = max_future_s
-        self.rolling = m.RollingError()
+        self.dlq_payload_prefix_bytes = dlq_payload_prefix_bytes
+        self.rolling = RollingError()
         self._pending: RatingModel | None = None
-        #: highest offset handled per partition (for the lag gauge)
+        self._reset_logged = False
+        #: highest offset handled per partition of the ratings topic (for the lag gauge)
         self.last_offset: dict[int, int] = {}
         m.MODEL_VERSION.set(model.version)
         m.MODEL_INFO.labels(model=model.name, device=self.device.type).set(1)
@@ -110,6 +185,7 @@ class Predictor:
         new, self._pending = self._pending, None
         old = self.model
         self.model = new.to(self.device).eval()
+        self._reset_logged = False
         m.MODEL_INFO.remove(old.name, self.device.type)
         m.MODEL_INFO.labels(model=new.name, device=self.device.type).set(1)
         m.MODEL_VERSION.set(new.version)
@@ -117,85 +193,134 @@ class Predictor:
         log.info("model swapped: %s v%d -> %s v%d", old.name, old.version, new.name, new.version)
 
     # -- the batch -------------------------------------------------------
-    async def process(self, batch: Sequence[Incoming]) -> BatchResult:
+    async def process(self, batch: Sequence[KafkaRecord]) -> BatchResult:
+        """One micro-batch, stage by stage; raises only infrastructure faults."""
         self._maybe_swap()
         res = BatchResult()
         t0 = time.perf_counter()
-        limits = decode_limits(self)  # this predictor's own max_payload_bytes / min_ts / max_future_s
-        events, coords = [], []
-        for msg in batch:
-            ev = decode_rating(msg.raw, **limits)
-            if isinstance(ev, Rejection):
-                res.rejected.append(ev)
-                coords.append(msg)
-            else:
-                events.append((ev, msg))
-        t1 = time.perf_counter()
-        res.stage_s["decode"] = t1 - t0
-
-        dlq_futs = [
-            await self.send(
-                self.dlq_topic, None,
-                dlq_record(rej, topic=msg.topic, partition=msg.partition, offset=msg.offset),
-            )
-            for rej, msg in zip(res.rejected, coords)
-        ]
-
-        rows: list[tuple[int, bytes, int, int]] = []
-        pred_futs: list[Awaitable[object]] = []
-        if events:
-            rows, pred_futs = await self._predict(events, res, t1)
-        t4 = time.perf_counter()
-        if pred_futs or dlq_futs:
-            await asyncio.gather(*pred_futs, *dlq_futs)
-        t5 = time.perf_counter()
-        res.stage_s["produce"] = t5 - t4
-        if rows:
-            await self.store.store(rows)
-        res.stage_s["redis_store"] = time.perf_counter() - t5
-        for msg in batch:
-            if msg.offset > self.last_offset.get(msg.partition, -1):
-                self.last_offset[msg.partition] = msg.offset
+        with _stage(res, "decode"):
+            work, misrouted = self.decode(batch, res)
+        rekey_futs = await self.rekey(misrouted, res)
+        done = await self.predict(work, res, t0)
+        dlq_futs = [await self.send(self.dlq_topic, None, self._dead_letter(rej, rec))
+                    for rej, rec in res.dead]
+        with _stage(res, "produce"):
+            await self.acknowledged(done.futs + rekey_futs, dlq_futs, res)
+        with _stage(res, "redis_store"):
+            await self.store.store(done.rows)
+        self._track_offsets(batch)
         self._observe(batch, res)
         return res
 
-    async def _predict(
-        self, events: list, res: BatchResult, t1: float
-    ) -> tuple[list[tuple[int, bytes, int, int]], list[Awaitable[object]]]:
-        model = self.model
-        # Unique users in first-seen order; their stored states and watermarks.
-        users: dict[int, int] = {}
-        for ev, _ in events:
-            users.setdefault(ev.user_id, len(users))
-        user_ids = list(users)
-        stored = await self.store.load(user_ids)
-        t2 = time.perf_counter()
-        res.stage_s["redis_load"] = t2 - t1
+    def decode(self, batch: Sequence[KafkaRecord], res: BatchResult) -> tuple[Work, Work]:
+        """Classify each record: (events to predict, events to re-key); the
+        rest go to ``res.dead`` with their reason."""
+        limits = decode_limits(self)  # this predictor's own max_payload_bytes / min_ts / max_future_s
+        work: Work = []
+        misrouted: Work = []
+        for rec in batch:
+            try:
+                got = classify(rec, **limits, key_policy=self.key_policy,
+                               rekey=rec.topic != self.repartition_topic)
+            except Exception as exc:  # record boundary: whatever it is, it is this record's
+                got = internal_error(exc, rec.value)
+            if isinstance(got, Rejection):
+                self._reject(res, got, rec)
+            elif isinstance(got, Misrouted):
+                misrouted.append((got.event, rec))
+            else:
+                work.append((got, rec))
+        return work, misrouted
 
-        fresh = []
-        last_coord: dict[int, dict[tuple[str, int], int]] = {}
-        for ev, msg in events:
-            if stored[users[ev.user_id]].covers(msg.topic, msg.partition, msg.offset):
-                res.skipped += 1
-                continue
-            fresh.append((ev, msg))
-            last_coord.setdefault(ev.user_id, {})[(msg.topic, msg.partition)] = msg.offset
+    async def rekey(self, misrouted: Work, res: BatchResult) -> list[Awaitable[object]]:
+        """Re-publish events keyed otherwise than by their user id to the
+        repartition topic, keyed by user id (their own bytes, their original
+        position in a header): they reach the worker that owns the user, in
+        the order of their source partition."""
+        futs = []
+        for ev, rec in misrouted:
+            src = f"{rec.topic}:{rec.partition}:{rec.offset}".encode("ascii")
+            futs.append(await self.send(self.repartition_topic, rating_key(ev.user_id), rec.value,
+                                        headers=[(SOURCE_HEADER, src)], timestamp=rec.timestamp or None))
+        res.rekeyed = len(misrouted)
+        return futs
+
+    async def predict(self, work: Work, res: BatchResult, t0: float) -> _Predicted:
+        """The model stages for the whole batch at once; if they fail for a
+        reason that is not infrastructure, again user by user, so that only
+        the events of a user whose events make them fail are dead-lettered
+        (``internal_error``) and the rest of the batch goes on."""
+        if not work:
+            return _Predicted()
+        try:
+            return self._collect(res, [await self._predict_group(work, res, t0)])
+        except INFRASTRUCTURE:
+            raise
+        except Exception:  # record boundary: find the records it belongs to
+            log.exception("batch of %d events failed in the model stages; retrying user by user", len(work))
+        groups: dict[int, Work] = {}
+        for ev, rec in work:
+            groups.setdefault(ev.user_id, []).append((ev, rec))
+        parts = []
+        for group in groups.values():
+            try:
+                parts.append(await self._predict_group(group, res, t0))
+            except INFRASTRUCTURE:
+                raise
+            except Exception as exc:  # record boundary
+                for _, rec in group:
+                    self._reject(res, internal_error(exc, rec.value), rec)
+        return self._collect(res, parts)
+
+    async def _predict_group(self, work: Work, res: BatchResult, t0: float) -> _Predicted:
+        """load -> filter -> model -> top-K -> produce (sent, not yet awaited)."""
+        out = _Predicted()
+        with _stage(res, "redis_load"):
+            users, stored = await self.load(work)
+        fresh, marks = self.filter_applied(work, users, stored, out)
         if not fresh:
-            return [], []
+            return out
+        with _stage(res, "model_step"):
+            fusers = list(marks)
+            state, preds, uidx = self.model_step(fresh, fusers, [stored[users[u]] for u in fusers], out)
+        with _stage(res, "topk"):
+            tops = self.user_top_k(state, len(fusers))
+        blobs = mstate.pack_batch(self.model, state)
+        m.STATE_BYTES.set(len(blobs[0]))
+        out.rows = [(u, blobs[i], [(t, p, o) for (t, p), o in marks[u].items()]) for i, u in enumerate(fusers)]
+        await self.produce_predictions(fresh, preds, uidx, tops, out, t0)
+        return out
 
-        max_movie = max(ev.movie_id for ev, _ in fresh)
-        model.ensure_capacity(max_movie)
-        # Only users with something new; their stored states (stale ones re-derived).
-        fusers = list(last_coord)
+    async def load(self, work: Work) -> tuple[dict[int, int], list[Stored]]:
+        """Unique users in first-seen order, and their stored states and watermarks."""
+        users: dict[int, int] = {}
+        for ev, _ in work:
+            users.setdefault(ev.user_id, len(users))
+        return users, await self.store.load(list(users))
+
+    def filter_applied(self, work: Work, users: dict[int, int], stored: list[Stored], out: _Predicted
+                       ) -> tuple[Work, dict[int, dict[tuple[str, int], int]]]:
+        """Drop events already folded into their user's state (at or below
+        their source's watermark); the new watermarks per user and source."""
+        fresh: Work = []
+        marks: dict[int, dict[tuple[str, int], int]] = {}
+        for ev, rec in work:
+            src, part, off = watermark(rec, self.repartition_topic)
+            if stored[users[ev.user_id]].covers(src, part, off):
+                out.skipped += 1
+                continue
+            fresh.append((ev, rec))
+            marks.setdefault(ev.user_id, {})[(src, part)] = off
+        return fresh, marks
+
+    def model_step(self, fresh: Work, fusers: list[int], stored: list[Stored], out: _Predicted
+                   ) -> tuple[mstate.State, np.ndarray, np.ndarray]:
+        """The users' states after their new events, and one prediction per event
+        (made from the state before it); ``uidx`` maps events to users."""
+        model = self.model
+        model.ensure_capacity(max(ev.movie_id for ev, _ in fresh))
+        state = self.user_states(fusers, stored, out)
         frow = {u: i for i, u in enumerate(fusers)}
-        state, stale = mstate.unpack_batch(
-            model, [stored[users[u]].blob for u in fusers], self.device
-        )
-        res.rederived = int(stale.sum())
-        if res.rederived:
-            state = mstate.after_swap(model, state, stale)
-
-        # Each user's new events as a row of a padded [U, T] batch, in order.
         uidx = np.fromiter((frow[ev.user_id] for ev, _ in fresh), dtype=np.int64, count=len(fresh))
         rank = np.zeros(len(fresh), dtype=np.int64)
         seen: dict[int, int] = {}
@@ -203,8 +328,9 @@ class Predictor:
             rank[i] = seen.get(u, 0)
             seen[u] = rank[i] + 1
         U, T = len(fusers), int(rank.max()) + 1
-        # Built on the host; pinned when the model is on a GPU so the four
-        # copies below are asynchronous DMA transfers, one per tensor per batch.
+        # Each user's new events as a row of a padded [U, T] batch, in order.  Built
+        # on the host; pinned when the model is on a GPU so the four copies below
+        # are asynchronous DMA transfers, one per tensor per batch.
         pin = self.device.type == "cuda"
         movie = torch.zeros((U, T), dtype=torch.int64, pin_memory=pin)
         rating = torch.zeros((U, T), dtype=torch.float32, pin_memory=pin)
@@ -215,7 +341,6 @@ class Predictor:
         rating[ui, ri] = torch.tensor([ev.rating for ev, _ in fresh], dtype=torch.float32)
         ts[ui, ri] = torch.tensor([ev.ts for ev, _ in fresh], dtype=torch.int64)
         mask[ui, ri] = True
-
         with torch.inference_mode():
             movie, rating, ts, mask = (x.to(self.device, non_blocking=True) for x in (movie, rating, ts, mask))
             if T == 1:  # the common steady-state case: one event per user
@@ -224,110 +349,131 @@ class Predictor:
             else:  # several events of a user in this batch: same result as T steps
                 p, state = model.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)
                 preds = p.float().cpu().numpy()[uidx, rank]
-            t3 = time.perf_counter()
-            res.stage_s["model_step"] = t3 - t2
-            # Top-K once per user, from the state after all of its events in this batch.
-            top_ids, top_sc = self._top_k(state) if self.top_k else ([[]] * U, [[]] * U)
-        res.stage_s["topk"] = time.perf_counter() - t3
+        return state, preds, uidx
 
-        blobs = mstate.pack_batch(model, state)
-        rows = [(u, blobs[frow[u]], [(t, p, o) for (t, p), o in last_coord[u].items()]) for u in fusers]
-        m.STATE_BYTES.set(len(blobs[0]))
+    def user_states(self, fusers: list[int], stored: list[Stored], out: _Predicted) -> mstate.State:
+        """Stored states as the serving model reads them: states of an older
+        version re-derived from their window, states it cannot read at all
+        (another model family or layout, a malformed blob) reset -- counted,
+        never a crash: a family switch must not stop the stream."""
+        blobs = [s.blob for s in stored]
+        state, stale, foreign = mstate.unpack_batch(self.model, blobs, self.device)
+        out.rederived = int(stale.sum())
+        if out.rederived:
+            state = mstate.after_swap(self.model, state, stale)
+        if bool(foreign.any()):
+            self._count_resets([b for b, f in zip(blobs, foreign.tolist()) if f], out)
+        return state
 
-        # One top-K list per user, shared by that user's records in this batch.
-        user_top = [[[a, b] for a, b in zip(ids, sc)] for ids, sc in zip(top_ids, top_sc)]
-        futs = []
+    def _count_resets(self, blobs: list[bytes | None], out: _Predicted) -> None:
+        model = self.model
+        reasons: dict[str, int] = {}
+        for blob in blobs:
+            try:
+                name = mstate.parse_header(bytes(blob or b""))[0]
+                why = "model_family" if name != model.name else "state_layout"
+            except mstate.StateMismatch:
+                why = "malformed"
+            reasons[why] = reasons.get(why, 0) + 1
+        for why, n in reasons.items():
+            m.STATES_RESET.labels(why).inc(n)
+        out.reset += len(blobs)
+        if not self._reset_logged:  # once per swap: every user of the old family will follow
+            self._reset_logged = True
+            log.warning("resetting user states %s cannot read (%s): they start afresh "
+                        "(counted in fbp_states_reset_total)", f"{model.name} v{model.version}", reasons)
+
+    def user_top_k(self, state: mstate.State, n_users: int) -> list[list[list[float]]]:
+        """One top-K list per user (from its state after all its events here)."""
+        if not self.top_k:
+            return [[] for _ in range(n_users)]
+        with torch.inference_mode():
+            ids, scores = top_k(self.model, state, self.top_k)
+        return [[[a, b] for a, b in zip(i, s)] for i, s in zip(ids, scores)]
+
+    async def produce_predictions(self, fresh: Work, preds: np.ndarray, uidx: np.ndarray,
+                                  tops: list[list[list[float]]], out: _Predicted, t0: float) -> None:
+        """Build and send one prediction record per event (acks awaited later)."""
         produced_at = time.time()
-        batch_ms = round((time.perf_counter() - t1) * 1000.0, 3)
-        version = model.version
-        for i, (ev, msg) in enumerate(fresh):
-            rec = PredictionRecord(
+        batch_ms = round((time.perf_counter() - t0) * 1000.0, 3)
+        version = self.model.version
+        for i, (ev, rec) in enumerate(fresh):
+            pr = PredictionRecord(
                 event_id=ev.event_id,
                 user_id=ev.user_id,
                 movie_id=ev.movie_id,
                 predicted=float(preds[i]),
                 actual=float(ev.rating),
                 model_version=version,
-                top_k=user_top[uidx[i]],
+                top_k=tops[uidx[i]],
                 timings={
-                    "event_to_prediction_ms": round((produced_at - msg.kafka_ts) * 1000.0, 3),
+                    "event_to_prediction_ms": round((produced_at - rec.timestamp) * 1000.0, 3),
                     "batch_ms": batch_ms,
                 },
                 ts=ev.ts,
                 produced_at=produced_at,
             )
-            res.predictions.append(rec)
-            res.kafka_ts.append(msg.kafka_ts)
-            futs.append(await self.send(self.predictions_topic, rating_key(ev.user_id), encode_prediction(rec)))
-        return rows, futs
+            out.predictions.append(pr)
+            out.kafka_ts.append(rec.timestamp)
+            out.futs.append(await self.send(self.predictions_topic, rating_key(ev.user_id), encode_prediction(pr)))
 
-    def _top_k(self, sub: mstate.State) -> tuple[list[list[int]], list[list[float]]]:
-        """Best ``top_k`` known movies per user, excluding those in the user's window."""
-        cands = candidate_movies(self.model)
-        scores = self.model.score(sub, cands).masked_fill(seen_mask(sub, cands), float("-inf"))
-        k = min(self.top_k, scores.shape[1])
-        sc, ix = torch.topk(scores, k, dim=1)
-        return cands[ix].cpu().tolist(), np.round(sc.float().cpu().numpy().astype(np.float64), 4).tolist()
+    async def acknowledged(self, futs: list[Awaitable[object]], dlq_futs: list[Awaitable[object]],
+                           res: BatchResult) -> None:
+        """Wait until Kafka has every record of the batch.  A dead letter refused
+        as too large is sent once more stripped of payload, key and headers;
+        any other produce failure is infrastructure and propagates."""
+        await asyncio.gather(*futs)
+        results = await asyncio.gather(*dlq_futs, return_exceptions=True)
+        retries = []
+        for (rej, rec), r in zip(res.dead, results):
+            if isinstance(r, BaseException):
+                if not is_size_error(r):
+                    raise r
+                m.DLQ_STRIPPED.inc()
+                retries.append(await self.send(self.dlq_topic, None, self._dead_letter(rej, rec, stripped=True)))
+        await asyncio.gather(*retries)  # never a third try: a stripped letter is a few hundred bytes
 
-    def _observe(self, batch: Sequence[Incoming], res: BatchResult) -> None:
+    # -- helpers ---------------------------------------------------------
+    def _dead_letter(self, rej: Rejection, rec: KafkaRecord, stripped: bool = False) -> bytes:
+        return dlq_record(rej, rec, payload_prefix_bytes=self.dlq_payload_prefix_bytes, stripped=stripped)
+
+    @staticmethod
+    def _reject(res: BatchResult, rej: Rejection, rec: KafkaRecord) -> None:
+        res.rejected.append(rej)
+        res.dead.append((rej, rec))
+
+    @staticmethod
+    def _collect(res: BatchResult, parts: list[_Predicted]) -> _Predicted:
+        out = _Predicted()
+        for p in parts:
+            out.predictions += p.predictions
+            out.kafka_ts += p.kafka_ts
+            out.rows += p.rows
+            out.futs += p.futs
+            out.skipped += p.skipped
+            out.rederived += p.rederived
+            out.reset += p.reset
+        res.predictions, res.kafka_ts = out.predictions, out.kafka_ts
+        res.skipped, res.rederived, res.reset = out.skipped, out.rederived, out.reset
+        return out
+
+    def _track_offsets(self, batch: Sequence[KafkaRecord]) -> None:
+        for rec in batch:
+            if rec.topic != self.repartition_topic and rec.offset > self.last_offset.get(rec.partition, -1):
+                self.last_offset[rec.partition] = rec.offset
+
+    def _observe(self, batch: Sequence[KafkaRecord], res: BatchResult) -> None:
         m.BATCH_SIZE.observe(len(batch))
         for stage, s in res.stage_s.items():
             m.STAGE_SECONDS.labels(stage).observe(s)
         m.EVENTS.inc(len(res.predictions))
         m.SKIPPED.inc(res.skipped)
         m.REDERIVED.inc(res.rederived)
+        m.REKEYED.inc(res.rekeyed)
         for rej in res.rejected:
             m.REJECTED.labels(rej.reason).inc()
         done = time.time()
         for kts in res.kafka_ts:  # a histogram takes one observation at a time
             m.LATENCY.observe(max(0.0, done - kts))
-        self.rolling.extend([rec.predicted - rec.actual for rec in res.predictions])
-        self.rolling.publish()
+        m.publish_errors(self.rolling, [rec.predicted - rec.actual for rec in res.predictions])
         m.LAST_BATCH.set(done)
-
-
-def candidate_movies(model: RatingModel) -> torch.Tensor:
-    """Movies worth recommending: rows the model knows (trained bias or side
-    features).  Cached on the model object (a swapped-in model brings its own)
-    and recomputed when its tables grow."""
-    cap = int(getattr(model, "capacity", 0))
-    hit = getattr(model, "_fbp_candidates", None)
-    # keyed by device too: a model queued for a swap may be asked (by the API)
-    # before ``.to(device)`` moves its weights -- and not this cached tensor
-    if hit is not None and hit[0] == cap and hit[1].device == model.device:
-        return hit[1]
-    known = None
-    for name in ("movie_bias", "movie_features"):
-        t = getattr(model, name, None)
-        if isinstance(t, torch.Tensor) and t.shape[0] == cap:
-            rows = (t.detach().reshape(cap, -1) != 0).any(1)
-            known = rows if known is None else known | rows
-    if known is None or not bool(known.any()):
-        cands = torch.arange(cap, device=model.device)
-    else:
-        cands = torch.nonzero(known).flatten().to(model.device)
-    model._fbp_candidates = (cap, cands)
-    return cands
-
-
-def seen_mask(state: mstate.State, cands: torch.Tensor) -> torch.Tensor:
-    """[B, M] True where the candidate is among the user's stored window events
-    (the window is right-aligned: the last ``win_len`` slots are real).
-
-    Each window id is located among the sorted candidates (binary search) and
-    marked in a [B, M + 1] table: O(B·W·log M + B·M), no [B, W, M] comparison
-    and no device-to-host sync."""
-    win = state["win_movie"]
-    B, W = win.shape
-    M = cands.numel()
-    real = torch.arange(W, device=win.device)[None, :] >= (W - state["win_len"].to(torch.int64))[:, None]
-    sorted_c, order = torch.sort(cands)
-    pos = torch.searchsorted(sorted_c, win).clamp(max=max(M - 1, 0))
-    found = real & (sorted_c[pos] == win) if M else torch.zeros_like(real)
-    # found -> its candidate's column in sorted order; else the spare column M
-    col = torch.where(found, pos, torch.full_like(pos, M))
-    table = torch.zeros((B, M + 1), dtype=torch.bool, device=win.device)
-    table.scatter_(1, col, True)
-    out = torch.empty((B, M), dtype=torch.bool, device=win.device)
-    out[:, order] = table[:, :M]
-    return out

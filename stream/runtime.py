@@ -21,6 +21,7 @@ from core.repos.models import ModelStore
 from stream.predictor import Predictor
 from core.redis_conn import async_redis, sync_redis
 from core.repos.states import StateStore
+from core.topics import repartition_topic
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,10 @@ def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: Any
     return Predictor(
         model, store, send,
         predictions_topic=s.kafka.predictions_topic, dlq_topic=s.kafka.dlq_topic,
+        repartition_topic=repartition_topic(s), key_policy=s.worker.key_policy,
         top_k=s.worker.top_k, max_payload_bytes=s.worker.max_payload_bytes,
-        min_ts=s.worker.min_ts, max_future_s=s.worker.max_future_s, device=pick_device(s.worker.device),
+        min_ts=s.worker.min_ts, max_future_s=s.worker.max_future_s,
+        dlq_payload_prefix_bytes=s.worker.dlq_payload_prefix_bytes, device=pick_device(s.worker.device),
     )
 
 
@@ -73,8 +76,9 @@ class Runtime:
                 self.store = StateStore.from_settings(async_redis(s.redis), s.redis)
                 model = initial_model(s, self.models)
 
-                async def send(topic: str, key: bytes | None, value: bytes) -> Any:
-                    return await app.producer.send(topic, key, value, None, None, None)
+                async def send(topic: str, key: bytes | None, value: bytes,
+                               headers: Any = None, timestamp: float | None = None) -> Any:
+                    return await app.producer.send(topic, key, value, None, timestamp, headers)
 
                 self._predictor = make_predictor(s, model, self.store, send)
                 log.info("serving %s v%d on %s", model.name, model.version, self._predictor.device)

@@ -88,7 +88,7 @@ def redis_states(ns: Namespace, model: RatingModel, users: Iterable[int]) -> tup
 
     blobs = [s.blob for s in asyncio.run(load())]
     missing = [u for u, b in zip(users, blobs) if b is None]
-    st, _ = mstate.unpack_batch(model, blobs, "cpu")
+    st, _, _ = mstate.unpack_batch(model, blobs, "cpu")
     return st, missing
 
 

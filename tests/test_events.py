@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -16,8 +17,12 @@ from core.events import (
     REJECT_REASONS,
     PredictionRecord,
     RatingEvent,
+    KafkaRecord,
+    Misrouted,
     Rejection,
+    classify,
     decode_limits,
+    internal_error,
     decode_prediction,
     decode_rating,
     dlq_record,
@@ -160,6 +165,56 @@ def test_reason_absurd_timestamp(ts):
     assert _reason(_with(ts=ts)) == "absurd_timestamp"
 
 
+# -- record-level reasons: what classify() makes of a whole Kafka record ----------
+def _rec(value, key: bytes | None = b"7", **kw) -> KafkaRecord:
+    if isinstance(value, dict):
+        value = json.dumps(value).encode()
+    return KafkaRecord(value, key, **kw)
+
+
+def _classify(rec: KafkaRecord, policy: str = "refuse", rekey: bool = True):
+    return classify(rec, **KW, key_policy=policy, rekey=rekey)
+
+
+def test_reason_null_value():
+    got = _classify(_rec(None))
+    assert isinstance(got, Rejection) and got.reason == "null_value" and got.raw is None
+    assert _classify(_rec(None, key=None)).reason == "null_value"
+
+
+def test_reason_empty_value():
+    got = _classify(_rec(b""))
+    assert got.reason == "empty_value" and got.raw == b""
+
+
+def test_reason_bad_key():
+    """A valid event keyed otherwise than by its user id in decimal text."""
+    for key in (None, b"", b"8", b"07", b" 7", b"\xff", b"user-7", b"7" * 300):
+        got = _classify(_rec(GOOD, key=key))
+        assert isinstance(got, Rejection) and got.reason == "bad_key", key
+        assert len(got.detail) < 200  # a huge key is not copied into the detail
+    assert _classify(_rec(GOOD, key=b"7")) == _dec(GOOD)
+
+
+def test_key_policy_rekey_marks_misrouted_events_except_on_the_repartition_topic():
+    got = _classify(_rec(GOOD, key=None), policy="rekey")
+    assert isinstance(got, Misrouted) and got.event == _dec(GOOD)
+    assert _classify(_rec(GOOD, key=b"8"), policy="rekey", rekey=False).reason == "bad_key"
+    # the value is judged first: a bad value is never re-keyed
+    assert _classify(_rec(b"[1]", key=None), policy="rekey").reason == "not_an_object"
+
+
+def test_reason_internal_error():
+    try:
+        raise KeyError("boom " * 1000)
+    except KeyError as exc:
+        got = internal_error(exc, b"payload")
+    assert got.reason == "internal_error" and got.error_type == "KeyError" and got.raw == b"payload"
+    assert len(got.detail) <= 1100
+    d = orjson.loads(dlq_record(got, _rec(b"payload")))
+    assert d["error_type"] == "KeyError" and d["reason"] == "internal_error"
+
+
 def test_every_reason_has_a_test():
     names = {n for n in globals() if n.startswith("test_reason_")}
     assert {f"test_reason_{r}" for r in REJECT_REASONS} <= names
@@ -255,15 +310,46 @@ def test_decode_prediction_errors_name_the_problem():
 
 def test_dlq_record_keeps_payload_and_source():
     rej = _dec(b"[1]")
-    d = orjson.loads(dlq_record(rej, topic="ratings", partition=3, offset=99))
-    assert d["reason"] == "not_an_object" and d["payload"] == "[1]"
-    assert d["payload_encoding"] == "utf-8"
-    assert d["source"] == {"topic": "ratings", "partition": 3, "offset": 99}
+    rec = KafkaRecord(b"[1]", b"k", (("trace", b"\x00\x01"),), "ratings", 3, 99, 1_700_000_000.5)
+    d = orjson.loads(dlq_record(rej, rec))
+    assert d["reason"] == "not_an_object" and d["payload"] == "[1]" and d["error_type"] is None
+    assert d["payload_encoding"] == "utf-8" and d["payload_bytes"] == 3 and not d["payload_truncated"]
+    assert d["payload_sha256"] == hashlib.sha256(b"[1]").hexdigest()
+    assert d["key"] == "k" and d["key_encoding"] == "utf-8"
+    assert d["headers"] == [["trace", base64.b64encode(b"\x00\x01").decode()]]
+    assert d["source"] == {"topic": "ratings", "partition": 3, "offset": 99, "timestamp": 1_700_000_000.5}
     assert abs(d["rejected_at"] - time.time()) < 60
     rej = _dec(b"\xff\x00junk")
-    d = orjson.loads(dlq_record(rej, topic="ratings", partition=0, offset=1))
+    d = orjson.loads(dlq_record(rej, KafkaRecord(b"\xff\x00junk", None)))
     assert d["reason"] == "bad_encoding" and d["payload_encoding"] == "base64"
     assert base64.b64decode(d["payload"]) == b"\xff\x00junk"
+    assert d["key"] is None and d["key_encoding"] is None
+    d = orjson.loads(dlq_record(_classify(_rec(None)), _rec(None)))
+    assert d["payload"] is None and d["payload_encoding"] is None and d["payload_bytes"] is None
+
+
+def test_dlq_record_is_bounded_whatever_the_record():
+    """A dead letter of a ~1 MB value, a huge key and many large headers stays
+    small, keeps the size and hash of the whole value, and cuts UTF-8 text at
+    a character boundary; stripped, it keeps only sizes, hash and source."""
+    value = "é".encode() * 500_000  # 1 MB of two-byte characters
+    rec = KafkaRecord(value, b"k" * 100_000, tuple((f"h{i}", b"v" * 10_000) for i in range(100)), "r", 1, 2, 3.0)
+    rej = _classify(rec)
+    full = dlq_record(rej, rec, payload_prefix_bytes=1024)
+    d = orjson.loads(full)
+    assert len(full) < 12_000, len(full)
+    assert d["payload_bytes"] == len(value) and d["payload_truncated"]
+    assert d["payload_sha256"] == hashlib.sha256(value).hexdigest()
+    assert d["payload_encoding"] == "utf-8" and d["payload"] == "é" * 512
+    assert d["key_bytes"] == 100_000 and d["key_truncated"] and len(d["key"]) == 256
+    assert len(d["headers"]) == 16 and d["headers_truncated"]
+    assert all(len(base64.b64decode(v)) == 256 for _, v in d["headers"])
+    small = orjson.loads(dlq_record(rej, rec, stripped=True))
+    assert small["stripped"] and small["payload"] is None and small["key"] is None and small["headers"] == []
+    assert small["payload_sha256"] == d["payload_sha256"] and small["source"] == d["source"]
+    # a cut inside a multi-byte character moves back to its start
+    odd = orjson.loads(dlq_record(rej, KafkaRecord(value, None), payload_prefix_bytes=1023))
+    assert odd["payload"] == "é" * 511
 
 
 def test_decode_is_fast():

@@ -258,7 +258,7 @@ def test_promotion_mid_replay_no_gap_no_duplicate_and_rederived_states(stack, ns
 
     # 3) stale users' next event: state = rederive(v2, stored window), then the step
     by2 = {r["event_id"]: r for r in recs2}
-    sblob, stale = mstate.unpack_batch(v2, blobs, "cpu")
+    sblob, stale, _ = mstate.unpack_batch(v2, blobs, "cpu")
     assert bool(stale.all())
     fresh = mstate.rederive(v2, sblob)
     with torch.no_grad():

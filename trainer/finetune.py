@@ -53,6 +53,7 @@ import pandas as pd
 
 from models.base import RatingModel
 from core.repos.buffer import to_frame
+from core.rolling import finite_or_none
 from trainer.train import evaluate_rmse, fit
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ class FinetuneResult:
 
 
 def _r(x: float) -> float | None:
-    return round(float(x), 6) if math.isfinite(x) else None
+    return finite_or_none(x, 6)
 
 
 def finetune(champion: RatingModel, split: Split, *, epochs: int, lr: float | None = None,

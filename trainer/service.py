@@ -43,7 +43,6 @@ import math
 import signal
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -57,6 +56,7 @@ from prometheus_client import make_wsgi_app
 from core.settings import Settings, get_settings
 from models.checkpoint import CheckpointError, load_checkpoint
 from core.events import RatingEvent, decode_limits, decode_rating
+from core.rolling import RollingError, finite_or_none
 from core.repos.models import ModelStore
 from core.redis_conn import sync_redis
 from trainer import metrics as tm
@@ -102,8 +102,7 @@ class DriftMonitor:
     def __init__(self, window: int, margin: float) -> None:
         self.window, self.margin = int(window), float(margin)
         self.version: int | None = None
-        self.errors: deque[float] = deque(maxlen=self.window)
-        self._sq = 0.0
+        self.rolling = RollingError(self.window)
         self.baseline: float | None = None
         self._first_sq, self._first_n = 0.0, 0
         self.seen = 0
@@ -111,38 +110,30 @@ class DriftMonitor:
     def add(self, version: int, predicted: float, actual: float) -> None:
         if version != self.version:  # a new serving version (promotion or rollback)
             self.version = version
-            self.errors.clear()
-            self._sq = 0.0
+            self.rolling.clear()
             self.baseline = None
             self._first_sq, self._first_n = 0.0, 0
         e = float(predicted) - float(actual)
-        if len(self.errors) == self.window:
-            old = self.errors[0]
-            self._sq -= old * old
-        self.errors.append(e)
-        self._sq += e * e
+        self.rolling.add(e)
         self.seen += 1
         if self.baseline is None:
             self._first_sq += e * e
             self._first_n += 1
             if self._first_n >= self.window:
                 self.baseline = math.sqrt(self._first_sq / self._first_n)
-                self.errors.clear()
-                self._sq = 0.0
+                self.rolling.clear()
 
     @property
     def rmse(self) -> float:
-        n = len(self.errors)
-        return math.sqrt(max(self._sq, 0.0) / n) if n else math.nan
+        return self.rolling.rmse()
 
     def due(self) -> bool:
-        return (self.baseline is not None and len(self.errors) >= self.window
+        return (self.baseline is not None and self.rolling.full
                 and self.rmse > self.baseline + self.margin)
 
     def rearm(self) -> None:
         """Start a fresh rolling window (after a run, or after firing)."""
-        self.errors.clear()
-        self._sq = 0.0
+        self.rolling.clear()
 
 
 # -- HTTP: /metrics and /health ------------------------------------------------
@@ -441,7 +432,7 @@ class TrainerService:
 
 
 def _f(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else round(float(x), 6)
+    return finite_or_none(x, 6)
 
 
 def cli(
