@@ -205,6 +205,11 @@ class RatingModel(nn.Module, abc.ABC):
         left-aligned: (movie int64, rating float32, ts int64, mask bool), each
         [B, W].  Top-K leaves these movies out; the API's profile shows them."""
 
+    @abc.abstractmethod
+    def rating_stats(self, state: State) -> tuple[Tensor, Tensor]:
+        """(ratings seen int64[B], their mean float32[B]) over each user's
+        whole history (the API's profile)."""
+
     def state_bytes(self) -> int:
         """Size of one packed user state (header + payload)."""
         return mstate.state_bytes(self)

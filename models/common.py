@@ -386,6 +386,9 @@ class StatefulModel(RatingModel):
     def recent_events(self, state: State) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return mstate.window_sequence(self, state)
 
+    def rating_stats(self, state: State) -> tuple[Tensor, Tensor]:
+        return state["count"], state["mean"]
+
     def rederive(self, state: State, stale: Tensor) -> State:
         """Stale rows: a fresh pass over each stored window with the current
         weights (``count``, ``mean`` and ``last_ts`` are kept: they describe

@@ -253,6 +253,8 @@ def test_recent_events_are_the_latest_events_oldest_first(name):
     assert movie[0].tolist() == [5, 7, 9, 11] and rating[0].tolist() == [2.0, 5.0, 1.0, 3.0]
     assert ts[0].tolist() == [101, 102, 103, 104] and mask[0].all()
     assert mask[1].tolist() == [True, True, False, False] and movie[1, :2].tolist() == [3, 5]
+    count, mean = m.rating_stats(st)  # the whole history, not only the window
+    assert count.tolist() == [5, 2] and mean.tolist() == pytest.approx([3.0, 3.0])
 
 
 @pytest.mark.parametrize("name", available())
