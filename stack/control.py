@@ -84,15 +84,20 @@ def stack_status(
 ) -> list[ServiceStatus]:
     """Pid, port and health of each configured process (quick; starts nothing).
     ``include_started`` adds the other variants this stack is running (e.g. a
-    cluster started with ``up --kafka-brokers 3`` while settings say 1)."""
+    cluster started with ``up --kafka-brokers 3`` while settings say 1), and
+    then leaves out a configured variant that is not running."""
     settings = _settings(settings)
     rows = []
     for n in services:
-        procs = configured(n, settings)
+        mine = [supervisor.status_of(p) for p in configured(n, settings)]
         if include_started:
-            shown = {p.name for p in procs}
-            procs += [v for v in variants(n, settings) if v.name not in shown and supervisor.ours(v)]
-        rows += [supervisor.status_of(p) for p in procs]
+            shown = {r.name for r in mine}
+            others = [supervisor.status_of(v) for v in variants(n, settings)
+                      if v.name not in shown and supervisor.ours(v)]  # fmt: skip
+            if others and not any(r.running for r in mine):
+                mine = []  # e.g. only the cluster runs: the idle single broker is no fault
+            mine += others
+        rows += mine
     return rows
 
 

@@ -144,14 +144,16 @@ def test_status_prints_client_settings(cluster):
            "FBP_STACK__KAFKA_CLUSTER_CONTROLLER_PORT": str(KAFKA_PORT + 100),
            "FBP_STACK__REDIS_CLUSTER_PORT": str(REDIS_PORT)}
     out = subprocess.run(
-        [sys.executable, "-m", "fbp.cli", "stack", "status", "--kafka-brokers", "3", "--redis-cluster",
-         "-s", "kafka", "-s", "redis"],
+        # No --kafka-brokers / --redis-cluster: status shows the clusters this data dir runs.
+        [sys.executable, "-m", "fbp.cli", "stack", "status", "-s", "kafka", "-s", "redis"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"export FBP_KAFKA__BOOTSTRAP_SERVERS={clusters['kafka']['FBP_KAFKA__BOOTSTRAP_SERVERS']}" in out.stdout
     assert f"export FBP_REDIS__URL=redis://127.0.0.1:{REDIS_PORT}/0" in out.stdout
     assert "3 masters, 3 replicas" in out.stdout
+    assert all(f"kafka-{i} " in out.stdout for i in (1, 2, 3))
+    assert all(f"redis-node-{i} " in out.stdout for i in range(1, 7))
 
 
 def test_down_stops_every_node(tmp_path_factory, cluster):
