@@ -32,7 +32,7 @@ from kafka import KafkaProducer
 
 from core.settings import Settings
 from stack import procs
-from tests.streamkit import read_topic
+from tests.streamkit import read_topic, redis_states
 
 pytestmark = pytest.mark.integration
 
@@ -293,3 +293,11 @@ def test_refused_keys_and_oversized_events_are_replayed_after_a_fix(stack, ns, c
     assert again["replayed"] == 1 and again["recovered_from_source"] == 1
     assert {r["event_id"] for r in third} == {e["event_id"] for e in keyed + refused + [big]}
     assert Counter(r["event_id"] for r in third)["big-1"] == 1
+    # Each replayed event was folded into its user's state exactly once.
+    from models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(ckpt)
+    per_user = Counter(e["user_id"] for e in keyed + refused + [big])
+    states, missing = redis_states(ns, model, list(per_user))
+    assert missing == []
+    assert dict(zip(per_user, states["count"].tolist())) == dict(per_user)
