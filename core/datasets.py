@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 RATING_COLUMNS = ("user_id", "movie_id", "rating", "ts")
 MOVIE_COLUMNS = ("movie_id", "title", "year", "genres")
+USER_COLUMNS = ("user_id", "age", "gender", "occupation")
 RATING_DTYPES = {"user_id": "int64", "movie_id": "int64", "rating": "float32", "ts": "int64"}
 
 RECBOLE_VERSION = "1.2.1"
@@ -57,11 +58,15 @@ _YEAR_IN_TITLE = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
 
 @dataclass
 class Dataset:
-    """Ratings in stream order plus (possibly empty) movie metadata."""
+    """Ratings in stream order plus (possibly empty) movie and user metadata.
+
+    ``users`` (user_id, age float or NaN, gender "M"/"F"/"", occupation str) is
+    empty when the source has no user file; models then use no user features."""
 
     name: str
     ratings: pd.DataFrame
     movies: pd.DataFrame
+    users: pd.DataFrame = field(default_factory=lambda: _empty_users())
 
     @property
     def genre_vocab(self) -> list[str]:
@@ -75,7 +80,7 @@ class Dataset:
 
     def copy(self) -> "Dataset":
         """A deep-enough copy: callers may mutate the frames freely."""
-        return Dataset(self.name, self.ratings.copy(), self.movies.copy())
+        return Dataset(self.name, self.ratings.copy(), self.movies.copy(), self.users.copy())
 
     @property
     def n_users(self) -> int:
@@ -220,6 +225,43 @@ def _finish(name: str, ratings: pd.DataFrame, movies: pd.DataFrame | None) -> Da
     return Dataset(name, ratings, movies)
 
 
+def _empty_users() -> pd.DataFrame:
+    return pd.DataFrame({"user_id": pd.Series(dtype="int64"), "age": pd.Series(dtype="float64"),
+                         "gender": pd.Series(dtype=str), "occupation": pd.Series(dtype=str)})
+
+
+def _users_frame(rows: list[tuple[int, float, str, str]]) -> pd.DataFrame:
+    if not rows:
+        return _empty_users()
+    df = pd.DataFrame(rows, columns=list(USER_COLUMNS))
+    df["user_id"] = df["user_id"].astype("int64")
+    df["age"] = df["age"].astype("float64")
+    return df
+
+
+def _parse_users(lines: list[str], sep: str, where: Path) -> pd.DataFrame:
+    """user_id<sep>age<sep>gender<sep>occupation[...]; a malformed line is skipped
+    (user features are optional: a bad one must not stop an evaluation)."""
+    rows = []
+    for line in lines:
+        p = line.strip().split(sep)
+        if len(p) < 4 or not p[0].strip().isdigit():
+            continue
+        age = float(p[1]) if p[1].strip().isdigit() else float("nan")
+        gender = p[2].strip().upper() if p[2].strip().upper() in ("M", "F") else ""
+        rows.append((int(p[0]), age, gender, p[3].strip()))
+    return _users_frame(rows)
+
+
+def _user_file(path: Path) -> pd.DataFrame:
+    """u.user (ML-100K, ``|``) or users.dat (ML-1M, ``::``) beside a ratings file."""
+    for fname, sep in (("u.user", "|"), ("users.dat", "::")):
+        f = path / fname
+        if f.is_file():
+            return _parse_users(f.read_text(encoding="latin-1").splitlines(), sep, f)
+    return _empty_users()
+
+
 def _empty_movies() -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -344,6 +386,10 @@ def _load_ml100k_cached() -> Dataset:
     with zipfile.ZipFile(wheel) as zf:
         inter = zf.read(_RECBOLE_PREFIX + ".inter")
         item = zf.read(_RECBOLE_PREFIX + ".item")
+        try:
+            user = zf.read(_RECBOLE_PREFIX + ".user").decode("utf-8")
+        except KeyError:
+            user = ""
     where = Path(f"{wheel}!{_RECBOLE_PREFIX}.inter")
     df = _read_table(inter, where, "\t", [], header=0)
     df.columns = [c.split(":")[0] for c in df.columns]
@@ -358,10 +404,17 @@ def _load_ml100k_cached() -> Dataset:
         year = float(p[2]) if p[2].isdigit() else float("nan")
         rows.append((int(p[0]), p[1], year, _genre_list(p[3].split(" "))))
     movies = pd.DataFrame(rows, columns=list(MOVIE_COLUMNS))
-    return _finish("ml-100k", ratings, movies)
+    ds = _finish("ml-100k", ratings, movies)
+    ds.users = _parse_users(user.splitlines()[1:], "\t", Path(f"{wheel}!{_RECBOLE_PREFIX}.user"))
+    return ds
 
 
 # --------------------------------------------------------------------------- MovieLens files
+
+
+def _with_users(ds: Dataset, folder: Path) -> Dataset:
+    ds.users = _user_file(folder)
+    return ds
 
 
 def _load_path(path: Path) -> Dataset:
@@ -374,12 +427,12 @@ def _load_path(path: Path) -> Dataset:
     if path.name == "u.data" or path.suffix == ".data":
         df = _read_table(path, path, "\t", list(RATING_COLUMNS), header=None)
         ratings = _numeric_ratings(df, path, line_offset=1)
-        return _finish(name, ratings, _u_item(path.parent / "u.item"))
+        return _with_users(_finish(name, ratings, _u_item(path.parent / "u.item")), path.parent)
     if path.suffix == ".dat":
         raw = path.read_bytes().replace(b"::", b"\t")
         df = _read_table(raw, path, "\t", list(RATING_COLUMNS), header=None)
         ratings = _numeric_ratings(df, path, line_offset=1)
-        return _finish(name, ratings, _movies_dat(path.parent / "movies.dat"))
+        return _with_users(_finish(name, ratings, _movies_dat(path.parent / "movies.dat")), path.parent)
     if path.suffix == ".csv":
         df = _read_table(path, path, ",", [], header=0)
         cols = {c.strip().lower(): c for c in df.columns}

@@ -15,28 +15,70 @@ The prediction for a candidate movie ``i`` uses the state *before* the event::
 All user-side projections are bias-free, so a new user (h = 0, p~ = 0) gets
 ``mu + b_i`` and an unknown movie (zero rows) ``mu + b_u + w . h``.
 
-State bytes per user (defaults hidden=32, k=4, W=32): 1060 (1038 payload + 22 header).
+The served prediction (``online=True``, the default) blends this network
+with the online model of :mod:`models.online` (a per-event biased MF with
+AdaGrad rates, a session bias and side features, learning on both sides)::
+
+    pred = (1 - a) * clamp(network) + a * clamp(online),   a = online_weight
+
+The online user side lives in the state (``on_*`` keys, weight-independent:
+kept across fine-tunes by :meth:`rederive`); the movie side lives in buffers
+(``online_*``) that fine-tunes never touch, so a promotion keeps what the
+online updates learned.  :meth:`online_step` is ``step`` plus the movie-side
+*increments* of the batch (sums, mergeable by any number of workers);
+``step`` alone leaves the movie side as it is.  ``forward_sequence`` equals
+``step`` event by event (the movie side is fixed during a call); in training
+mode it returns the network alone, which is what ``fit`` trains.
+
+State bytes per user (defaults hidden=32, k=4, W=32): 1060 (1038 payload + 22 header)
+without the online part.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from models import online as onl
 from models.base import State, StateSpec
 from models.common import lookup, user_item_dot
 from models.mf import MFModel
+
+#: blend weight of the online model, chosen on the first half of ML-100K by time
+ONLINE_WEIGHT = 0.6
+
+
+def online_gap(gap_s: Tensor) -> Tensor:
+    """Log time gap that resolves seconds and minutes: log1p(seconds) / log1p(1 year)."""
+    return torch.log1p(gap_s.clamp(min=0).to(torch.float32)) / 17.3
 
 
 class LSTMModel(MFModel):
     name = "lstm"
     movie_tables = ("movie_bias", "movie_features", "item_factors")
 
-    def __init__(self, hidden: int = 32, item_dim: int = 16, k: int = 4, **kw) -> None:
+    def __init__(self, hidden: int = 32, item_dim: int = 16, k: int = 4, online: bool = True,
+                 online_weight: float = ONLINE_WEIGHT, online_cfg: dict | None = None,
+                 n_user_features: int = 0, **kw) -> None:
         super().__init__(k=k, **kw)
-        self._hp.update(hidden=int(hidden), item_dim=int(item_dim))
+        self.online = bool(online)
+        self.online_weight = float(online_weight)
+        self.online_cfg = onl.OnlineConfig.from_dict(online_cfg or {})
+        self.n_user_features = int(n_user_features)
+        self._hp.update(hidden=int(hidden), item_dim=int(item_dim), online=self.online,
+                        online_weight=self.online_weight, online_cfg=self.online_cfg.to_dict(),
+                        n_user_features=self.n_user_features)
         self.hidden = int(hidden)
+        if self.online:
+            ms = onl.MovieSide(self.online_cfg, self.capacity, self.n_features, self.n_user_features)
+            for name, t in ms.t.items():
+                self.register_buffer(f"online_{name}", t)
+            self.movie_tables = self.movie_tables + tuple(f"online_{n}" for n in onl.MovieSide.ROW)
+        self._ms_cache: onl.MovieSide | None = None
+        self._net_only = False
         # no per-movie tables of its own: movies enter through the MF factors
         # q_i and the side features f_i (far fewer parameters to overfit)
         self.lstm = nn.LSTM(self.k + 5 + self.n_features, hidden, batch_first=True)
@@ -50,7 +92,136 @@ class LSTMModel(MFModel):
     def _spec_extra(self) -> StateSpec:
         spec = super()._spec_extra()
         spec.update({"h": ((self.hidden,), torch.float32), "c": ((self.hidden,), torch.float32)})
+        if self.online:
+            spec.update(onl.user_spec_with_features(self.online_cfg, self.n_user_features))
         return spec
+
+    # -- the online part ------------------------------------------------------
+    def movie_side(self) -> onl.MovieSide:
+        """The online movie side as a view over this model's buffers (so
+        :meth:`models.online.MovieSide.apply` updates the model in place)."""
+        t = {n: self._buffers[f"online_{n}"] for n in onl.MovieSide.ROW + onl.MovieSide.GLOBAL}
+        ms = self._ms_cache
+        if ms is None or any(ms.t[n] is not t[n] for n in t):
+            ms = self._ms_cache = onl.MovieSide(self.online_cfg, 0, 0, 0, tensors=t)
+        return ms
+
+    def _online_user(self, state: State) -> dict[str, Tensor]:
+        return {k: state[k] for k in onl.USER_KEYS}
+
+    def online_step(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor
+                    ) -> tuple[State, Tensor, dict[str, tuple[Tensor | None, Tensor]]]:
+        """``step`` plus the movie-side increments of this batch (one event per
+        user).  The caller merges them (``movie_side().apply`` here, Redis
+        ``HINCRBYFLOAT`` in a stream) before the next batch."""
+        new, net = self._network_step(state, movie, rating, ts)
+        if not self.online or self._net_only:
+            return new, net, {}
+        user, on, inc = self.online_part(state, movie, rating, ts)
+        new.update(user)
+        return new, self._blend(net, on), inc
+
+    def online_part(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor
+                    ) -> tuple[dict[str, Tensor], Tensor, dict[str, tuple[Tensor | None, Tensor]]]:
+        """The online half of :meth:`online_step`: (new ``on_*`` state, clamped
+        online prediction, movie-side increments).  Reads ``on_*``,
+        ``last_ts`` and ``count`` of ``state``; the simulator runs it per round
+        beside the network's sequence pass (the two halves are independent)."""
+        movie, rating, ts = movie.to(torch.int64), rating.to(torch.float32), ts.to(torch.int64)
+        on, user, inc = onl.online_round(self.movie_side(), self._online_user(state), movie, rating,
+                                         ts - state["last_ts"], state["count"] > 0, self._feats(movie), state["on_g"])
+        user["on_g"] = state["on_g"]
+        return user, self._clamp(on), inc
+
+    @contextmanager
+    def network_only(self):
+        """Within: ``step``/``forward_sequence`` give the network alone and
+        leave the ``on_*`` state unchanged (the simulator's fast path)."""
+        old, self._net_only = self._net_only, True
+        try:
+            yield self
+        finally:
+            self._net_only = old
+
+    def _blend(self, net: Tensor, on: Tensor) -> Tensor:
+        a = self.online_weight
+        return (1.0 - a) * net + a * on
+
+    def _network_step(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor) -> tuple[State, Tensor]:
+        return super().step(state, movie, rating, ts)
+
+    def step(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor) -> tuple[State, Tensor]:
+        new, pred, _ = self.online_step(state, movie, rating, ts)
+        return new, pred
+
+    def score(self, state: State, movie_ids: Tensor) -> Tensor:
+        net = super().score(state, movie_ids)
+        if not self.online or self._net_only:
+            return net
+        ids = movie_ids.to(torch.int64)
+        ms, cfg, t = self.movie_side(), self.online_cfg, self.movie_side().t
+        mu = (t["mu"][0] + cfg.mu_prior * cfg.mu_prior_n) / (t["mu"][1] + cfg.mu_prior_n)
+        qe = ms.q0(ids) + t["q"][ids]
+        pe = state["on_p"]
+        bias = mu + t["b"][ids]
+        if cfg.use_features:
+            f = self._feats(ids)
+            qe = qe + f @ t["V"]
+            pe = pe + state["on_g"] @ t["U"]
+            bias = bias + f @ t["wm"]
+        user = state["on_ub"] + (state["on_g"] @ t["wu"] if cfg.use_features else 0.0)
+        if cfg.use_session:  # as if rated now, in the same session (a per-user constant: no effect on ranking)
+            user = user + state["on_s"] * (state["count"] > 0)
+        on = bias + user_item_dot(pe, qe) + (user[:, None] if torch.is_tensor(user) else user)
+        return self._blend(net, self._clamp(on))
+
+    def forward_sequence(self, movie, rating, ts, mask, *, state=None, return_state=False):
+        if state is None:
+            state = self.init_state(movie.shape[0], movie.device)
+        out = super().forward_sequence(movie, rating, ts, mask, state=state, return_state=return_state)
+        if not self.online:
+            return out
+        net, fin = out if return_state else (out, None)
+        if self.training or self._net_only:  # training fits the network; the online part learns by itself
+            if fin is not None:
+                fin.update({k: state[k] for k in state if k.startswith("on_")})
+            return out
+        on, user = self._online_sequence(state, movie, rating, ts, mask)
+        pred = self._blend(net, on)
+        if not return_state:
+            return pred
+        fin.update(user)
+        fin["on_g"] = state["on_g"]
+        return pred, fin
+
+    @torch.no_grad()
+    def _online_sequence(self, state, movie, rating, ts, mask) -> tuple[Tensor, dict[str, Tensor]]:
+        """The online part event by event with the movie side fixed, exactly as
+        ``step`` computes it (a loop over T: its SGD updates are sequential)."""
+        movie = torch.where(mask, movie.to(torch.int64), torch.zeros_like(movie, dtype=torch.int64))
+        rating, ts = rating.to(torch.float32), ts.to(torch.int64)
+        ms = self.movie_side()
+        user = self._online_user(state)
+        last, cnt = state["last_ts"], state["count"]
+        preds = []
+        for j in range(movie.shape[1]):
+            m = mask[:, j]
+            p, new, _ = onl.online_round(ms, user, movie[:, j], rating[:, j], ts[:, j] - last, cnt > 0,
+                                         self._feats(movie[:, j]), state["on_g"])
+            preds.append(self._clamp(p))
+            user = {k: torch.where(m.view(-1, *([1] * (v.dim() - 1))), new[k], v) for k, v in user.items()}
+            last = torch.where(m, ts[:, j], last)
+            cnt = cnt + m.to(cnt.dtype)
+        pred = torch.stack(preds, 1) if preds else torch.zeros_like(rating)
+        return pred, user
+
+    def rederive(self, state: State, stale: Tensor) -> State:
+        """The network's state is recomputed from the window; the online user
+        side (``on_*``) does not depend on the weights and is kept."""
+        kept = {k: state[k].clone() for k in state if k.startswith("on_")}
+        out = super().rederive(state, stale)
+        out.update(kept)
+        return out
 
     def _inputs(self, movie: Tensor, rating: Tensor, mf_pred: Tensor, gap: Tensor) -> Tensor:
         r0 = rating - self.global_mean

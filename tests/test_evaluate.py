@@ -40,11 +40,25 @@ def test_prequential_beats_global_mean(data, policy):
 def test_chunking_does_not_change_predictions(data):
     df = data.ratings.iloc[:1500]
     kw = dict(genre_vocab=data.genre_vocab, finetune_every=600, epochs=1, warmup=0)
-    a = run_prequential("lstm", df, data.movies, batch_events=1, mode="step", **kw)
-    b = run_prequential("lstm", df, data.movies, batch_events=700, mode="step", **kw)
-    c = run_prequential("lstm", df, data.movies, mode="sequence", **kw)
+    net = dict(kw, hparams={"online": False})  # the network alone: chunking is invisible
+    a = run_prequential("lstm", df, data.movies, batch_events=1, mode="step", **net)
+    b = run_prequential("lstm", df, data.movies, batch_events=700, mode="step", **net)
+    c = run_prequential("lstm", df, data.movies, mode="sequence", **net)
     assert np.allclose(a.predictions, b.predictions, atol=1e-5)
     assert np.allclose(a.predictions, c.predictions, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_online_fast_path_equals_worker_path(data, batch):
+    """The served lstm (online part on): the simulator's fast path (online
+    rounds + network sequence pass) gives the worker's per-round
+    ``online_step`` predictions, increments merged after every round."""
+    df = data.ratings.iloc[:1200]
+    kw = dict(genre_vocab=data.genre_vocab, finetune_every=500, epochs=1, warmup=0, batch_events=batch)
+    a = run_prequential("lstm", df, data.movies, mode="step", **kw)
+    c = run_prequential("lstm", df, data.movies, mode="sequence", **kw)
+    assert np.allclose(a.predictions, c.predictions, atol=1e-4)
+    assert not np.allclose(a.predictions, c.extra["network"], atol=1e-3)  # the online half contributes
 
 
 def test_helpers():
@@ -67,16 +81,20 @@ def test_evaluate_cli_json_shape(tmp_path):
     app = typer.Typer()
     app.command()(cli)
     args = ["--data", "synthetic:2000", "--models", "baseline,mf", "--finetune-every", "1000", "--epochs", "1",
-            "--train-epochs", "2", "--seed", "0", "--device", "cpu"]
+            "--train-epochs", "2", "--seed", "0", "--seeds", "2", "--device", "cpu"]
     one = tmp_path / "one.json"
     res = CliRunner().invoke(app, args + ["--protocol", "prequential", "--json", str(one),
                                           "--markdown", str(tmp_path / "t.md"), "--plot", str(tmp_path / "p.png")])
     assert res.exit_code == 0, res.output
     doc = json.loads(one.read_text())
     assert doc["protocol"] == "prequential" and doc["dataset"].startswith("synthetic")
-    assert set(doc["models"]) == {"baseline", "mf", "river-biasedmf"}
+    assert doc["seeds"] == [0, 1]
+    assert set(doc["models"]) == {"baseline", "mf", "river-biasedmf", "river-baseline"}
     for v in doc["models"].values():
-        assert {"rmse", "mae"} <= set(v) and v["rmse"] > 0
+        assert {"rmse", "mae", "rmse_std"} <= set(v) and v["rmse"] > 0 and len(v["per_seed"]) == 2
+        assert np.isclose(v["rmse"], np.mean([r["rmse"] for r in v["per_seed"]]))
+    # the River latent initialiser differs per seed, so BiasedMF shows a spread
+    assert doc["models"]["river-biasedmf"]["rmse_std"] > 0
     assert (tmp_path / "p.png").stat().st_size > 1000 and "| mf |" in (tmp_path / "t.md").read_text()
     both = tmp_path / "both.json"
     res = CliRunner().invoke(app, args + ["--protocol", "both", "--json", str(both), "--no-river"])
@@ -86,3 +104,23 @@ def test_evaluate_cli_json_shape(tmp_path):
     ts = doc["protocols"]["time-split"]
     assert ts["protocol"] == "time-split" and set(ts["models"]) == {"baseline", "mf"}
     assert "surprise-svd" in ts["references"]
+
+
+def test_demo_protocol_scores_only_the_streamed_part(tmp_path):
+    """demo: the first 20% by time is a bootstrap (learned, not scored)."""
+    from trainer.evaluate import cli
+
+    app = typer.Typer()
+    app.command()(cli)
+    out = tmp_path / "demo.json"
+    res = CliRunner().invoke(app, ["--data", "synthetic:2000", "--models", "baseline", "--protocol", "demo",
+                                   "--seeds", "1", "--finetune-every", "500", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["protocol"] == "demo" and doc["bootstrap_frac"] == 0.2
+    assert {m["n"] for m in doc["models"].values()} == {1600}
+
+
+def test_river_baseline_and_bootstrap(data):
+    r = run_river_prequential(data.ratings.iloc[:600], kind="river-baseline", bootstrap=100)
+    assert r.n == 500 and np.isfinite(r.rmse) and r.predictions.min() >= 1.0 and r.predictions.max() <= 5.0

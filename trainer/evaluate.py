@@ -62,20 +62,28 @@ import pandas as pd
 import torch
 import typer
 
-from trainer.prequential import PrequentialResult, river_biasedmf, run_prequential, run_river_prequential, stream_order
+from trainer.prequential import (RIVER_MODELS, PrequentialResult, river_baseline, river_biasedmf, run_prequential,
+                                 run_river_prequential, stream_order)
 from trainer.train import evaluate_rmse, fit, make_model
 
-PROTOCOLS = ("time-split", "prequential", "both")
+PROTOCOLS = ("time-split", "prequential", "demo", "both")
 RIVER = "river-biasedmf"
 REFERENCES = {
     "surprise-svd": {"rmse": 0.934, "note": "Surprise docs, ML-100K 5-fold random CV (different protocol)"},
     "surprise-svd++": {"rmse": 0.919, "note": "Surprise docs, ML-100K 5-fold random CV (different protocol)"},
 }
+#: ``fbp demo``'s schedule: bootstrap share, bootstrap epochs, fine-tune period
+DEMO_BOOTSTRAP, DEMO_EPOCHS, DEMO_FINETUNE_EVERY = 0.2, 8, 10_000
 
 
-def time_split_river(train: pd.DataFrame, test: pd.DataFrame) -> dict[str, Any]:
+def river_seed(seed: int) -> int:
+    """River's example uses seed 73 for its latent initialiser; seed s -> 73 + s."""
+    return 73 + seed
+
+
+def time_split_river(train: pd.DataFrame, test: pd.DataFrame, kind: str = RIVER, seed: int = 0) -> dict[str, Any]:
     t0 = time.perf_counter()
-    m = river_biasedmf()
+    m = river_biasedmf(river_seed(seed)) if kind == RIVER else river_baseline()
     tr = stream_order(train)
     for u, i, r in zip(tr["user_id"].to_numpy(), tr["movie_id"].to_numpy(), tr["rating"].to_numpy()):
         m.learn_one(str(u), str(i), float(r))
@@ -83,62 +91,101 @@ def time_split_river(train: pd.DataFrame, test: pd.DataFrame) -> dict[str, Any]:
     y = te["rating"].to_numpy(np.float64)
     p = np.empty(len(te))
     for k, (u, i, r) in enumerate(zip(te["user_id"].to_numpy(), te["movie_id"].to_numpy(), y)):
-        p[k] = m.predict_one(str(u), str(i))
+        p[k] = min(max(m.predict_one(str(u), str(i)), 1.0), 5.0)
         m.learn_one(str(u), str(i), float(r))
     return {"rmse": float(np.sqrt(np.mean((p - y) ** 2))), "mae": float(np.mean(np.abs(p - y))),
             "n": int(len(y)), "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per model: mean RMSE/MAE over seeds, their standard deviation
+    (population, 0 for one seed) and the per-seed figures."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, rs in runs.items():
+        rm = np.array([r["rmse"] for r in rs])
+        ma = np.array([r["mae"] for r in rs])
+        out[name] = {"rmse": float(rm.mean()), "mae": float(ma.mean()), "rmse_std": float(rm.std()),
+                     "mae_std": float(ma.std()), "n": int(rs[0]["n"]),
+                     "seconds": round(float(np.mean([r.get("seconds", 0.0) for r in rs])), 2),
+                     "per_seed": [{"rmse": r["rmse"], "mae": r["mae"]} for r in rs]}
+    return out
+
+
+def _echo(protocol: str, name: str, seed: int, r: dict[str, Any]) -> None:
+    typer.echo(f"  {protocol} {name} seed {seed}: rmse {r['rmse']:.4f} mae {r['mae']:.4f} ({r.get('seconds', 0):.0f}s)")
+
+
 def run_time_split(
-    ds: Any, names: list[str], *, epochs: int = 20, train_frac: float = 0.8, seed: int = 0,
+    ds: Any, names: list[str], *, epochs: int = 20, train_frac: float = 0.8, seeds: tuple[int, ...] = (0,),
     device: str = "auto", river: bool = True, progress: bool = False,
 ) -> dict[str, Any]:
     from core.datasets import time_split
 
     train, test = time_split(ds.ratings, train_frac)
-    out: dict[str, Any] = {}
-    for name in names:
-        t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        m = make_model(name, ds.movies, ds.genre_vocab, int(ds.ratings["movie_id"].max()))
-        rep = fit(m, train, epochs=epochs, device=device, valid_frac=0.1, seed=seed, progress=progress)
-        ev = evaluate_rmse(m, test, context_df=train)
-        out[name] = {"rmse": ev.rmse, "mae": ev.mae, "n": ev.n, "seconds": round(time.perf_counter() - t0, 2),
-                     "epochs": rep.epochs_run, "best_valid_rmse": rep.best_valid_rmse}
-        typer.echo(f"  time-split {name}: rmse {ev.rmse:.4f} mae {ev.mae:.4f} ({out[name]['seconds']:.0f}s)")
-    if river:
-        out[RIVER] = time_split_river(train, test)
-        typer.echo(f"  time-split {RIVER}: rmse {out[RIVER]['rmse']:.4f}")
-    return {"dataset": ds.name, "protocol": "time-split", "models": out, "references": REFERENCES,
-            "train_frac": train_frac}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for seed in seeds:
+        for name in names:
+            t0 = time.perf_counter()
+            torch.manual_seed(seed)
+            m = make_model(name, ds.movies, ds.genre_vocab, int(ds.ratings["movie_id"].max()))
+            rep = fit(m, train, epochs=epochs, device=device, valid_frac=0.1, seed=seed, progress=progress)
+            ev = evaluate_rmse(m, test, context_df=train)
+            r = {"rmse": ev.rmse, "mae": ev.mae, "n": ev.n, "seconds": round(time.perf_counter() - t0, 2),
+                 "epochs": rep.epochs_run}
+            runs.setdefault(name, []).append(r)
+            _echo("time-split", name, seed, r)
+        for kind in RIVER_MODELS if river else ():
+            r = time_split_river(train, test, kind, seed)
+            runs.setdefault(kind, []).append(r)
+            _echo("time-split", kind, seed, r)
+    return {"protocol": "time-split", "dataset": ds.name, "seeds": list(seeds), "models": aggregate(runs),
+            "references": REFERENCES, "train_frac": train_frac}
 
 
-def run_prequential_all(
-    ds: Any, names: list[str], *, finetune_every: int = 5000, epochs: int = 2, seed: int = 0,
-    policy: str = "window", river: bool = True, progress: bool = False, device: str = "cpu",
+def run_stream_protocol(
+    ds: Any, names: list[str], *, protocol: str = "prequential", finetune_every: int = 5000, epochs: int = 2,
+    seeds: tuple[int, ...] = (0,), policy: str = "window", river: bool = True, progress: bool = False,
+    device: str = "cpu",
 ) -> tuple[dict[str, Any], dict[str, PrequentialResult]]:
-    results: dict[str, PrequentialResult] = {}
-    for name in names:
-        results[name] = run_prequential(name, ds.ratings, ds.movies, genre_vocab=ds.genre_vocab,
-                                        finetune_every=finetune_every, epochs=epochs, seed=seed,
-                                        policy=policy, progress=progress, device=device)
-        r = results[name]
-        typer.echo(f"  prequential {name}: rmse {r.rmse:.4f} mae {r.mae:.4f} ({r.seconds:.0f}s)")
-    if river:
-        results[RIVER] = run_river_prequential(ds.ratings)
-        typer.echo(f"  prequential {RIVER}: rmse {results[RIVER].rmse:.4f}")
-    doc = {"dataset": ds.name, "protocol": "prequential",
-           "models": {k: v.to_dict() for k, v in results.items()},
-           "finetune_every": finetune_every, "epochs": epochs, "policy": policy}
-    return doc, results
+    """``prequential`` (whole stream, warm-up fine-tunes) or ``demo`` (offline
+    bootstrap on the first 20% by time, then the rest streamed with fine-tunes
+    every 10,000 events; River learns the bootstrap once, then
+    predicts-then-learns the rest).  Returns the JSON document and the first
+    seed's results (for the rolling-RMSE plot)."""
+    demo = protocol == "demo"
+    every = DEMO_FINETUNE_EVERY if demo and finetune_every == 5000 else finetune_every
+    boot = int(len(ds.ratings) * DEMO_BOOTSTRAP) if demo else 0
+    runs: dict[str, list[dict[str, Any]]] = {}
+    first: dict[str, PrequentialResult] = {}
+    for seed in seeds:
+        for name in names:
+            r = run_prequential(name, ds.ratings, ds.movies, genre_vocab=ds.genre_vocab, finetune_every=every,
+                                epochs=epochs, seed=seed, policy=policy, progress=progress, device=device,
+                                bootstrap_frac=DEMO_BOOTSTRAP if demo else 0.0, bootstrap_epochs=DEMO_EPOCHS,
+                                users=getattr(ds, "users", None))
+            first.setdefault(name, r)
+            runs.setdefault(name, []).append(r.to_dict())
+            _echo(protocol, name, seed, r.to_dict())
+        for kind in RIVER_MODELS if river else ():
+            r = run_river_prequential(ds.ratings, seed=river_seed(seed), kind=kind, bootstrap=boot)
+            first.setdefault(kind, r)
+            runs.setdefault(kind, []).append(r.to_dict())
+            _echo(protocol, kind, seed, r.to_dict())
+    doc = {"protocol": protocol, "dataset": ds.name, "seeds": list(seeds), "models": aggregate(runs),
+           "finetune_every": every, "epochs": epochs, "policy": policy}
+    if demo:
+        doc.update(bootstrap_frac=DEMO_BOOTSTRAP, bootstrap_epochs=DEMO_EPOCHS)
+    return doc, first
 
 
 def table(doc: dict[str, Any]) -> str:
     """A markdown table of one protocol's results."""
     lines = [f"### {doc['dataset']} — {doc['protocol']}", "",
-             "| model | RMSE | MAE | n | seconds |", "|---|---:|---:|---:|---:|"]
+             f"seeds {doc.get('seeds')}: mean ± std over seeds", "",
+             "| model | RMSE | MAE | n | seconds/seed |", "|---|---:|---:|---:|---:|"]
     for name, r in sorted(doc["models"].items(), key=lambda kv: kv[1]["rmse"]):
-        lines.append(f"| {name} | {r['rmse']:.4f} | {r['mae']:.4f} | {r['n']} | {r.get('seconds', 0):.1f} |")
+        lines.append(f"| {name} | {r['rmse']:.4f} ± {r.get('rmse_std', 0):.4f} | {r['mae']:.4f} ± "
+                     f"{r.get('mae_std', 0):.4f} | {r['n']} | {r.get('seconds', 0):.1f} |")
     for name, r in (doc.get("references") or {}).items():
         lines.append(f"| {name} (reference) | {r['rmse']:.3f} | – | – | – |")
     if doc.get("references"):
@@ -176,22 +223,23 @@ def plot(path: Path, results: dict[str, PrequentialResult] | None, docs: list[di
 
 def cli(
     data: str = typer.Option("ml-100k", help="ml-100k, synthetic:<n>[:<seed>] or a path to MovieLens files"),
-    protocol: str = typer.Option("both", help="time-split, prequential or both"),
+    protocol: str = typer.Option("prequential", help="prequential, demo, time-split or both (time-split + prequential)"),
     models: str = typer.Option("lstm,cnn,mf,baseline", help="comma-separated model names"),
-    finetune_every: int = typer.Option(5000, min=0, help="prequential: fine-tune every N events (0: never)"),
-    epochs: int = typer.Option(2, min=1, help="prequential: epochs per fine-tune"),
+    seeds: int = typer.Option(3, min=1, help="number of seeds (seed, seed+1, ...); mean and std are reported"),
+    finetune_every: int = typer.Option(5000, min=0, help="prequential: fine-tune every N events (0: never); demo: 10000"),
+    epochs: int = typer.Option(2, min=1, help="prequential/demo: epochs per fine-tune"),
     train_epochs: int = typer.Option(20, min=1, help="time-split: max training epochs (early stopping)"),
     train_frac: float = typer.Option(0.8, min=0.05, max=0.99, help="time-split: train fraction by time"),
     policy: str = typer.Option("window", help="prequential state-after-fine-tune policy: window, replay or keep"),
-    river: bool = typer.Option(True, help="include River's BiasedMF"),
-    seed: Optional[int] = typer.Option(None, help="random seed (default: settings.trainer.seed)"),
+    river: bool = typer.Option(True, help="include River's BiasedMF and Baseline"),
+    seed: Optional[int] = typer.Option(None, help="first random seed (default: settings.trainer.seed)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda (time-split training)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results as JSON"),
     markdown: Optional[Path] = typer.Option(None, help="write results as a markdown table"),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="PNG of rolling RMSE over the stream"),
     progress: bool = typer.Option(False, help="show progress bars"),
 ) -> None:
-    """Compare models (and River's BiasedMF) by time split and/or prequentially."""
+    """Compare models with River's BiasedMF and Baseline, over several seeds."""
     from core.datasets import load_dataset
 
     if protocol not in PROTOCOLS:
@@ -206,21 +254,24 @@ def cli(
         from core.settings import get_settings
 
         seed = get_settings().trainer.seed
+    seed_list = tuple(range(seed, seed + seeds))
     ds = load_dataset(data)
-    typer.echo(f"evaluating {', '.join(names)} on {ds.name} ({len(ds.ratings)} events), protocol {protocol}")
+    typer.echo(f"evaluating {', '.join(names)} on {ds.name} ({len(ds.ratings)} events), protocol {protocol}, "
+               f"seeds {list(seed_list)}")
     docs: list[dict[str, Any]] = []
     results = None
     if protocol in ("time-split", "both"):
-        docs.append(run_time_split(ds, names, epochs=train_epochs, train_frac=train_frac, seed=seed,
+        docs.append(run_time_split(ds, names, epochs=train_epochs, train_frac=train_frac, seeds=seed_list,
                                    device=device, river=river, progress=progress))
-    if protocol in ("prequential", "both"):
-        doc, results = run_prequential_all(ds, names, finetune_every=finetune_every, epochs=epochs,
-                                           seed=seed, policy=policy, river=river, progress=progress)
+    if protocol in ("prequential", "demo", "both"):
+        doc, results = run_stream_protocol(ds, names, protocol="demo" if protocol == "demo" else "prequential",
+                                           finetune_every=finetune_every, epochs=epochs, seeds=seed_list,
+                                           policy=policy, river=river, progress=progress)
         docs.append(doc)
     md = "\n".join(table(d) for d in docs)
     typer.echo("\n" + md)
     out: dict[str, Any] = docs[0] if len(docs) == 1 else {
-        "dataset": ds.name, "protocol": "both", "protocols": {d["protocol"]: d for d in docs}}
+        "protocol": "both", "dataset": ds.name, "seeds": list(seed_list), "protocols": {d["protocol"]: d for d in docs}}
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(out, indent=2))

@@ -132,6 +132,64 @@ def step_events(
     return preds
 
 
+def _online(model: RatingModel) -> bool:
+    return bool(getattr(model, "online", False))
+
+
+@torch.no_grad()
+def online_events(
+    model: RatingModel, states: State, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray,
+    batch_events: int = 1024,
+) -> np.ndarray:
+    """The online half of the served ``lstm`` over a stretch of the stream, as
+    a worker runs it: batches of ``batch_events``, rounds of distinct users,
+    each round through ``model.online_part`` (:func:`models.online.online_round`)
+    and its movie-side increments merged before the next round.  Updates the
+    ``on_*`` rows of ``states``; returns the clamped online predictions."""
+    dev = model.device
+    ms = model.movie_side()  # type: ignore[attr-defined]
+    keys = [k for k in states if k.startswith("on_")]
+    work = {k: states[k] for k in keys}
+    work["last_ts"], work["count"] = states["last_ts"].clone(), states["count"].clone()
+    preds = np.empty(len(uidx), dtype=np.float32)
+    mv, rt, tt = (torch.tensor(a, device=dev) for a in (movie, rating.astype(np.float32), ts))
+    for s in range(0, len(uidx), batch_events):
+        rank = occurrence_rank(uidx[s : s + batch_events])
+        for r in range(int(rank.max()) + 1):
+            ev = s + np.nonzero(rank == r)[0]
+            e = torch.from_numpy(ev).to(dev)
+            u = torch.from_numpy(uidx[ev]).to(dev)
+            user, p, inc = model.online_part(mstate.select(work, u), mv[e], rt[e], tt[e])  # type: ignore[attr-defined]
+            ms.apply(inc)
+            for k in keys:
+                work[k][u] = user[k]
+            work["last_ts"][u] = tt[e]
+            work["count"][u] += 1
+            preds[ev] = p.float().cpu().numpy()
+    return preds
+
+
+def step_online_events(
+    model: RatingModel, states: State, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray
+) -> np.ndarray:
+    """:func:`step_events` through ``online_step``, merging each round's
+    movie-side increments (what a worker does per batch, event by event)."""
+    dev = model.device
+    preds = np.empty(len(uidx), dtype=np.float32)
+    rank = occurrence_rank(uidx)
+    mv, rt, tt = (torch.tensor(a, device=dev) for a in (movie, rating.astype(np.float32), ts))
+    with torch.no_grad():
+        for r in range(int(rank.max()) + 1 if len(rank) else 0):
+            ev = np.nonzero(rank == r)[0]
+            e = torch.from_numpy(ev).to(dev)
+            u = torch.from_numpy(uidx[ev]).to(dev)
+            sub, p, inc = model.online_step(mstate.select(states, u), mv[e], rt[e], tt[e])  # type: ignore[attr-defined]
+            model.movie_side().apply(inc)  # type: ignore[attr-defined]
+            mstate.scatter(states, u, sub)
+            preds[ev] = p.float().cpu().numpy()
+    return preds
+
+
 @torch.no_grad()
 def sequence_events(
     model: RatingModel, states: State, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray,
@@ -166,11 +224,15 @@ def refresh_states(
     if policy == "window":
         active = torch.nonzero(states["count"] > 0).flatten()
         if active.numel():
-            mstate.scatter(states, active, mstate.rederive(model, mstate.select(states, active)))
+            sub = mstate.select(states, active)
+            stale = torch.ones(len(active), dtype=torch.bool, device=active.device)
+            mstate.scatter(states, active, model.rederive(sub, stale))  # keeps what the model says is kept
         return states
     if policy == "replay":
         users, fresh = replay_states(model, seen)
         idx = torch.tensor([user_index[int(u)] for u in users], dtype=torch.int64, device=model.device)
+        kept = {k: states[k][idx].clone() for k in states if k.startswith("on_")}  # weight-independent
+        fresh.update(kept)
         return mstate.scatter(states, idx, fresh)
     raise ValueError(f"unknown state policy {policy!r}; use one of {POLICIES}")
 
@@ -195,13 +257,23 @@ def run_prequential(
     progress: bool = False,
     mode: str = "sequence",
     warmup: int = 3,
+    bootstrap_frac: float = 0.0,
+    bootstrap_epochs: int = 8,
+    users: pd.DataFrame | None = None,
 ) -> PrequentialResult:
     """Test-then-train over ``ratings`` with periodic warm-start fine-tuning.
 
     ``mode="step"`` runs every event through ``step`` (chunks of
     ``batch_events``, rounds by per-user rank) exactly as the worker does;
     ``mode="sequence"`` gives the same predictions through ``forward_sequence``
-    from the current states, one chunk per fine-tune period, and is faster."""
+    from the current states, one chunk per fine-tune period, and is faster.
+
+    ``bootstrap_frac > 0`` is the demo protocol: the model is first trained
+    offline on that share of the events (``bootstrap_epochs``, early stopping
+    on the last 10%, as ``fbp demo`` does), the bootstrap users' states are
+    derived from their histories, and only the remaining events are streamed
+    (fine-tunes every ``finetune_every`` events after the cut, no warm-up
+    points) and scored."""
     from tqdm.auto import tqdm
 
     if policy not in POLICIES:
@@ -209,7 +281,9 @@ def run_prequential(
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     df = stream_order(ratings)
-    model = make_model(model_name, movies, genre_vocab, int(df["movie_id"].max()) if len(df) else 0, **(hparams or {}))
+    user_info = users  # side features (the name is reused below for the id column)
+    model = make_model(model_name, movies, genre_vocab, int(df["movie_id"].max()) if len(df) else 0,
+                       users=user_info, **(hparams or {}))
     # the vocabulary grows as the stream runs: start with the movies known up front
     model.to(device)
     model.eval()
@@ -221,48 +295,112 @@ def run_prequential(
     rating = df["rating"].to_numpy(np.float32)
     ts = df["ts"].to_numpy(np.int64)
     states = model.init_state(len(uniq), model.device)
+    online = _online(model)
+    # sequence mode, online lstm: the network's and the online part's predictions, for the blend ablation
+    parts = (np.full(len(df), np.nan, np.float32), np.full(len(df), np.nan, np.float32))
+    if online and "on_g" in states and states["on_g"].shape[1]:
+        from models.online import user_feature_matrix
+
+        table, _ = user_feature_matrix(user_info, int(uniq.max()))
+        states["on_g"].copy_(table[torch.from_numpy(uniq)].to(model.device))
+
+    def advance(lo: int, hi: int, scored: bool = True) -> None:
+        """Predict-then-learn events [lo, hi): the worker's path."""
+        a = (uidx[lo:hi], movie[lo:hi], rating[lo:hi], ts[lo:hi])
+        model.ensure_capacity(int(movie[lo:hi].max()))
+        if mode == "step":
+            for s in range(lo, hi, batch_events):
+                e = min(hi, s + batch_events)
+                b = (uidx[s:e], movie[s:e], rating[s:e], ts[s:e])
+                preds[s:e] = step_online_events(model, states, *b) if online else step_events(model, states, *b)
+            return
+        if not online:
+            preds[lo:hi] = sequence_events(model, states, *a)
+            return
+        # the two halves are independent: online rounds first (they read the
+        # pre-stretch last_ts/count), then the network over the whole stretch
+        on = online_events(model, states, *a, batch_events=batch_events)
+        with model.network_only():  # type: ignore[attr-defined]
+            net = sequence_events(model, states, *a)
+        preds[lo:hi] = model._blend(torch.from_numpy(net), torch.from_numpy(on)).numpy()  # type: ignore[attr-defined]
+        parts[0][lo:hi], parts[1][lo:hi] = net, on
     preds = np.empty(len(df), dtype=np.float32)
     n = len(df)
     finetunes, ft_s = 0, 0.0
     bar = tqdm(total=n, desc=f"prequential {model_name}", disable=not progress, unit="ev")
     pos = 0
     points = finetune_points(n, finetune_every, warmup)
+    if bootstrap_frac > 0:
+        pos = int(n * bootstrap_frac)
+        points = [pos + p for p in range(finetune_every, n - pos, finetune_every)] if finetune_every else []
+        boot = df.iloc[:pos]
+        if online:  # the online part learns the bootstrap once, as River does
+            online_events(model, states, uidx[:pos], movie[:pos], rating[:pos], ts[:pos], batch_events)
+        fit(model, boot, epochs=bootstrap_epochs, lr=lr, l2=l2, batch_users=batch_users, device=device,
+            valid_frac=0.1, seed=seed, progress=False)
+        model.eval()
+        with _network_only(model):
+            refresh_states(model, states, boot, user_index, "replay")
+        bar.update(pos)
+    start = pos
     while pos < n:
         seg_end = next((p for p in points if p > pos), n)
-        while pos < seg_end:
-            end = min(seg_end, pos + batch_events) if mode == "step" else seg_end
-            model.ensure_capacity(int(movie[pos:end].max()))
-            run = step_events if mode == "step" else sequence_events
-            preds[pos:end] = run(model, states, uidx[pos:end], movie[pos:end], rating[pos:end], ts[pos:end])
-            bar.update(end - pos)
-            pos = end
+        advance(pos, seg_end)
+        bar.update(seg_end - pos)
+        pos = seg_end
         if pos in points:
             t1 = time.perf_counter()
             seen = df.iloc[:pos]
             fit(model, seen, epochs=epochs, lr=lr, l2=l2, batch_users=batch_users, device=device,
                 valid_frac=0.0, seed=seed + finetunes, progress=False)
             model.eval()
-            refresh_states(model, states, seen, user_index, policy)
+            with _network_only(model):
+                refresh_states(model, states, seen, user_index, policy)
             finetunes += 1
             ft_s += time.perf_counter() - t1
     bar.close()
-    return _result(model_name, rating, preds, rolling_window, seconds=time.perf_counter() - t0,
-                   finetunes=finetunes, policy=policy, finetune_seconds=ft_s)
+    res = _result(model_name, rating[start:], preds[start:], rolling_window, seconds=time.perf_counter() - t0,
+                  finetunes=finetunes, policy=policy, finetune_seconds=ft_s)
+    if online and mode == "sequence":
+        res.extra.update(network=parts[0][start:], online=parts[1][start:])
+    return res
 
 
-def run_river_prequential(ratings: pd.DataFrame, *, rolling_window: int = 2000, seed: int = 73) -> PrequentialResult:
-    """River's ``BiasedMF`` (the configuration of River's MovieLens example),
-    predict-then-learn per event, users/items as strings."""
+RIVER_MODELS = ("river-biasedmf", "river-baseline")
+
+
+def _network_only(model: RatingModel) -> Any:
+    from contextlib import nullcontext
+
+    return model.network_only() if _online(model) else nullcontext()  # type: ignore[attr-defined]
+
+
+def run_river_prequential(ratings: pd.DataFrame, *, rolling_window: int = 2000, seed: int = 73,
+                          kind: str = "river-biasedmf", bootstrap: int = 0) -> PrequentialResult:
+    """A River peer (``river-biasedmf``: the configuration of River's MovieLens
+    example; ``river-baseline``: biases only, SGD 0.025), users/items as
+    strings.  The first ``bootstrap`` events (stream order) are learned once,
+    the rest predicted then learned and scored.  Predictions are clamped to
+    the rating range, as the project's are."""
     t0 = time.perf_counter()
-    model = river_biasedmf(seed)
+    model = river_biasedmf(seed) if kind == "river-biasedmf" else river_baseline()
     df = stream_order(ratings)
-    preds = np.empty(len(df), dtype=np.float32)
-    for i, (u, m, r) in enumerate(zip(df["user_id"].to_numpy(), df["movie_id"].to_numpy(), df["rating"].to_numpy())):
-        us, ms = str(u), str(m)
-        preds[i] = model.predict_one(us, ms)
-        model.learn_one(us, ms, float(r))
-    return _result("river-biasedmf", df["rating"].to_numpy(np.float32), preds, rolling_window,
+    u_s, m_s, y = df["user_id"].astype(str).to_numpy(), df["movie_id"].astype(str).to_numpy(), df["rating"].to_numpy()
+    for i in range(min(bootstrap, len(df))):
+        model.learn_one(u_s[i], m_s[i], float(y[i]))
+    preds = np.empty(max(len(df) - bootstrap, 0), dtype=np.float32)
+    for j, i in enumerate(range(bootstrap, len(df))):
+        preds[j] = min(max(model.predict_one(u_s[i], m_s[i]), 1.0), 5.0)
+        model.learn_one(u_s[i], m_s[i], float(y[i]))
+    return _result(kind, y[bootstrap:].astype(np.float32), preds, rolling_window,
                    seconds=time.perf_counter() - t0, policy="online")
+
+
+def river_baseline() -> Any:
+    """River's ``Baseline`` (global mean + user and item biases), plain SGD 0.025."""
+    from river import optim, reco
+
+    return reco.Baseline(optimizer=optim.SGD(0.025), l2=0.0, initializer=optim.initializers.Zeros())
 
 
 def river_biasedmf(seed: int = 73) -> Any:

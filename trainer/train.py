@@ -50,11 +50,17 @@ def make_model(
     movies: pd.DataFrame | None = None,
     genre_vocab: list[str] | None = None,
     max_movie_id: int = 0,
+    users: pd.DataFrame | None = None,
     **hparams: Any,
 ) -> RatingModel:
-    """Build ``name`` with the data set's genre vocabulary, year range and movie ids."""
+    """Build ``name`` with the data set's genre vocabulary, year range and movie
+    ids (and, for the online ``lstm``, the width of the user side features)."""
     hp: dict[str, Any] = dict(MODEL_DEFAULTS.get(name, {}))
     hp.update(hparams)
+    if name == "lstm" and users is not None and len(users):
+        from models.online import user_feature_matrix
+
+        hp.setdefault("n_user_features", int(user_feature_matrix(users, 0)[0].shape[1]))
     hp.setdefault("genre_vocab", list(genre_vocab or []))
     if movies is not None and len(movies):
         years = pd.to_numeric(movies["year"], errors="coerce").dropna()
