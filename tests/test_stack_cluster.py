@@ -142,7 +142,10 @@ def test_status_prints_client_settings(cluster):
     env = {**os.environ, "FBP_STACK__DATA_DIR": str(cluster.stack.data_dir),
            "FBP_STACK__KAFKA_CLUSTER_PORT": str(KAFKA_PORT),
            "FBP_STACK__KAFKA_CLUSTER_CONTROLLER_PORT": str(KAFKA_PORT + 100),
-           "FBP_STACK__REDIS_CLUSTER_PORT": str(REDIS_PORT)}
+           "FBP_STACK__REDIS_CLUSTER_PORT": str(REDIS_PORT),
+           # The single broker/Redis of this data dir: on idle ports, not the default stack's.
+           "FBP_STACK__KAFKA_PORT": str(KAFKA_PORT + 50), "FBP_STACK__KAFKA_CONTROLLER_PORT": str(KAFKA_PORT + 51),
+           "FBP_STACK__REDIS_PORT": str(REDIS_PORT + 50)}
     out = subprocess.run(
         # No --kafka-brokers / --redis-cluster: status shows the clusters this data dir runs.
         [sys.executable, "-m", "fbp.cli", "stack", "status", "-s", "kafka", "-s", "redis"],
