@@ -52,8 +52,8 @@ def event(i: int, user: int = 7, pad: int = 0) -> bytes:
     return orjson.dumps(ev)
 
 
-def fbp_dlq(ns, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **ns.env(64, 6099))
+def fbp_dlq(ns, *args: str, **env_over: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ns.env(64, 6099), **env_over}
     return subprocess.run(procs.FBP + ["dlq", *args], cwd=procs.REPO, env=env, capture_output=True,
                           text=True, timeout=180)
 
@@ -225,3 +225,9 @@ def test_replay_refuses_unknown_reasons_and_bad_times(stack, ns):
     assert res.returncode == 2 and "bad_json" in res.stderr  # the message lists the real codes
     res = fbp_dlq(ns, "replay", "--since", "last tuesday")
     assert res.returncode == 2 and "ISO-8601" in res.stderr
+
+
+def test_a_missing_dlq_topic_is_named_not_a_traceback(stack, ns):
+    res = fbp_dlq(ns, "stats", FBP_KAFKA__DLQ_TOPIC=f"{ns.dlq}-nope")
+    assert res.returncode == 1 and f"{ns.dlq}-nope" in res.stderr and "FBP_KAFKA__DLQ_TOPIC" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -14,7 +14,9 @@ user's state is loaded, or its user's batch is dropped before the store), so
 replaying it once applies it exactly once.  Replaying the same dead letters
 twice, or an event its producer also re-sent, applies it twice: user states
 keep no event ids.  Every replayed record carries a ``fbp-replayed-from``
-header (``<dlq topic>/<partition>/<offset>``) so repeats can be traced.
+header (``<dlq topic>/<partition>/<offset>``) so repeats can be traced; the
+original record's headers are not re-sent (the DLQ keeps them only bounded,
+and the worker reads none of them).
 """
 
 from __future__ import annotations
