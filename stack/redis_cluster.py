@@ -75,6 +75,8 @@ def _fresh(settings: Settings) -> bool:
         try:
             if int(client.cluster("info").get("cluster_known_nodes", 1)) > 1:
                 return False
+        except redis.RedisError as exc:
+            raise StackError(f"{node.name}: CLUSTER INFO failed: {exc}") from exc
         finally:
             client.close()
     return True
