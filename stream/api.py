@@ -29,6 +29,7 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models import state as mstate
+from models.base import RatingModel
 from models.checkpoint import CheckpointError
 from stream import metrics as m
 from stream.app import app
@@ -99,9 +100,9 @@ async def _user_state(user_id: int) -> tuple[Any, mstate.State, bool]:
     model = runtime.model
     stored = await runtime.store.get(user_id)
     device = model.device
-    st, stale, foreign = mstate.unpack_batch(model, [stored.blob], device)
+    st, stale, foreign = model.unpack_states([stored.blob], device)
     if bool(stale.any()):
-        st = mstate.rederive(model, st)
+        st = model.rederive(st, stale)
     # a state the serving model cannot read is answered as a new user's (the
     # worker resets it on the user's next event)
     return model, st, stored.blob is not None and not bool(foreign.any())
@@ -182,12 +183,12 @@ class Profile(View):
             require_read(request)
             uid = _int(user_id, "user_id")
             model, st, known = await _user_state(uid)
-            n = int(st["count"][0].item()) if "count" in st else 0
-            mean = float(st["mean"][0].item()) if "mean" in st else None
+            count, mean_t = model.rating_stats(st)
+            n, mean = int(count[0].item()), float(mean_t[0].item())
             return {"user_id": uid, "known_user": known, "ratings": n,
                     "mean_rating": round(mean, 4) if n else None,
                     "favourite_genres": _favourite_genres(model, st),
-                    "recent_movies": _recent(st), "model_version": model.version}
+                    "recent_movies": _recent(model, st), "model_version": model.version}
         return await guarded(self, run)
 
 
@@ -259,26 +260,22 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _recent(st: mstate.State) -> list[int]:
-    """Newest first (the window is right-aligned: the last ``win_len`` slots are real)."""
-    n = int(st["win_len"][0].item())
-    return [int(x) for x in reversed(st["win_movie"][0].tolist()[st["win_movie"].shape[1] - n:])]
+def _recent(model: RatingModel, st: mstate.State) -> list[int]:
+    """The user's recent movies, newest first."""
+    movie, _, _, real = model.recent_events(st)
+    return [int(x) for x in reversed(movie[0][real[0]].tolist())]
 
 
-def _favourite_genres(model: Any, st: mstate.State, top: int = 3) -> list[str]:
+def _favourite_genres(model: RatingModel, st: mstate.State, top: int = 3) -> list[str]:
     """Genres of the movies the user rated above their own mean, within the window."""
-    vocab = getattr(model, "genre_vocab", None)
-    feats = getattr(model, "movie_features", None)
-    if not vocab or feats is None or "win_movie" not in st:
+    vocab = model.genre_names()
+    movie, rating, _, real = model.recent_events(st)
+    keep = real[0]
+    if not vocab or not bool(keep.any()):
         return []
-    movies = st["win_movie"][0]
-    ratings = st["win_rating"][0]
-    W = movies.shape[0]
-    keep = torch.arange(W, device=movies.device) >= W - int(st["win_len"][0])
-    if not bool(keep.any()):
-        return []
-    weight = (ratings[keep] - float(st["mean"][0])).clamp(min=0) + 1e-3
-    g = feats[movies[keep].clamp(max=feats.shape[0] - 1), : len(vocab)]
+    _, mean = model.rating_stats(st)
+    weight = (rating[0][keep] - float(mean[0])).clamp(min=0) + 1e-3
+    g = model.movie_genres(movie[0][keep])
     totals = (g * weight.unsqueeze(1)).sum(0)
     order = torch.argsort(totals, descending=True)[:top]
     return [vocab[i] for i in order.tolist() if totals[i] > 0]

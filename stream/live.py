@@ -248,8 +248,7 @@ def _serving_model() -> dict[str, Any]:
     model = runtime.model
     if model is None:
         return {"ready": False, "name": None, "version": stats.model_version, "device": None}
-    return {"ready": True, "name": getattr(model, "name", None), "version": model.version,
-            "device": str(getattr(model, "device", "")) or None}
+    return {"ready": True, "name": model.name, "version": model.version, "device": str(model.device)}
 
 
 @app.timer(interval=1.0)

@@ -52,7 +52,7 @@ from models import state as mstate
 from models.base import RatingModel
 from stream import metrics as m
 from stream.faults import INFRASTRUCTURE, is_size_error
-from stream.topk import candidate_movies, seen_mask, top_k  # noqa: F401  (re-exported)
+from stream.topk import seen_mask, top_k  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class Predictor:
             state, preds, uidx = self.model_step(fresh, fusers, [stored[users[u]] for u in fusers], out)
         with _stage(res, "topk"):
             tops = self.user_top_k(state, len(fusers))
-        blobs = mstate.pack_batch(self.model, state)
+        blobs = self.model.pack_states(state)
         m.STATE_BYTES.set(len(blobs[0]))
         out.rows = [(u, blobs[i], [(t, p, o) for (t, p), o in marks[u].items()]) for i, u in enumerate(fusers)]
         await self.produce_predictions(fresh, preds, uidx, tops, out, t0)
@@ -357,10 +357,10 @@ class Predictor:
         (another model family or layout, a malformed blob) reset -- counted,
         never a crash: a family switch must not stop the stream."""
         blobs = [s.blob for s in stored]
-        state, stale, foreign = mstate.unpack_batch(self.model, blobs, self.device)
+        state, stale, foreign = self.model.unpack_states(blobs, self.device)
         out.rederived = int(stale.sum())
         if out.rederived:
-            state = mstate.after_swap(self.model, state, stale)
+            state = self.model.rederive(state, stale)
         if bool(foreign.any()):
             self._count_resets([b for b, f in zip(blobs, foreign.tolist()) if f], out)
         return state

@@ -9,6 +9,8 @@ family added to ``models.registry`` is covered without editing this file."""
 from __future__ import annotations
 
 import doctest
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +286,28 @@ def test_genres_of_movies():
                                "genres": [["Comedy"], ["Drama", "Comedy"]]}))
     assert m.genre_names() == ["Drama", "Comedy"]
     assert m.movie_genres(torch.tensor([1, 2, 3, 99])).tolist() == [[0, 1], [1, 1], [0, 0], [0, 0]]
+
+
+def test_serving_and_training_code_use_only_the_protocol():
+    """The worker, the API, the trainer and the tools reach models through
+    RatingModel's methods: no model tables or the candidate cache read from
+    outside ``models/``, no ``type: ignore`` to call a protocol method, and in
+    the serving code (``stream/``) no getattr/hasattr or private attribute on
+    a model at all."""
+    root = Path(__file__).resolve().parent.parent
+    protocol = "|".join(n for n in dir(RatingModel) if not n.startswith("_") and n not in dir(torch.nn.Module))
+    everywhere = [
+        re.compile(r"\bmodel\.(movie_bias|movie_features|item_factors|movie_tables|global_mean|trained|genre_vocab)\b"),
+        re.compile(r"_fbp_candidates|\bmodel\._candidates"),
+        re.compile(rf"\bmodel\.({protocol})\(.*# type: ignore"),
+    ]
+    serving = [re.compile(r"(getattr|hasattr)\(\s*(self\.)?model\b"), re.compile(r"\bmodel\._\w+")]
+    found = []
+    for pkg in ("stream", "trainer", "bench", "fbp"):
+        probes = everywhere + (serving if pkg == "stream" else [])
+        for path in sorted((root / pkg).rglob("*.py")):
+            for no, line in enumerate(path.read_text().splitlines(), 1):
+                if any(p.search(line) for p in probes):
+                    found.append(f"{path.relative_to(root)}:{no}: {line.strip()}")
+    assert "step" in protocol.split("|") and "candidate_ids" in protocol.split("|")
+    assert not found, "\n".join(found)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from models.registry import build
-from stream.predictor import seen_mask
+from stream.topk import seen_mask
 
 
 def _reference(state, cands):
@@ -28,10 +28,11 @@ def test_seen_mask_matches_a_brute_force_reference():
         new, _ = m.step(st, movie, torch.full((4,), 4.0), torch.full((4,), 10 * t))
         st = {k: torch.where(active.view(-1, *[1] * (v.dim() - 1)), new[k], v) for k, v in st.items()}
     cands = torch.tensor([7, 3, 30, 1, 12, 45, 2, 20])  # unsorted, all < 49
-    got = seen_mask(st, cands)
+    recent, _, _, real = m.recent_events(st)
+    got = seen_mask(recent, real, cands)
     want = _reference(st, cands)
     assert torch.equal(got, want)
     assert not got[0].any() and got[2].any()  # the check above is not vacuous
     full = torch.arange(50)
-    assert torch.equal(seen_mask(st, full), _reference(st, full))
-    assert seen_mask(st, torch.tensor([], dtype=torch.int64)).shape == (4, 0)
+    assert torch.equal(seen_mask(recent, real, full), _reference(st, full))
+    assert seen_mask(recent, real, torch.tensor([], dtype=torch.int64)).shape == (4, 0)
