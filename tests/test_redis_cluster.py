@@ -1,5 +1,5 @@
-"""The Redis repositories on one Redis and on a local Redis Cluster (3 masters
-+ 3 replicas, tests/rediscluster.py): same code, same results; key groups
+"""The Redis repositories on one Redis and on the stack's Redis Cluster (3
+masters + 3 replicas, tests/rediscluster.py): same code, same results; key groups
 that move together share a slot; and a master failover loses no state write
 that was acknowledged with ``wait_replicas``.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 
 import numpy as np
@@ -38,7 +37,7 @@ from core.repos.models import ModelStore
 from core.repos.states import StateNotDurable, StateStore
 from core.repos.trainer import TrainerStore
 from fbp_errors import CheckpointError
-from tests.rediscluster import PORTS, local_cluster, redis_cfg  # noqa: F401  (fixtures)
+from tests.rediscluster import LocalCluster, local_cluster, redis_cfg  # noqa: F401  (fixtures)
 
 
 def test_model_store_publish_load_rollback(redis_cfg):
@@ -107,35 +106,23 @@ def test_key_groups_share_a_slot():
 
 
 # -- failover ---------------------------------------------------------------------
-def _node(port: int) -> redis.Redis:
-    return redis.Redis(port=port, socket_connect_timeout=1)
+def _kill(cl: LocalCluster, port: int) -> None:
+    """SIGKILL the redis-server on ``port`` (no shutdown, no final AOF write)."""
+    os.kill(int(cl.node(port).info("server")["process_id"]), signal.SIGKILL)
 
 
-def _kill_and_remember(port: int) -> list[str]:
-    """SIGKILL the redis-server on ``port``; returns the command that restarts it
-    (same dir and nodes.conf, so it rejoins as a replica of its successor)."""
-    n = _node(port)
-    pid = int(n.info("server")["process_id"])
-    cfg = {k: n.config_get(k)[k] for k in ("dir", "cluster-config-file", "cluster-node-timeout", "logfile")}
-    os.kill(pid, signal.SIGKILL)
-    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", cfg["dir"],
-            "--cluster-enabled", "yes", "--cluster-config-file", cfg["cluster-config-file"],
-            "--cluster-node-timeout", cfg["cluster-node-timeout"], "--appendonly", "no", "--save", "",
-            "--logfile", cfg["logfile"]]
-
-
-def _healed(masters_wanted: int = 3) -> bool:
+def _healed(cl: LocalCluster) -> bool:
     masters = replicas_up = 0
-    for port in PORTS:
+    for port in cl.ports:
         try:
-            info = _node(port).info("replication")
+            info = cl.node(port).info("replication")
         except redis.ConnectionError:
             return False
         if info["role"] == "master":
             masters += 1
         elif info.get("master_link_status") == "up":
             replicas_up += 1
-    return masters == masters_wanted and replicas_up == 6 - masters_wanted
+    return masters == 3 and replicas_up == 3
 
 
 @pytest.mark.slow
@@ -146,11 +133,11 @@ def test_master_failover_loses_no_acknowledged_write(redis_cfg, local_cluster): 
     user holds at least its last acknowledged write."""
     if not redis_cfg.cluster:
         pytest.skip("failover needs the cluster")
-    restart: list[str] = []
     victim = None
+    restarted = False
 
     async def go() -> tuple[dict[int, int], int]:
-        nonlocal restart, victim
+        nonlocal victim, restarted
         client = async_redis(redis_cfg)
         store = StateStore(client, redis_cfg.key_prefix, wait_replicas=1, wait_timeout_ms=500)
         users = list(range(200))
@@ -161,12 +148,10 @@ def test_master_failover_loses_no_acknowledged_write(redis_cfg, local_cluster): 
         while b < 40 and time.monotonic() < deadline:
             if b == 15 and victim is None:
                 victim = client.get_node_from_key(store.key(0)).port
-                restart = _kill_and_remember(victim)
-            if refused >= 3 and restart:  # WAIT was refused: give the new master its replica back
-                proc = subprocess.Popen(restart, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                if local_cluster.owned:
-                    local_cluster.procs.append(proc)  # stopped with the cluster
-                restart = []
+                _kill(local_cluster, victim)
+            if refused >= 3 and not restarted:  # WAIT was refused: give the new master its replica back
+                await asyncio.to_thread(local_cluster.restart_missing_nodes)
+                restarted = True
             rows = [(u, f"b{b}".encode(), [("r", 0, b)]) for u in users]
             try:
                 await store.store(rows)
@@ -180,11 +165,11 @@ def test_master_failover_loses_no_acknowledged_write(redis_cfg, local_cluster): 
         return acked, refused
 
     acked, refused = asyncio.run(go())
-    assert victim is not None and not restart, "the killed master was never restarted"
+    assert victim is not None and restarted, "the killed master was never restarted"
     end = time.monotonic() + 60
-    while not _healed() and time.monotonic() < end:
+    while not _healed(local_cluster) and time.monotonic() < end:
         time.sleep(0.5)
-    assert _healed(), "the cluster did not heal after the failover"
+    assert _healed(local_cluster), "the cluster did not heal after the failover"
 
     async def check() -> list:
         client = async_redis(redis_cfg)

@@ -48,7 +48,7 @@ from typing import Any, Sequence
 
 from redis.exceptions import NoScriptError
 
-from core.redis_conn import queue_wait
+from core.redis_conn import is_cluster, queue_wait
 from core.repos import keys
 from fbp_errors import InfrastructureError, StateMismatch
 
@@ -229,10 +229,11 @@ class StateStore:
 
     async def users(self) -> int:
         """Number of users with a stored state (the buckets' counters summed)."""
-        pipe = self.client.pipeline(transaction=False)
-        for b in range(keys.STATE_BUCKETS):
-            pipe.get(keys.users_key(self.prefix, b))
-        return sum(int(v or 0) for v in await pipe.execute())
+        names = [keys.users_key(self.prefix, b) for b in range(keys.STATE_BUCKETS)]
+        # one MGET on a single Redis; the cluster client splits it by slot
+        # (MGET across slots is refused) and pipelines the parts per node
+        mget = self.client.mget_nonatomic if is_cluster(self.client) else self.client.mget
+        return sum(int(v or 0) for v in await mget(names))
 
     async def get(self, user_id: int) -> Stored:
         """One user's state (a state of another layout: blob None, ``foreign`` set)."""
