@@ -239,16 +239,18 @@ def _users_frame(rows: list[tuple[int, float, str, str]]) -> pd.DataFrame:
     return df
 
 
-def _parse_users(lines: list[str], sep: str, where: Path) -> pd.DataFrame:
-    """user_id<sep>age<sep>gender<sep>occupation[...]; a malformed line is skipped
-    (user features are optional: a bad one must not stop an evaluation)."""
+def _parse_users(lines: list[str], sep: str, where: Path, gender_first: bool = False) -> pd.DataFrame:
+    """user_id<sep>age<sep>gender<sep>occupation[...] (ML-100K; ML-1M's
+    users.dat has gender before age: ``gender_first``).  A malformed line is
+    skipped: user features are optional, a bad one must not stop an evaluation."""
     rows = []
     for line in lines:
         p = line.strip().split(sep)
         if len(p) < 4 or not p[0].strip().isdigit():
             continue
-        age = float(p[1]) if p[1].strip().isdigit() else float("nan")
-        gender = p[2].strip().upper() if p[2].strip().upper() in ("M", "F") else ""
+        a, g = (p[2], p[1]) if gender_first else (p[1], p[2])
+        age = float(a) if a.strip().isdigit() else float("nan")
+        gender = g.strip().upper() if g.strip().upper() in ("M", "F") else ""
         rows.append((int(p[0]), age, gender, p[3].strip()))
     return _users_frame(rows)
 
@@ -258,7 +260,7 @@ def _user_file(path: Path) -> pd.DataFrame:
     for fname, sep in (("u.user", "|"), ("users.dat", "::")):
         f = path / fname
         if f.is_file():
-            return _parse_users(f.read_text(encoding="latin-1").splitlines(), sep, f)
+            return _parse_users(f.read_text(encoding="latin-1").splitlines(), sep, f, fname == "users.dat")
     return _empty_users()
 
 

@@ -59,7 +59,7 @@ class OnlineConfig:
     l2_factor: float = 0.02
     init_std: float = 0.1
     tau_s: float = 20.0
-    lr_session: float = 0.3
+    lr_session: float = 0.05
     mu_prior: float = 3.5
     mu_prior_n: float = 10.0
     eps: float = 1e-2
@@ -265,8 +265,14 @@ class OnlineLearner:
     the way a worker does: rounds of distinct users, each round through
     :func:`online_round`, increments merged after each round."""
 
-    def __init__(self, cfg: OnlineConfig, movie_feats: Tensor, user_feats: Tensor, n_users: int) -> None:
+    def __init__(self, cfg: OnlineConfig, movie_feats: Tensor, user_feats: Tensor, n_users: int,
+                 merge_every: int = 0) -> None:
         self.cfg = cfg
+        #: 0: merge increments after every round (the stream); N: hold them for N
+        #: events (the ablation "movie side frozen between fine-tunes")
+        self.merge_every = int(merge_every)
+        self._pending: list[dict] = []
+        self._held = 0
         self.mfeat = movie_feats.float()
         self.ufeat = user_feats.float()
         self.ms = MovieSide(cfg, self.mfeat.shape[0], self.mfeat.shape[1], self.ufeat.shape[1])
@@ -296,10 +302,21 @@ class OnlineLearner:
             gap = ts[ev] - self.last_ts[u]
             p, new, inc = online_round(self.ms, st, movie[ev], rating[ev], gap, self.count[u] > 0,
                                        self.mfeat[movie[ev]], uf[ev])
-            self.ms.apply(inc)
+            self._merge(inc, len(ev))
             for k, v in new.items():
                 self.user[k][u] = v
             self.last_ts[u] = ts[ev]
             self.count[u] += 1
             preds[ev] = p.clamp(1.0, 5.0)
         return preds
+
+    def _merge(self, inc: dict, n: int) -> None:
+        if not self.merge_every:
+            self.ms.apply(inc)
+            return
+        self._pending.append(inc)
+        self._held += n
+        if self._held >= self.merge_every:
+            for i in self._pending:
+                self.ms.apply(i)
+            self._pending, self._held = [], 0

@@ -166,3 +166,30 @@ def test_time_split_orders_by_time():
     assert train["ts"].tolist() == [1, 2, 3] and test["ts"].tolist() == [4, 5]
     with pytest.raises(ValueError):
         time_split(df, 1.5)
+
+
+def test_user_side_info_from_u_user_and_users_dat(tmp_path):
+    """u.user (id|age|gender|occupation|zip) and ML-1M users.dat
+    (id::gender::age::occupation::zip) give the same frame; a bad line is
+    skipped; no user file gives an empty frame (models then use no user features)."""
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "u.data").write_text("1\t10\t4\t100\n2\t11\t3\t101\n")
+    (a / "u.user").write_text("1|24|M|technician|85711\n2|53|F|other|94043\nbroken line\n")
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "ratings.dat").write_text("1::10::4::100\n2::11::3::101\n")
+    (b / "users.dat").write_text("1::M::24::technician::85711\n2::F::53::other::94043\n")
+    for folder in (a, b):
+        u = load_dataset(folder).users
+        assert u["user_id"].tolist() == [1, 2] and u["age"].tolist() == [24.0, 53.0]
+        assert u["gender"].tolist() == ["M", "F"] and u["occupation"].tolist() == ["technician", "other"]
+    c = tmp_path / "c"
+    c.mkdir()
+    (c / "u.data").write_text("1\t10\t4\t100\n")
+    assert load_dataset(c).users.empty and load_dataset("synthetic:50").users.empty
+
+
+def test_ml100k_has_user_side_info():
+    u = load_dataset("ml-100k").users
+    assert len(u) == 943 and set(u["gender"]) == {"M", "F"} and u["age"].notna().all()

@@ -238,6 +238,7 @@ def cli(
     markdown: Optional[Path] = typer.Option(None, help="write results as a markdown table"),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="PNG of rolling RMSE over the stream"),
     progress: bool = typer.Option(False, help="show progress bars"),
+    ablations: bool = typer.Option(False, help="instead: the online model's ablation table on the first half by time"),
 ) -> None:
     """Compare models with River's BiasedMF and Baseline, over several seeds."""
     from core.datasets import load_dataset
@@ -256,6 +257,19 @@ def cli(
         seed = get_settings().trainer.seed
     seed_list = tuple(range(seed, seed + seeds))
     ds = load_dataset(data)
+    if ablations:
+        from trainer.ablations import ablation_table, run_ablations
+
+        typer.echo(f"ablations on {ds.name}: first half by time")
+        doc_a = run_ablations(ds, echo=typer.echo)
+        typer.echo("\n" + ablation_table(doc_a))
+        if json_path:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(doc_a, indent=2))
+        if markdown:
+            markdown.parent.mkdir(parents=True, exist_ok=True)
+            markdown.write_text(ablation_table(doc_a))
+        return
     typer.echo(f"evaluating {', '.join(names)} on {ds.name} ({len(ds.ratings)} events), protocol {protocol}, "
                f"seeds {list(seed_list)}")
     docs: list[dict[str, Any]] = []

@@ -143,6 +143,8 @@ def fit(
     model.ensure_capacity(int(ratings_df["movie_id"].max()))
     model.to(dev)
     model.init_from_data(float(ratings_df["rating"].mean()))
+    if getattr(model, "online", False) and float(model.online_mu[1]) == 0:  # type: ignore[attr-defined]
+        learn_online_once(model, ratings_df)
     n = len(ratings_df)
     n_valid = int(round(n * valid_frac)) if valid_frac > 0 else 0
     is_valid = np.zeros(n, dtype=bool)
@@ -201,6 +203,22 @@ def fit(
     model.eval()
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def learn_online_once(model: RatingModel, ratings_df: pd.DataFrame, batch_events: int = 1024) -> None:
+    """A model whose online movie side never learned (offline training from
+    scratch) gets one predict-then-learn pass over the data in time order,
+    as the stream would have given it, so a bootstrap checkpoint ships a
+    learned movie side.  Fine-tunes skip this: their movie side is live."""
+    from trainer.prequential import online_events, stream_order  # lazy: prequential imports this module
+
+    df = stream_order(ratings_df)
+    users = df["user_id"].to_numpy(np.int64)
+    uniq = np.unique(users)
+    model.eval()
+    states = model.init_state(len(uniq), model.device)
+    online_events(model, states, np.searchsorted(uniq, users), df["movie_id"].to_numpy(np.int64),
+                  df["rating"].to_numpy(np.float32), df["ts"].to_numpy(np.int64), batch_events)
 
 
 def _subset_users(seqs: UserSequences, keep: np.ndarray) -> UserSequences:
