@@ -357,6 +357,10 @@ class Predictor:
         (another model family or layout, a malformed blob) reset -- counted,
         never a crash: a family switch must not stop the stream."""
         blobs = [s.blob for s in stored]
+        hashes = sum(s.foreign is not None for s in stored)  # Redis hashes of another key layout
+        if hashes:  # read as new users (blob None); the store's next write replaces them
+            m.STATES_RESET.labels("redis_layout").inc(hashes)
+            out.reset += hashes
         state, stale, foreign = self.model.unpack_states(blobs, self.device)
         out.rederived = int(stale.sum())
         if out.rederived:

@@ -16,6 +16,14 @@ again: the users' states silently miss them.  What makes the promise hold:
 * ``min-replicas-to-write 1`` (+ ``min-replicas-max-lag``) on the servers:
   a master cut off from its replicas refuses writes at all, so a
   partitioned old master cannot take writes that the promotion discards.
+  Alone it is not enough: it checks replica lag in seconds, not each
+  write, so the last writes before a crash can still be lost; WAIT is what
+  ties the acknowledgement to a replica having the write.
+
+Without them (the default, wait_replicas 0): a master crash loses the
+state writes of the replication lag (sub-millisecond on loopback, up to
+seconds under load or with a slow link) whose offsets were committed --
+those users' states lack those events from then on, with no error anywhere.
 """
 
 from __future__ import annotations

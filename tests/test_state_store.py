@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import pytest
 import torch
@@ -114,6 +115,39 @@ def test_a_state_of_another_layout_is_refused_then_replaced(redis_cfg):
         assert await store.store([(5, b"mine", [("r", 0, 1)])]) == (1, 0)
         assert set(await store.client.hkeys(store.key(5))) == {b"s", b"l", b"o:r:0"}
         assert (await store.get(5)).blob == b"mine"
+        await store.client.aclose()
+
+    asyncio.run(go())
+
+
+def test_the_worker_resets_and_counts_a_state_of_another_layout(redis_cfg):
+    """The batch path meets a user whose hash has another layout: the event is
+    predicted as for a new user, the reset is counted under reason
+    redis_layout, and the stored hash becomes this layout's."""
+    from core.events import RatingEvent, encode_rating, rating_key
+    from models.registry import build
+    from stream import metrics as m
+    from stream.predictor import Incoming, Predictor
+
+    async def send(topic, key, value):
+        f = asyncio.get_running_loop().create_future()
+        f.set_result(None)
+        return f
+
+    def resets() -> float:
+        return m.REGISTRY.get_sample_value("fbp_states_reset_total", {"reason": "redis_layout"}) or 0.0
+
+    async def go() -> None:
+        store = StateStore(async_redis(redis_cfg), redis_cfg.key_prefix)
+        await store.client.hset(store.key(5), mapping={"s": b"future", "l": 99})
+        p = Predictor(build("baseline"), store, send, predictions_topic="p", dlq_topic="d", top_k=0)
+        before = resets()
+        ev = RatingEvent("e1", 5, 10, 4.0, 880_000_000)
+        res = await p.process([Incoming(encode_rating(ev), 0, 0, time.time(), key=rating_key(ev))])
+        assert len(res.predictions) == 1 and res.reset == 1
+        assert resets() - before == 1
+        got = await store.get(5)
+        assert got.foreign is None and got.blob is not None and got.covers("ratings", 0, 0)
         await store.client.aclose()
 
     asyncio.run(go())
