@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 
 import pytest
 import torch
@@ -118,6 +119,42 @@ def test_a_state_of_another_layout_is_refused_then_replaced(redis_cfg):
         await store.client.aclose()
 
     asyncio.run(go())
+
+
+def test_keys_of_the_unversioned_layout_migrate(stack):
+    """A deployment from before layout 1 (single Redis) keeps its users, their
+    watermarks and its published model after migrate_unversioned; a second
+    run moves nothing."""
+    from core.redis_conn import sync_redis
+    from core.repos import keys
+    from core.repos.models import ModelStore
+
+    prefix = f"test-mig-{uuid.uuid4().hex[:6]}"
+    r = sync_redis(stack.redis)
+    try:
+        old = lambda *parts: keys.unversioned_key(prefix, *parts)  # noqa: E731
+        r.hset(old("u", 7), mapping={"s": b"seven", "o:ratings:0": 41})
+        r.hset(old("u", 2048), mapping={"s": b"legacy", "p": 1, "o": 9})
+        r.set(old("meta", "users"), 2)
+        r.set(old("model", "current"), 3)
+        r.set(old("model", "v", 3, "meta"), b'{"sha256": "x"}')
+        r.rpush(old("trainer", "requests"), b"{}")
+        assert keys.migrate_unversioned(r, prefix) == {"model": 2, "trainer": 1, "users": 2}
+        assert keys.migrate_unversioned(r, prefix) == {"model": 0, "trainer": 0, "users": 0}
+        assert ModelStore(r, prefix).current().version == 3
+
+        async def go() -> None:
+            store = StateStore(async_redis(stack.redis), prefix)
+            assert await store.users() == 2
+            a, b = await store.load([7, 2048])
+            assert a.blob == b"seven" and a.covers("ratings", 0, 41) and not a.covers("ratings", 0, 42)
+            assert b.blob == b"legacy" and b.covers("ratings", 1, 9)
+            await store.client.aclose()
+
+        asyncio.run(go())
+    finally:
+        keys.drop_namespace(r, prefix)
+        r.close()
 
 
 def test_the_worker_resets_and_counts_a_state_of_another_layout(redis_cfg):

@@ -15,8 +15,10 @@ a cluster as on a single Redis:
   :mod:`core.repos.trainer`): ``{<prefix>:trainer}:...``
 
 Keys of the unversioned layout before this one (``<prefix>:u:<id>``,
-``<prefix>:model:...``, ``<prefix>:trainer:...``) are not read; they are
-removed by :func:`drop_namespace`.
+``<prefix>:model:...``, ``<prefix>:trainer:...``, ``<prefix>:meta:users``)
+are not read: :func:`migrate_unversioned` moves them to this layout's names
+(once, on the single Redis that layout ran on), :func:`drop_namespace`
+removes them.
 """
 
 from __future__ import annotations
@@ -94,3 +96,34 @@ async def adrop_namespace(client: Any, prefix: str) -> int:
         for i in range(0, len(keys), 1000):
             n += int(await client.unlink(*keys[i:i + 1000]))
     return n
+
+
+def unversioned_key(prefix: str, *parts: object) -> str:
+    """A key name of the layout before LAYOUT 1 (``<prefix>:<parts>``), for
+    :func:`migrate_unversioned` and its test only."""
+    return ":".join([prefix, *map(str, parts)])
+
+
+def migrate_unversioned(client: Any, prefix: str) -> dict[str, int]:
+    """Rename the keys of the unversioned layout to this layout's names (sync
+    client, single Redis: that layout never ran on a cluster, and RENAME
+    cannot cross slots).  Models and trainer keys move under their hash tags;
+    user hashes move to their buckets and are counted there (the old users
+    counter is dropped).  A key whose new name is taken is left where it is.
+    Moved user hashes have no ``l`` field and are read as before; their next
+    write adds it.  Idempotent; returns what moved."""
+    p = check_prefix(prefix)
+    glob = p.translate(_GLOB)
+    moved = {"model": 0, "trainer": 0, "users": 0}
+    for part, build in (("model", model_key), ("trainer", trainer_key)):
+        head = len(unversioned_key(p, part)) + 1
+        for k in list(client.scan_iter(match=f"{glob}:{part}:*", count=5000)):
+            if client.renamenx(k, build(p, k.decode()[head:])):
+                moved[part] += 1
+    for k in list(client.scan_iter(match=f"{glob}:u:*", count=5000)):
+        uid = int(k.decode().rsplit(":", 1)[1])
+        if client.renamenx(k, state_key(p, uid)):
+            client.incr(users_key(p, state_bucket(uid)))
+            moved["users"] += 1
+    client.delete(unversioned_key(p, "meta", "users"))
+    return moved
