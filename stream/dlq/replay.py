@@ -36,7 +36,7 @@ from kafka.errors import KafkaError
 from core.events import REJECT_REASONS, rating_key
 from core.settings import Settings
 from fbp_errors import ConfigError, InfrastructureError
-from stream.dlq.reader import STALL_S, read_dead_letters
+from stream.dlq.reader import CONSUMER_OPTS, STALL_S, read_dead_letters
 from stream.dlq.records import DeadLetter, Source
 
 #: header naming the dead letter a replayed record came from
@@ -125,45 +125,74 @@ def replay_key(value: bytes, original_key: bytes | None) -> bytes | None:
 
 
 class SourceFetcher:
-    """Reads single records back from their source topic (one consumer, reused)."""
+    """Reads records back from their source topics with one reused consumer.
+
+    Fetches come in source order (``replay`` sorts them), so a partition's
+    bounds are asked once and the records of the last poll are kept: a run
+    of neighbouring offsets costs one fetch, not one round trip each.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._consumer = None
+        self._bounds: dict[TopicPartition, tuple[int, int] | None] = {}
+        self._tp: TopicPartition | None = None
+        self._last_poll: dict[int, tuple[bytes | None, bytes | None]] = {}
 
-    def _get(self):
+    def __enter__(self) -> "SourceFetcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+
+    def _client(self):
         if self._consumer is None:
             from core.kafka_io import make_consumer
 
-            self._consumer = make_consumer(self.settings, client_id="fbp-dlq-fetch", enable_auto_commit=False)
+            self._consumer = make_consumer(self.settings, **CONSUMER_OPTS, client_id="fbp-dlq-fetch",
+                                           max_poll_records=64)
         return self._consumer
+
+    def _bounds_of(self, tp: TopicPartition) -> tuple[int, int] | None:
+        """(log start, end) offsets of ``tp``, None when it does not exist."""
+        if tp not in self._bounds:
+            c = self._client()
+            if tp.partition not in (c.partitions_for_topic(tp.topic) or set()):
+                self._bounds[tp] = None
+            else:
+                self._bounds[tp] = (c.beginning_offsets([tp])[tp], c.end_offsets([tp])[tp])
+        return self._bounds[tp]
 
     def fetch(self, src: Source) -> tuple[bytes | None, bytes | None] | str:
         """(key, value) of the record at ``src``, or why it cannot be had."""
         if src.topic is None or src.partition is None or src.offset is None:
             return "source_not_recorded"
-        c = self._get()
         tp = TopicPartition(src.topic, src.partition)
-        if src.partition not in (c.partitions_for_topic(src.topic) or set()):
+        bounds = self._bounds_of(tp)
+        if bounds is None:
             return "source_gone"
-        c.assign([tp])
-        if src.offset < c.beginning_offsets([tp])[tp]:
+        if src.offset < bounds[0]:
             return "source_expired"  # deleted by retention
-        if src.offset >= c.end_offsets([tp])[tp]:
+        if src.offset >= bounds[1]:
             return "source_gone"  # topic recreated since
-        c.seek(tp, src.offset)
+        if tp == self._tp and src.offset in self._last_poll:
+            return self._last_poll[src.offset]
+        return self._read_at(tp, src.offset)
+
+    def _read_at(self, tp: TopicPartition, offset: int) -> tuple[bytes | None, bytes | None] | str:
+        c = self._client()
+        if tp != self._tp:
+            c.assign([tp])
+            self._tp = tp
+        c.seek(tp, offset)
         deadline = time.monotonic() + STALL_S
         while time.monotonic() < deadline:
-            for msg in c.poll(timeout_ms=500).get(tp, []):
-                if msg.offset == src.offset:
-                    return msg.key, msg.value
-                if msg.offset > src.offset:
-                    return "source_gone"  # compacted away
-        raise InfrastructureError(f"fetching {src.topic}/{src.partition}/{src.offset} made no progress")
-
-    def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
+            msgs = c.poll(timeout_ms=500).get(tp, [])
+            if msgs:
+                self._last_poll = {m.offset: (m.key, m.value) for m in msgs}
+                return self._last_poll.get(offset, "source_gone")  # a gap: compacted away
+        raise InfrastructureError(f"fetching {tp.topic}/{tp.partition}/{offset} made no progress")
 
 
 def plan(dl: DeadLetter, fetcher: SourceFetcher) -> Replayable | Skipped:
@@ -191,32 +220,67 @@ def plan(dl: DeadLetter, fetcher: SourceFetcher) -> Replayable | Skipped:
     return Replayable(dl, replay_key(value, key), value, recovered)
 
 
-def _publish(settings: Settings, topic: str, dlq_topic: str, todo: list[Replayable]) -> dict[str, int]:
-    """Send and wait for every acknowledgement; returns failures by error type."""
-    from core.kafka_io import make_producer
+class Publisher:
+    """Sends replayed records as they are planned (so recovered payloads are
+    not all held at once) and counts, at the end, what Kafka did not take."""
 
-    failed: Counter[str] = Counter()
-    try:
-        producer = make_producer(settings, client_id="fbp-dlq-replay")
-    except KafkaError as exc:
-        raise InfrastructureError(f"cannot reach Kafka to replay into {topic!r}: {exc}") from exc
-    try:
-        futures = []
-        for r in todo:
-            origin = f"{dlq_topic}/{r.letter.dlq_partition}/{r.letter.dlq_offset}".encode()
+    def __init__(self, settings: Settings, topic: str, dlq_topic: str, *, dry_run: bool) -> None:
+        self.topic, self.dlq_topic, self.dry_run = topic, dlq_topic, dry_run
+        self.failed: Counter[str] = Counter()
+        self._futures: list = []
+        self._producer = None
+        if not dry_run:
+            from core.kafka_io import make_producer
+
             try:
-                futures.append(producer.send(topic, key=r.key, value=r.value, headers=[(REPLAY_HEADER, origin)]))
-            except KafkaError as exc:  # e.g. larger than the producer's max_request_size
-                failed[f"produce_failed:{type(exc).__name__}"] += 1
-        producer.flush()
-        for fut in futures:
-            try:
-                fut.get(timeout=60)
+                self._producer = make_producer(settings, client_id="fbp-dlq-replay")
             except KafkaError as exc:
-                failed[f"produce_failed:{type(exc).__name__}"] += 1
-    finally:
-        producer.close()
-    return dict(failed)
+                raise InfrastructureError(f"cannot reach Kafka to replay into {topic!r}: {exc}") from exc
+
+    def send(self, r: Replayable) -> None:
+        if self._producer is None:
+            return
+        origin = f"{self.dlq_topic}/{r.letter.dlq_partition}/{r.letter.dlq_offset}".encode()
+        try:
+            self._futures.append(
+                self._producer.send(self.topic, key=r.key, value=r.value, headers=[(REPLAY_HEADER, origin)]))
+        except KafkaError as exc:  # e.g. larger than the producer's max_request_size
+            self.failed[f"produce_failed:{type(exc).__name__}"] += 1
+
+    def finish(self) -> int:
+        """Wait for every acknowledgement; returns how many records Kafka took."""
+        if self._producer is None:
+            return 0
+        taken = 0
+        try:
+            self._producer.flush()
+            for fut in self._futures:
+                try:
+                    fut.get(timeout=60)
+                    taken += 1
+                except KafkaError as exc:
+                    self.failed[f"produce_failed:{type(exc).__name__}"] += 1
+        finally:
+            self.close()
+        return taken
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+
+
+def select(settings: Settings, reasons: set[str], since: float | None) -> list[DeadLetter]:
+    """Matching dead letters in source order (topic, partition, offset): the
+    original order of each source partition -- per user, for keyed producers --
+    whatever DLQ partition each letter landed in."""
+    letters = [dl for dl in read_dead_letters(settings) if dl is not None and matches(dl, reasons, since)]
+    def position(dl: DeadLetter) -> tuple[str, int, int]:
+        src = dl.source
+        return (src.topic or "", -1 if src.partition is None else src.partition,
+                -1 if src.offset is None else src.offset)
+
+    return sorted(letters, key=position)
 
 
 def replay(
@@ -226,24 +290,25 @@ def replay(
     wanted = check_reasons(reasons)
     k = settings.kafka
     report = ReplayReport(dlq_topic=k.dlq_topic, topic=k.ratings_topic, dry_run=dry_run)
-    letters = [dl for dl in read_dead_letters(settings) if dl is not None and matches(dl, wanted, since)]
+    letters = select(settings, wanted, since)
     report.matched = len(letters)
 
-    fetcher = SourceFetcher(settings)
+    skipped: Counter[str] = Counter()
+    out = Publisher(settings, k.ratings_topic, k.dlq_topic, dry_run=dry_run)
     try:
-        plans = [plan(dl, fetcher) for dl in letters]
+        with SourceFetcher(settings) as fetcher:
+            for dl in letters:
+                p = plan(dl, fetcher)
+                if isinstance(p, Skipped):
+                    skipped[p.why] += 1
+                    continue
+                report.replayable += 1
+                report.recovered_from_source += p.recovered
+                out.send(p)
+        report.replayed = out.finish()
     except KafkaError as exc:
-        raise InfrastructureError(f"fetching originals back from Kafka failed: {exc}") from exc
-    finally:
-        fetcher.close()
-    todo = [p for p in plans if isinstance(p, Replayable)]
-    skipped = Counter(p.why for p in plans if isinstance(p, Skipped))
-    report.replayable = len(todo)
-    report.recovered_from_source = sum(r.recovered for r in todo)
-
-    if not dry_run and todo:
-        failed = _publish(settings, k.ratings_topic, k.dlq_topic, todo)
-        skipped.update(failed)
-        report.replayed = len(todo) - sum(failed.values())
+        out.close()
+        raise InfrastructureError(f"replay failed talking to Kafka: {exc}") from exc
+    skipped.update(out.failed)
     report.skipped = dict(skipped.most_common())
     return report
