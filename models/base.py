@@ -230,7 +230,9 @@ class RatingModel(nn.Module, abc.ABC):
     @abc.abstractmethod
     def score(self, state: State, movie_ids: Tensor) -> Tensor:
         """Predicted ratings float32[B, M] of each user for candidate ids:
-        int64[M] shared by every user (the top-K case) or int64[B, M] per user.
+        int64[M] shared by every user (the top-K case) or int64[B, M] per user,
+        "rated now": what :meth:`step` would predict for that movie at the
+        time of the user's latest event (time-aware terms see no gap).
         Unknown ids score as a movie nobody rated."""
 
     # -- sequences ------------------------------------------------------

@@ -111,18 +111,23 @@ def test_step_equals_sequence_forward(name, hists, more):
 @pytest.mark.parametrize("name", available())
 def test_score_is_what_step_predicts(name):
     """``score`` of the event's movie, from the state before it, is ``step``'s
-    prediction: top-K ranks movies by the number the next event would get."""
+    prediction for that event "rated now" (at the user's latest event's time:
+    a time-aware family's session term decays with the gap).  Top-K ranks
+    movies by the number the next event would get."""
     m = _model(name)
     g = torch.Generator().manual_seed(5)
     st = m.init_state(6)
+    prev = torch.full((6,), 10**9)
     for t in range(8):
         movie = torch.randint(0, 16, (6,), generator=g)
         rating = torch.randint(1, 6, (6,), generator=g).float()
-        ts = torch.full((6,), 10**9 + 600 * t)
+        ts = prev + 600 * (t > 0)
         with torch.no_grad():
             before = m.score(st, movie[:, None])[:, 0]
-            st, pred = m.step(st, movie, rating, ts)
-        assert torch.allclose(before, pred, atol=1e-5), (t, before, pred)
+            _, now = m.step(st, movie, rating, prev)  # the same event, rated at the latest time
+            st, _ = m.step(st, movie, rating, ts)
+        assert torch.allclose(before, now, atol=1e-5), (t, before, now)
+        prev = ts
 
 
 @pytest.mark.parametrize("name", available())
