@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from typing import Any
 
 import faust
 import redis.exceptions
@@ -17,8 +18,9 @@ import redis.exceptions
 from core.events import KafkaRecord
 from core.settings import KafkaSettings, get_settings
 from core.topics import repartition_topic
+from stream.consumer import broker_urls, route_batches
 from stream.faults import is_infrastructure
-from stream.predictor import BatchResult, Incoming
+from stream.predictor import BatchResult
 from stream.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,8 @@ _datadir.parent.mkdir(parents=True, exist_ok=True)
 
 app = faust.App(
     settings.worker.app_id,
-    broker=[f"kafka://{s}" for s in settings.kafka.servers],
+    broker=broker_urls(settings.kafka.servers),  # stream.consumer's transport: whole fetches to handle_batch
+    topic_disable_leader=settings.worker.topic_disable_leader,
     broker_credentials=_credentials(settings.kafka),
     store="memory://",
     key_serializer="raw",
@@ -116,19 +119,21 @@ async def handle_batch(records: list[KafkaRecord]) -> BatchResult:
         os._exit(75)
 
 
-def as_record(e: faust.types.EventT) -> KafkaRecord:
-    """What Faust's event says about its Kafka record."""
-    msg = e.message
-    return Incoming(msg.value, msg.partition, msg.offset, msg.timestamp, msg.topic, msg.key, msg.headers)
+def as_record(r: Any) -> KafkaRecord:
+    """What aiokafka's ConsumerRecord says (timestamp in seconds)."""
+    return KafkaRecord(r.value, r.key, tuple(r.headers or ()), r.topic, r.partition, r.offset, r.timestamp / 1000.0)
 
 
-@app.agent(ratings_topic, concurrency=1)
-async def predict(stream: faust.StreamT) -> None:
-    """Micro-batches of rating records -> predictions (records acked after the batch)."""
-    w = settings.worker
-    async for events in stream.take_events(w.batch_size, within=w.batch_timeout_s):
-        result = await handle_batch([as_record(e) for e in events])
-        live.stats.observe(result)
+async def predict(records: list[KafkaRecord]) -> None:
+    """A fetch of rating records (at most worker.batch_size) -> predictions.
+
+    Called by ``stream.consumer`` with whole fetches, no per-event Faust
+    stream; the batch counts as done (committable) only once this returns."""
+    live.stats.observe(await handle_batch(records))
+
+
+route_batches(app, ratings_topic, predict, to_record=as_record, max_batch=settings.worker.batch_size,
+              fetch_max_wait_ms=settings.worker.fetch_max_wait_ms)
 
 
 @app.task

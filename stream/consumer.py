@@ -142,20 +142,22 @@ class BatchConsumer(faust_aiokafka.Consumer):
         stopped, fetcher_stopped = self._stopped.is_set, fetcher._stopped.is_set
         try:
             while not (stopped() or fetcher_stopped()):
-                generation = self.app.consumer_generation_id
                 records, active = await self._wait_next_records(timeout=1.0)
+                # As getmany: the generation the fetch is handed over in.  Read
+                # *after* the fetch, which may have spanned a whole rebalance
+                # (its records then come from the new assignment's positions).
+                generation = self.app.consumer_generation_id
                 if not records or self.should_stop:
                     await asyncio.sleep(0)
                     continue
                 if not self.flow_active:  # as getmany: Faust stopped the flow mid-fetch
                     await self.perform_seek()
                     continue
-                if self.app.consumer_generation_id != generation:
-                    log.debug("generation changed during a fetch; dropped (the new assignment seeks back)")
-                    continue
                 mine, others = self._split(records, active, route.topics)
                 for chunk, last in _chunks(mine, route.max_batch):
-                    if not self.flow_active:  # a rebalance began between two chunks
+                    if not self.flow_active or self.app.consumer_generation_id != generation:
+                        # a rebalance began: drop the rest of the fetch (as getmany
+                        # does); the new assignment seeks back to the committed offsets
                         break
                     await self._run(route, chunk, last)
                 for tp, recs in others.items():
@@ -228,10 +230,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
         revoked partitions' offsets (it drops them before the app's commit)."""
         if self._route is not None and revoked:
             self.stop_flow()  # no new batch starts; Faust resumes the flow after the assignment
+            log.info("revocation: waiting for the batch in flight")
             await self._batch_finished()
             pending = {tp for tp in revoked if tp in self._done}
+            log.info("revocation: committing %d partition(s) before Faust forgets them", len(pending))
             while any(tp in self._done for tp in pending):  # a running periodic commit may miss them
                 await self.commit(pending)
+            log.info("revocation: committed")
         for tp in revoked:
             self._done.pop(tp, None)
         await super().on_partitions_revoked(revoked)
