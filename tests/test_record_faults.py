@@ -181,3 +181,70 @@ def test_fuzzed_records_mixed_into_a_valid_stream_change_nothing(stack, ns, ckpt
     assert len(dlq) == len(bad) and not wrong, wrong[:5]
     assert biggest < 64 * 1024
     assert diffs == 0 and mism == 0 and not absent
+
+
+# -- an exception on one user's events, and an infrastructure fault -----------------
+def _predictor(stack, ns, model, store, producer):
+    from stream.runtime import make_predictor
+
+    async def send(topic, key, value, headers=None, timestamp=None):
+        return await producer.send(topic, value, key=key, headers=headers)
+
+    return make_predictor(ns.scoped(), model, store, send)
+
+
+def test_an_exception_on_one_users_events_dead_letters_only_those(stack, ns, ckpt):
+    """The batch's model stage raises for one user's event (a bug, not bad
+    input): the batch is retried user by user, that user's event becomes an
+    ``internal_error`` letter naming the exception, the others are predicted
+    and stored.  A Redis that cannot be reached is not a record's fault: it
+    propagates (the agent then fails stop)."""
+    import redis.asyncio as aioredis
+    from aiokafka import AIOKafkaProducer
+
+    from core.redis_conn import async_redis
+    from core.repos.states import StateStore
+    from models.checkpoint import load_checkpoint
+    from stream.faults import is_infrastructure
+    from stream.predictor import Incoming
+
+    model, _ = load_checkpoint(ckpt)
+    step = model.step
+
+    def poisoned(state, movie, rating, ts):
+        if bool((movie == 13).any()):
+            raise ValueError("movie 13 breaks the model")
+        return step(state, movie, rating, ts)
+
+    model.step = poisoned
+    events = [RatingEvent(f"ie-{u}", u, 13 if u == 3 else 20 + u, 4.0, 880_000_000 + u) for u in range(1, 6)]
+    records = [Incoming(encode_rating(ev), 0, i, time.time(), ns.ratings, rating_key(ev)) for i, ev in enumerate(events)]
+
+    async def go():
+        prod = AIOKafkaProducer(bootstrap_servers=stack.kafka.servers, acks="all")
+        await prod.start()
+        try:
+            store = StateStore(async_redis(stack.redis), ns.prefix)
+            res = await _predictor(stack, ns, model, store, prod).process(records)
+            stored = await store.load([ev.user_id for ev in events])
+            dead = StateStore(aioredis.Redis(port=1, socket_connect_timeout=1), ns.prefix)
+            try:
+                await _predictor(stack, ns, model, dead, prod).process(records)
+                fault = None
+            except Exception as exc:  # noqa: BLE001 - the test inspects what came out
+                fault = exc
+            return res, stored, fault
+        finally:
+            await prod.stop()
+
+    from tests.streamkit import read_topic
+
+    res, stored, fault = asyncio.run(go())
+    letters = read_topic(stack, ns.dlq, until=1, timeout=30, by_event_id=False)
+    assert sorted(p.event_id for p in res.predictions) == ["ie-1", "ie-2", "ie-4", "ie-5"]
+    assert [(r.reason, r.error_type) for r in res.rejected] == [("internal_error", "ValueError")]
+    assert [(d["reason"], d["error_type"], d["source"]["offset"]) for d in letters] == [
+        ("internal_error", "ValueError", 2)]
+    assert "movie 13" in letters[0]["detail"]
+    assert [s.blob is not None for s in stored] == [True, True, False, True, True]
+    assert fault is not None and is_infrastructure(fault), repr(fault)
