@@ -124,3 +124,19 @@ def test_demo_protocol_scores_only_the_streamed_part(tmp_path):
 def test_river_baseline_and_bootstrap(data):
     r = run_river_prequential(data.ratings.iloc[:600], kind="river-baseline", bootstrap=100)
     assert r.n == 500 and np.isfinite(r.rmse) and r.predictions.min() >= 1.0 and r.predictions.max() <= 5.0
+
+
+def test_ablations_table(tmp_path):
+    """--ablations: River's two peers and every online variant, on the first half only."""
+    from trainer.ablations import VARIANTS
+    from trainer.evaluate import cli
+
+    app = typer.Typer()
+    app.command()(cli)
+    out = tmp_path / "abl.json"
+    res = CliRunner().invoke(app, ["--data", "synthetic:2000", "--ablations", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["n"] == 1000 and doc["protocol"] == "ablations"
+    assert set(doc["models"]) == {"river-biasedmf", "river-baseline"} | {v[0].strip() for v in VARIANTS}
+    assert all(np.isfinite(r["rmse"]) for r in doc["models"].values())

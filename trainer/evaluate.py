@@ -13,15 +13,32 @@ Protocols
 * ``prequential``: :func:`trainer.prequential.run_prequential` -- predict then
   learn through ``step`` in time order, fine-tune every ``--finetune-every``
   events, states re-derived from their windows after each fine-tune.
+* ``demo``: what ``make demo`` does -- an offline bootstrap on the first 20%
+  by time (8 epochs, early stopping), then the rest streamed with fine-tunes
+  every 10,000 events; only the streamed part is scored.  River learns the
+  bootstrap once, then predicts-then-learns the rest.
+
+Every model runs ``--seeds`` times (default 3: seed, seed+1, seed+2; River's
+BiasedMF initialiser gets 73+seed); figures are means with the (population)
+standard deviation over seeds.  River's ``BiasedMF`` (its docs' settings) and
+``Baseline`` (biases, SGD 0.025) run in the same command on the same events;
+their predictions are clamped to [1, 5] like ours.
 
 JSON written by ``--json`` (one protocol)::
 
-    {"dataset": "ml-100k", "protocol": "prequential",
-     "models": {"lstm": {"rmse": 0.93, "mae": 0.73, "n": 100000, "seconds": 80.1}, ...},
+    {"protocol": "prequential", "dataset": "ml-100k", "seeds": [0, 1, 2],
+     "models": {"lstm": {"rmse": 0.93, "mae": 0.73, "rmse_std": 0.001, "mae_std": ...,
+                         "n": 100000, "seconds": 80.1, "per_seed": [{"rmse": ..., "mae": ...}, ...]},
+                "river-biasedmf": {...}, "river-baseline": {...}, ...},
      "references": {...}}           # time-split only
 
-With ``--protocol both``: ``{"dataset": ..., "protocol": "both",
+With ``--protocol both``: ``{"protocol": "both", "dataset": ..., "seeds": [...],
 "protocols": {"time-split": <the shape above>, "prequential": <the shape above>}}``.
+``--ablations`` prints and writes the table of :mod:`trainer.ablations` instead.
+
+Figures measured before issue #12 (seed 0, the lstm without its online part)
+are kept below for the record; the current ones are in README "Models and
+evaluation".
 
 Measured on ML-100K (``fbp evaluate --protocol both``, defaults: seed 0,
 fine-tune every 5000 events + warm-up points, 2 epochs, window policy; 2
