@@ -30,6 +30,18 @@ class LocalCluster:
 
         stack_up(self.settings, services=["redis"], topics=False)
 
+    def foreign_nodes(self) -> list[str]:
+        """Nodes whose data dir is not under this checkout's stack data dir: a
+        cluster started by another checkout's stack, which a restart from here
+        would replace with a fresh, empty node instead of the one it stopped."""
+        home = str(self.settings.stack.data_dir.resolve())
+        out = []
+        for port in self.ports:
+            d = self.node(port).config_get("dir")["dir"]
+            if not d.startswith(home):
+                out.append(f"{port}: {d}")
+        return out
+
     def node(self, port: int) -> redis.Redis:
         r = self.settings.redis
         return redis.Redis(port=port, socket_connect_timeout=1, username=r.username,
