@@ -202,8 +202,7 @@ class Predictor:
             work, misrouted = self.decode(batch, res)
         rekey_futs = await self.rekey(misrouted, res)
         done = await self.predict(work, res, t0)
-        dlq_futs = [await self.send(self.dlq_topic, None, self._dead_letter(rej, rec))
-                    for rej, rec in res.dead]
+        dlq_futs = [await self.send_dead_letter(rej, rec) for rej, rec in res.dead]
         with _stage(res, "produce"):
             await self.acknowledged(done.futs + rekey_futs, dlq_futs, res)
         with _stage(res, "redis_store"):
@@ -434,12 +433,21 @@ class Predictor:
                 if not is_size_error(r):
                     raise r
                 m.DLQ_STRIPPED.inc()
-                retries.append(await self.send(self.dlq_topic, None, self._dead_letter(rej, rec, stripped=True)))
+                retries.append(await self.send_dead_letter(rej, rec, stripped=True))
         await asyncio.gather(*retries)  # never a third try: a stripped letter is a few hundred bytes
 
-    # -- helpers ---------------------------------------------------------
-    def _dead_letter(self, rej: Rejection, rec: KafkaRecord, stripped: bool = False) -> bytes:
-        return dlq_record(rej, rec, payload_prefix_bytes=self.dlq_payload_prefix_bytes, stripped=stripped)
+    async def send_dead_letter(self, rej: Rejection, rec: KafkaRecord, stripped: bool = False
+                               ) -> Awaitable[object]:
+        """Send one dead letter; a size error at send time (the client checks
+        max_request_size before queueing) gets the stripped retry at once."""
+        letter = dlq_record(rej, rec, payload_prefix_bytes=self.dlq_payload_prefix_bytes, stripped=stripped)
+        try:
+            return await self.send(self.dlq_topic, None, letter)
+        except INFRASTRUCTURE as exc:
+            if stripped or not is_size_error(exc):
+                raise
+        m.DLQ_STRIPPED.inc()
+        return await self.send_dead_letter(rej, rec, stripped=True)
 
     @staticmethod
     def _reject(res: BatchResult, rej: Rejection, rec: KafkaRecord) -> None:

@@ -248,3 +248,42 @@ def test_an_exception_on_one_users_events_dead_letters_only_those(stack, ns, ckp
     assert "movie 13" in letters[0]["detail"]
     assert [s.blob is not None for s in stored] == [True, True, False, True, True]
     assert fault is not None and is_infrastructure(fault), repr(fault)
+
+
+def test_a_dead_letter_too_large_for_the_producer_is_sent_stripped(stack, ns, ckpt):
+    """With a producer whose max_request_size is below the letter's size (as a
+    broker with a small message.max.bytes would be), the letter is re-sent
+    once without payload, key and headers -- sizes, hash and source kept --
+    instead of failing the batch."""
+    import hashlib
+
+    from aiokafka import AIOKafkaProducer
+
+    from core.redis_conn import async_redis
+    from core.repos.states import StateStore
+    from models.checkpoint import load_checkpoint
+    from stream.predictor import Incoming
+    from tests.streamkit import read_topic
+
+    model, _ = load_checkpoint(ckpt)
+    value = b"\xff" * 5000  # oversized and not UTF-8: a 1024-byte prefix, base64 in the letter
+    records = [Incoming(value, 0, 7, time.time(), ns.ratings, b"k" * 200)]
+
+    async def go():
+        prod = AIOKafkaProducer(bootstrap_servers=stack.kafka.servers, acks="all", max_request_size=1000)
+        await prod.start()
+        try:
+            store = StateStore(async_redis(stack.redis), ns.prefix)
+            return await _predictor(stack, ns, model, store, prod).process(records)
+        finally:
+            await prod.stop()
+
+    res = asyncio.run(go())
+    letters = read_topic(stack, ns.dlq, until=1, timeout=30, by_event_id=False)
+    assert [r.reason for r in res.rejected] == ["oversized_payload"]
+    assert len(letters) == 1
+    d = letters[0]
+    assert d["stripped"] and d["payload"] is None and d["key"] is None and d["headers"] == []
+    assert d["payload_bytes"] == 5000 and d["key_bytes"] == 200
+    assert d["payload_sha256"] == hashlib.sha256(value).hexdigest()
+    assert d["source"]["offset"] == 7 and d["reason"] == "oversized_payload"
