@@ -83,14 +83,19 @@ def _stream_section(res: dict[str, Any], img: Path, rel: str) -> list[str]:
         f"- full path: **{res['events_per_s']:,.0f} events/s**; bare aiokafka consume-and-produce "
         f"loop over the same events in the same run: {res['baseline_events_per_s']:,.0f} events/s; "
         f"**ratio {res['ratio']:.2f}**",
-        f"- a no-op Faust agent (take_events and nothing else) over the same events: "
-        f"{res.get('faust_noop_events_per_s', float('nan')):,.0f} events/s; full path / no-op Faust = "
-        f"**{res.get('ratio_to_faust_noop', float('nan')):.2f}** (what Faust's own per-event machinery allows)",
+        f"- the worker's Faust path (`stream.consumer`: whole fetches to one handler) with a handler doing "
+        f"only the bare loop's work: {res.get('faust_noop_events_per_s', float('nan')):,.0f} events/s; "
+        f"full path / this no-op = **{res.get('ratio_to_faust_noop', float('nan')):.2f}**",
         f"- the worker's batch code (`stream.predictor`: Redis state, model, top-K, produce) fed by the "
         f"bare loop instead of Faust: {res.get('no_faust_events_per_s', float('nan')):,.0f} events/s, "
         f"ratio to baseline **{res.get('no_faust_ratio', float('nan')):.2f}** (our own per-event cost, "
         "without Faust's)",
         *_stream_reading(res),
+        *([f"- ratios side by side: full / bare **{r['full_over_bare']:.2f}**, Faust no-op / bare "
+           f"**{r['faust_noop_over_bare']:.2f}**, full / batch code on the bare loop "
+           f"**{r['faust_batch_over_bare_batch']:.2f}**"] if (r := res.get("ratios")) else []),
+        *([f"- events per CPU-second: " + ", ".join(f"{k} {v:,.0f}" for k, v in c.items())]
+          if (c := res.get("events_per_cpu_s")) else []),
         f"- event-to-prediction latency at {res.get('latency_rate_events_per_s', 0):,.0f} events/s: "
         f"p50 **{res['latency_ms']['p50']:.1f} ms**, p99 **{res['latency_ms']['p99']:.1f} ms**",
         f"- {res.get('events')} events, {res.get('partitions')} partitions", "",
