@@ -219,6 +219,18 @@ def test_replay_rebuilds_originals_checks_hashes_and_skips_what_it_cannot(stack,
     origins = {h for _, _, h in _replayed(stack, ns)}
     assert len(origins) == 4 and all(h.startswith(ns.dlq.encode() + b"/") for h in origins)
 
+    # A second run replays nothing: the ledger remembers the four letters.
+    res = fbp_dlq(ns, "replay", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    again = orjson.loads(out.read_bytes())
+    assert again["replayed"] == 0 and again["skipped"]["already_replayed"] == 4
+    assert len(_replayed(stack, ns)) == 4
+    # --again is the explicit way to publish them once more.
+    res = fbp_dlq(ns, "replay", "--again", "--reason", "bad_key", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    assert orjson.loads(out.read_bytes())["replayed"] == 1
+    assert len(_replayed(stack, ns)) == 5
+
 
 def test_replay_refuses_unknown_reasons_and_bad_times(stack, ns):
     res = fbp_dlq(ns, "replay", "--reason", "bad_jsn")

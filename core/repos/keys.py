@@ -13,6 +13,7 @@ a cluster as on a single Redis:
 * published models (:mod:`core.repos.models`): ``{<prefix>:model}:...``
 * the trainer's buffer and requests (:mod:`core.repos.buffer`,
   :mod:`core.repos.trainer`): ``{<prefix>:trainer}:...``
+* dead letters already replayed (:mod:`core.repos.replays`): ``{<prefix>:dlq}:...``
 
 Keys of the unversioned layout before this one (``<prefix>:u:<id>``,
 ``<prefix>:model:...``, ``<prefix>:trainer:...``, ``<prefix>:meta:users``)
@@ -64,6 +65,10 @@ def model_key(prefix: str, *parts: object) -> str:
 
 def trainer_key(prefix: str, *parts: object) -> str:
     return ":".join([f"{{{prefix}:trainer}}", *map(str, parts)])
+
+
+def dlq_key(prefix: str, *parts: object) -> str:
+    return ":".join([f"{{{prefix}:dlq}}", *map(str, parts)])
 
 
 def state_pattern(prefix: str) -> str:

@@ -61,6 +61,7 @@ def replay_cmd(
     since: Optional[str] = typer.Option(None, help="Only letters rejected at or after this time "
                                                     "(ISO-8601, UTC unless a zone is given, or unix seconds)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be replayed; publish nothing."),
+    again: bool = typer.Option(False, "--again", help="Also replay letters an earlier run already replayed."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the counts here as JSON."),
 ) -> None:
     """Publish the original records of matching dead letters to the ratings topic again.
@@ -73,11 +74,13 @@ def replay_cmd(
 
     The worker de-duplicates by Kafka position, not event id: each replayed
     record is a new event and is applied to the user's state.  A dead letter
-    was never applied, so one replay applies it once; replaying the same
-    letters again applies them again.  Bound runs with --reason/--since.
+    was never applied, so one replay applies it once; each replayed letter is
+    remembered in Redis and skipped by later runs (already_replayed) unless
+    --again is given.
     """
     try:
-        report = replay(get_settings(), reasons=reason or (), since=parse_since(since), dry_run=dry_run)
+        report = replay(get_settings(), reasons=reason or (), since=parse_since(since), dry_run=dry_run,
+                        again=again)
     except (InfrastructureError, ConfigError) as exc:
         raise _fail(exc) from None
     verb = "would replay" if dry_run else "replayed"

@@ -13,7 +13,10 @@ dead-lettered event was never folded into a state (it is refused before its
 user's state is loaded, or its user's batch is dropped before the store), so
 replaying it once applies it exactly once.  Replaying the same dead letters
 twice, or an event its producer also re-sent, applies it twice: user states
-keep no event ids.  Every replayed record carries a ``fbp-replayed-from``
+keep no event ids -- so each replayed letter is remembered in Redis
+(:class:`core.repos.replays.ReplayLedger`, once Kafka acknowledged it) and a
+later run skips it (``already_replayed``) unless ``again=True``.  Every
+replayed record carries a ``fbp-replayed-from``
 header (``<dlq topic>/<partition>/<offset>``) so repeats can be traced; the
 original record's headers are not re-sent (the DLQ keeps them only bounded,
 and the worker reads none of them).
@@ -34,6 +37,8 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 
 from core.events import REJECT_REASONS, rating_key
+from core.redis_conn import sync_redis
+from core.repos.replays import ReplayLedger
 from core.settings import Settings
 from fbp_errors import ConfigError, InfrastructureError
 from stream.dlq.reader import CONSUMER_OPTS, STALL_S, read_dead_letters
@@ -227,7 +232,7 @@ class Publisher:
     def __init__(self, settings: Settings, topic: str, dlq_topic: str, *, dry_run: bool) -> None:
         self.topic, self.dlq_topic, self.dry_run = topic, dlq_topic, dry_run
         self.failed: Counter[str] = Counter()
-        self._futures: list = []
+        self._futures: list[tuple[str, Any]] = []  # (DLQ position, send future)
         self._producer = None
         if not dry_run:
             from core.kafka_io import make_producer
@@ -240,24 +245,24 @@ class Publisher:
     def send(self, r: Replayable) -> None:
         if self._producer is None:
             return
-        origin = f"{self.dlq_topic}/{r.letter.dlq_partition}/{r.letter.dlq_offset}".encode()
+        origin = position(self.dlq_topic, r.letter)
         try:
-            self._futures.append(
-                self._producer.send(self.topic, key=r.key, value=r.value, headers=[(REPLAY_HEADER, origin)]))
+            self._futures.append((origin, self._producer.send(
+                self.topic, key=r.key, value=r.value, headers=[(REPLAY_HEADER, origin.encode())])))
         except KafkaError as exc:  # e.g. larger than the producer's max_request_size
             self.failed[f"produce_failed:{type(exc).__name__}"] += 1
 
-    def finish(self) -> int:
-        """Wait for every acknowledgement; returns how many records Kafka took."""
+    def finish(self) -> list[str]:
+        """Wait for every acknowledgement; returns the DLQ positions Kafka took."""
         if self._producer is None:
-            return 0
-        taken = 0
+            return []
+        taken: list[str] = []
         try:
             self._producer.flush()
-            for fut in self._futures:
+            for origin, fut in self._futures:
                 try:
                     fut.get(timeout=60)
-                    taken += 1
+                    taken.append(origin)
                 except KafkaError as exc:
                     self.failed[f"produce_failed:{type(exc).__name__}"] += 1
         finally:
@@ -268,6 +273,11 @@ class Publisher:
         if self._producer is not None:
             self._producer.close()
             self._producer = None
+
+
+def position(dlq_topic: str, dl: DeadLetter) -> str:
+    """A dead letter's own place in the DLQ: its identity in the replay ledger."""
+    return ReplayLedger.position(dlq_topic, dl.dlq_partition, dl.dlq_offset)
 
 
 def select(settings: Settings, reasons: set[str], since: float | None) -> list[DeadLetter]:
@@ -285,15 +295,23 @@ def select(settings: Settings, reasons: set[str], since: float | None) -> list[D
 
 def replay(
     settings: Settings, *, reasons: Iterable[str] = (), since: float | None = None, dry_run: bool = False,
+    again: bool = False,
 ) -> ReplayReport:
-    """Select dead letters, rebuild their original records, publish them to the ratings topic."""
+    """Select dead letters, rebuild their original records, publish them to the
+    ratings topic, and remember them as replayed (``again`` replays letters
+    a previous run already replayed)."""
     wanted = check_reasons(reasons)
     k = settings.kafka
     report = ReplayReport(dlq_topic=k.dlq_topic, topic=k.ratings_topic, dry_run=dry_run)
     letters = select(settings, wanted, since)
     report.matched = len(letters)
+    ledger = ReplayLedger(sync_redis(settings.redis), settings.redis.key_prefix)
 
     skipped: Counter[str] = Counter()
+    if not again:
+        done = ledger.replayed([position(k.dlq_topic, dl) for dl in letters])
+        skipped["already_replayed"] = sum(done)
+        letters = [dl for dl, d in zip(letters, done) if not d]
     out = Publisher(settings, k.ratings_topic, k.dlq_topic, dry_run=dry_run)
     try:
         with SourceFetcher(settings) as fetcher:
@@ -305,10 +323,12 @@ def replay(
                 report.replayable += 1
                 report.recovered_from_source += p.recovered
                 out.send(p)
-        report.replayed = out.finish()
+        taken = out.finish()
+        ledger.mark(taken)
+        report.replayed = len(taken)
     except KafkaError as exc:
         out.close()
         raise InfrastructureError(f"replay failed talking to Kafka: {exc}") from exc
     skipped.update(out.failed)
-    report.skipped = dict(skipped.most_common())
+    report.skipped = {why: n for why, n in skipped.most_common() if n}
     return report
