@@ -48,7 +48,7 @@ from models.common import lookup, user_item_dot
 from models.mf import MFModel
 
 #: blend weight of the online model, chosen on the first half of ML-100K by time
-ONLINE_WEIGHT = 0.6
+ONLINE_WEIGHT = 0.8
 
 
 def online_gap(gap_s: Tensor) -> Tensor:

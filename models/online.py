@@ -58,8 +58,8 @@ class OnlineConfig:
     l2_bias: float = 0.005
     l2_factor: float = 0.02
     init_std: float = 0.1
-    tau_s: float = 20.0
-    lr_session: float = 0.05
+    tau_s: float = 10.0
+    lr_session: float = 0.1
     mu_prior: float = 3.5
     mu_prior_n: float = 10.0
     eps: float = 1e-2
