@@ -94,7 +94,7 @@ def _stream_section(res: dict[str, Any], img: Path, rel: str) -> list[str]:
         *([f"- ratios side by side: full / bare **{r['full_over_bare']:.2f}**, Faust no-op / bare "
            f"**{r['faust_noop_over_bare']:.2f}**, full / batch code on the bare loop "
            f"**{r['faust_batch_over_bare_batch']:.2f}**"] if (r := res.get("ratios")) else []),
-        *([f"- events per CPU-second: " + ", ".join(f"{k} {v:,.0f}" for k, v in c.items())]
+        *(["- events per CPU-second: " + ", ".join(f"{k} {v:,.0f}" for k, v in c.items())]
           if (c := res.get("events_per_cpu_s")) else []),
         f"- event-to-prediction latency at {res.get('latency_rate_events_per_s', 0):,.0f} events/s: "
         f"p50 **{res['latency_ms']['p50']:.1f} ms**, p99 **{res['latency_ms']['p99']:.1f} ms**",

@@ -1,8 +1,9 @@
 """The Faust application: topics, the prediction agent and the model watcher.
 
-Run it with ``fbp worker`` (or ``faust -A stream.app worker``).  The agent
-is a short loop over micro-batches; the work of a batch lives in
-``stream.predictor`` so it can be read and tested without Faust.
+Run it with ``fbp worker`` (or ``faust -A stream.app worker``).  Whole Kafka
+fetches reach :func:`predict` through ``stream.consumer`` (no per-event Faust
+stream); the work of a batch lives in ``stream.predictor`` so it can be read
+and tested without Faust.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import ssl
 from typing import Any
 
 import faust
-import redis.exceptions
 
 from core.events import KafkaRecord
 from core.settings import KafkaSettings, get_settings
 from core.topics import repartition_topic
 from stream.consumer import broker_urls, route_batches
-from stream.faults import is_infrastructure
+from stream.faults import INFRASTRUCTURE, is_infrastructure
 from stream.predictor import BatchResult
 from stream.runtime import runtime
 
@@ -103,11 +103,11 @@ async def handle_batch(records: list[KafkaRecord]) -> BatchResult:
     Bad records never get here as exceptions: the predictor dead-letters them
     (``stream.faults`` says which failures are infrastructure).  Whatever
     does escape -- Redis away longer than the client's retries, Kafka refusing
-    the predictions -- stops the worker *before* the batch is acknowledged:
-    Faust's take_events acks a batch in a ``finally`` even when its body
-    raises, so a failed batch would otherwise have its offsets committed
-    without its states stored (silent loss).  Exiting leaves it uncommitted;
-    the restarted worker (or the group's next owner) gets it again."""
+    the predictions -- stops the worker *before* the batch is acknowledged
+    (``stream.consumer`` marks a fetch done only when this returns), so a
+    failed batch never has its offsets committed without its states stored.
+    Exiting leaves it uncommitted; the restarted worker (or the group's next
+    owner) gets it again."""
     try:
         predictor = await runtime.predictor(app)
         return await predictor.process(records)
@@ -147,7 +147,7 @@ async def watch_model() -> None:
     """Pick up a newly published (or rolled back) model version from Redis."""
     try:
         await runtime.check_model(app)
-    except redis.exceptions.RedisError as exc:  # an outage must not crash the app; next tick retries
+    except INFRASTRUCTURE as exc:  # an outage must not crash the app; next tick retries
         log.warning("model watch skipped: Redis unavailable (%s)", exc)
 
 
@@ -156,7 +156,7 @@ async def refresh_gauges() -> None:
     """Users in state and consumer lag per partition."""
     try:
         await runtime.refresh_gauges(app)
-    except redis.exceptions.RedisError as exc:
+    except INFRASTRUCTURE as exc:
         log.warning("gauges not refreshed: Redis unavailable (%s)", exc)
 
 

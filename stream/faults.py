@@ -24,6 +24,7 @@ from fbp_errors import InfrastructureError
 INFRASTRUCTURE: tuple[type[BaseException], ...] = (
     InfrastructureError,
     redis.exceptions.RedisError,       # ConnectionError / TimeoutError after the client's retries, ...
+    redis.exceptions.RedisClusterException,  # cluster client: no reachable node / slots uncovered (not a RedisError)
     aiokafka.errors.KafkaError,        # Kafka refusing or timing out a produce
     kafka.errors.KafkaError,
     faust.exceptions.ProducerSendError,  # Faust's wrapper around the two above

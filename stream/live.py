@@ -33,6 +33,7 @@ from core.rolling import RollingError, finite_or_none
 
 from stream.api import ApiError, guarded, require_read
 from stream.app import app
+from stream.faults import INFRASTRUCTURE
 from stream.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ async def _model_history() -> list[dict[str, Any]]:
         return cached
     try:
         hist = await asyncio.to_thread(runtime.models.history, 20)
-    except Exception as exc:  # Redis hiccup: keep the page alive with the last copy
+    except INFRASTRUCTURE as exc:  # Redis hiccup: keep the page alive with the last copy
         log.warning("live page: model history unavailable: %s", exc)
         return cached
     _model_history_cache = (now, hist)
