@@ -133,6 +133,56 @@ class LSTMModel(MFModel):
         user["on_g"] = state["on_g"]
         return user, self._clamp(on), inc
 
+    @torch.no_grad()
+    def learn_batch(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor
+                    ) -> tuple[Tensor, State, dict[str, tuple[Tensor | None, Tensor]]]:
+        """Predict-then-learn a padded [U, T] batch the way every worker does
+        (:func:`models.batch.learn_batch`): the network from the stored state
+        (one ``step`` when T == 1, else ``forward_sequence``), the online part in
+        rounds (round j = each user's j-th event), each round's movie-side
+        increments applied here before the next round.  Returns (predictions
+        [U, T], new states, the batch's increments summed per movie row)."""
+        with self.network_only():
+            if movie.shape[1] == 1:
+                new, p = self.step(state, movie[:, 0], rating[:, 0], ts[:, 0])
+                net = p[:, None]
+            else:
+                net, new = self.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)
+        if not self.online:
+            return net, new, {}
+        on, user, inc = self.online_batch(state, movie, rating, ts, mask)
+        new.update(user)
+        return self._blend(net, on), new, inc
+
+    @torch.no_grad()
+    def online_batch(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor
+                     ) -> tuple[Tensor, dict[str, Tensor], dict[str, tuple[Tensor | None, Tensor]]]:
+        """The online half of :meth:`learn_batch`: (clamped online predictions
+        [U, T], new ``on_*`` state, the batch's increments summed per row).
+        Round j runs the users that have a j-th event through
+        :meth:`online_part` and merges its increments into the movie side."""
+        from models.batch import sum_increments
+
+        ms = self.movie_side()
+        work = {k: state[k].clone() for k in state if k.startswith("on_") or k in ("last_ts", "count")}
+        pred = torch.zeros(movie.shape, dtype=torch.float32, device=movie.device)
+        parts = []
+        for j in range(movie.shape[1]):
+            u = torch.nonzero(mask[:, j]).flatten()
+            if not len(u):
+                continue
+            sub = {k: v[u] for k, v in work.items()}
+            user, p, inc = self.online_part(sub, movie[u, j], rating[u, j], ts[u, j])
+            ms.apply(inc)
+            parts.append(inc)
+            for k, v in user.items():
+                work[k][u] = v
+            work["last_ts"][u] = ts[u, j].to(work["last_ts"].dtype)
+            work["count"][u] += 1
+            pred[u, j] = p.float()
+        user = {k: v for k, v in work.items() if k.startswith("on_")}
+        return pred, user, sum_increments(parts) if parts else {}
+
     @contextmanager
     def network_only(self):
         """Within: ``step``/``forward_sequence`` give the network alone and

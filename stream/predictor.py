@@ -11,20 +11,34 @@
 2. **load** the states of the batch's users from Redis in one round trip, and
    **filter** out events at or below their source's watermark (already
    applied: redelivery);
-3. **model**: run the model once for the whole batch: with one event per
-   user that is one batched ``step``; when a user has several events in the
-   batch, their new events form a padded [users, T] sequence fed to
-   ``forward_sequence`` *from the stored state* (property-tested to equal T
-   steps), so one user's events apply in order and no history is re-read;
+3. **model**: run the model once for the whole batch through
+   :func:`models.batch.learn_batch` (the simulators run the same function):
+   the users' new events form a padded [users, T] block fed to the network
+   *from the stored state* (``step`` when T == 1, else ``forward_sequence``,
+   property-tested equal), so one user's events apply in order and no
+   history is re-read; a model with an online part also learns the movie side
+   round by round (round j = each user's j-th event of the batch);
 4. **top-K**: score the known movies for each user once, after all of its
    events in the batch (``stream.topk``);
 5. **produce** predictions, re-keyed events and dead letters, and wait until
    Kafka has them all;
-6. only then **store** states and watermarks in one atomic Redis call.
+6. only then **store** states and watermarks in one atomic Redis call, and
+   then the batch's movie-side increments (:mod:`core.repos.movies`).
+
+The online movie side is shared by every worker through Redis, which is
+authoritative: the load stage also reads the rows of the batch's movies and
+the globals (concurrently with the states) into the model, and the whole
+movie side is read at start-up and after each model swap (a promotion keeps
+what the online updates learned; the checkpoint only gives the base of
+movies Redis has never seen).  Rows of movies not in a batch are refreshed
+when a batch next has them, so top-K may score them from slightly older
+values.
 
 Producing before storing means a crash can only cause a repeat (same event
 id, same predicted value: the state it came from was not yet replaced),
-never a missing prediction.  Infrastructure faults (``stream.faults``)
+never a missing prediction.  States are stored before increments: a crash
+between the two loses that batch's movie-side increments (the redelivered
+events are skipped by their watermarks), it never counts them twice.  Infrastructure faults (``stream.faults``)
 propagate so the caller can fail stop; anything else is one record's fault
 and becomes that record's dead letter.
 """
@@ -46,10 +60,13 @@ from core.events import (
     KafkaRecord, Misrouted, PredictionRecord, RatingEvent, Rejection, classify, decode_limits,
     dlq_record, encode_prediction, internal_error, rating_key,
 )
+from core.repos.movies import Add, MovieSideStore
 from core.repos.states import Mark, Stored, StateStore
 from core.rolling import RollingError
+from models import online_pack as opk
 from models import state as mstate
 from models.base import RatingModel
+from models.batch import Increments, learn_batch, occurrence_rank, online_movie_side, pad_events
 from stream import metrics as m
 from stream.faults import INFRASTRUCTURE, is_size_error
 from stream.topk import seen_mask, top_k  # noqa: F401  (re-exported)
@@ -100,6 +117,8 @@ class _Predicted:
     kafka_ts: list[float] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
     futs: list[Awaitable[object]] = field(default_factory=list)
+    #: movie-side increments to add once the states are stored
+    adds: list[Add] = field(default_factory=list)
     skipped: int = 0
     rederived: int = 0
     reset: int = 0
@@ -151,10 +170,14 @@ class Predictor:
         max_future_s: int = 7 * 24 * 3600,
         dlq_payload_prefix_bytes: int = 1024,
         device: torch.device | str = "cpu",
+        movies: MovieSideStore | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.store = store
+        #: the shared online movie side (default: beside the states, same client and prefix)
+        self.movies = movies if movies is not None else MovieSideStore(store.client, store.prefix)
+        self._movies_loaded = False
         self.send = send
         self.predictions_topic = predictions_topic
         self.dlq_topic = dlq_topic
@@ -186,6 +209,7 @@ class Predictor:
         old = self.model
         self.model = new.to(self.device).eval()
         self._reset_logged = False
+        self._movies_loaded = False  # Redis, not the checkpoint, has the learned movie side
         m.MODEL_INFO.remove(old.name, self.device.type)
         m.MODEL_INFO.labels(model=new.name, device=self.device.type).set(1)
         m.MODEL_VERSION.set(new.version)
@@ -198,6 +222,9 @@ class Predictor:
         self._maybe_swap()
         res = BatchResult()
         t0 = time.perf_counter()
+        if not self._movies_loaded:
+            with _stage(res, "redis_load"):
+                await self.load_movie_side()
         with _stage(res, "decode"):
             work, misrouted = self.decode(batch, res)
         rekey_futs = await self.rekey(misrouted, res)
@@ -207,6 +234,7 @@ class Predictor:
             await self.acknowledged(done.futs + rekey_futs, dlq_futs, res)
         with _stage(res, "redis_store"):
             await self.store.store(done.rows)
+            await self.movies.add(done.adds)  # after the states: a crash here loses, never repeats, them
         self._track_offsets(batch)
         self._observe(batch, res)
         return res
@@ -275,13 +303,14 @@ class Predictor:
         """load -> filter -> model -> top-K -> produce (sent, not yet awaited)."""
         out = _Predicted()
         with _stage(res, "redis_load"):
-            users, stored = await self.load(work)
+            (users, stored), bases = await asyncio.gather(self.load(work), self.load_movies(work))
         fresh, marks = self.filter_applied(work, users, stored, out)
         if not fresh:
             return out
         with _stage(res, "model_step"):
             fusers = list(marks)
-            state, preds, uidx = self.model_step(fresh, fusers, [stored[users[u]] for u in fusers], out)
+            state, preds, uidx, inc = self.model_step(fresh, fusers, [stored[users[u]] for u in fusers], out)
+            out.adds = self.movie_adds(inc, bases)
         with _stage(res, "topk"):
             tops = self.user_top_k(state, len(fusers))
         blobs = self.model.pack_states(state)
@@ -312,43 +341,74 @@ class Predictor:
             marks.setdefault(ev.user_id, {})[(src, part)] = off
         return fresh, marks
 
+    # -- the shared online movie side -------------------------------------
+    def _movie_side(self) -> Any:
+        """The model's online movie side, or None (a model without one)."""
+        return online_movie_side(self.model)
+
+    async def load_movie_side(self) -> None:
+        """Every row the model has, and the globals, from Redis (start-up and
+        after a swap); rows Redis lacks keep the checkpoint's values."""
+        if self._movie_side() is not None:
+            await self._read_movies(list(range(self.model.capacity)))
+        self._movies_loaded = True
+
+    async def load_movies(self, work: Work) -> dict[int | None, np.ndarray]:
+        """The stored rows of the batch's movies and the globals, written into
+        the model; returns each row's value before the batch (``None``: the
+        globals), the base a missing key starts from when the batch adds to it."""
+        if self._movie_side() is None or not work:
+            return {}
+        ids = sorted({ev.movie_id for ev, _ in work})
+        self.model.ensure_capacity(ids[-1])
+        return await self._read_movies(ids)
+
+    async def _read_movies(self, ids: list[int]) -> dict[int | None, np.ndarray]:
+        ms = self._movie_side()
+        got, glob = await self.movies.load(ids, opk.row_len(ms), opk.global_len(ms))
+        found = [i for i, v in enumerate(got) if v is not None]
+        if found:
+            opk.set_rows(ms, torch.tensor([ids[i] for i in found], device=self.device),
+                         np.stack([got[i] for i in found]))
+        if glob is not None:
+            opk.set_globals(ms, glob)
+        vecs = opk.rows(ms, torch.tensor(ids, dtype=torch.int64, device=self.device))
+        bases: dict[int | None, np.ndarray] = dict(zip(ids, vecs))
+        bases[None] = opk.globals_vec(ms)
+        return bases
+
+    def movie_adds(self, inc: Increments, bases: dict[int | None, np.ndarray]) -> list[Add]:
+        """The batch's increments as store writes, each with its base."""
+        ms = self._movie_side()
+        if ms is None or not inc:
+            return []
+        ids, deltas = opk.row_increments(ms, inc)
+        adds: list[Add] = [(int(i), d, bases[int(i)]) for i, d in zip(ids.tolist(), deltas)]
+        adds.append((None, opk.global_increment(ms, inc), bases[None]))
+        return adds
+
+    # -- the model stage ---------------------------------------------------
     def model_step(self, fresh: Work, fusers: list[int], stored: list[Stored], out: _Predicted
-                   ) -> tuple[mstate.State, np.ndarray, np.ndarray]:
-        """The users' states after their new events, and one prediction per event
-        (made from the state before it); ``uidx`` maps events to users."""
+                   ) -> tuple[mstate.State, np.ndarray, np.ndarray, Increments]:
+        """The users' states after their new events, one prediction per event
+        (made from the state before it; ``uidx`` maps events to users), and
+        the batch's movie-side increments (already applied to the model)."""
         model = self.model
         model.ensure_capacity(max(ev.movie_id for ev, _ in fresh))
         state = self.user_states(fusers, stored, out)
         frow = {u: i for i, u in enumerate(fusers)}
         uidx = np.fromiter((frow[ev.user_id] for ev, _ in fresh), dtype=np.int64, count=len(fresh))
-        rank = np.zeros(len(fresh), dtype=np.int64)
-        seen: dict[int, int] = {}
-        for i, u in enumerate(uidx.tolist()):
-            rank[i] = seen.get(u, 0)
-            seen[u] = rank[i] + 1
-        U, T = len(fusers), int(rank.max()) + 1
-        # Each user's new events as a row of a padded [U, T] batch, in order.  Built
-        # on the host; pinned when the model is on a GPU so the four copies below
-        # are asynchronous DMA transfers, one per tensor per batch.
-        pin = self.device.type == "cuda"
-        movie = torch.zeros((U, T), dtype=torch.int64, pin_memory=pin)
-        rating = torch.zeros((U, T), dtype=torch.float32, pin_memory=pin)
-        ts = torch.zeros((U, T), dtype=torch.int64, pin_memory=pin)
-        mask = torch.zeros((U, T), dtype=torch.bool, pin_memory=pin)
-        ui, ri = torch.from_numpy(uidx), torch.from_numpy(rank)
-        movie[ui, ri] = torch.tensor([ev.movie_id for ev, _ in fresh], dtype=torch.int64)
-        rating[ui, ri] = torch.tensor([ev.rating for ev, _ in fresh], dtype=torch.float32)
-        ts[ui, ri] = torch.tensor([ev.ts for ev, _ in fresh], dtype=torch.int64)
-        mask[ui, ri] = True
+        rank = occurrence_rank(uidx)
+        # Built on the host; pinned when the model is on a GPU so the copies
+        # below are asynchronous DMA transfers, one per tensor per batch.
+        block = pad_events(uidx, rank, len(fusers), [ev.movie_id for ev, _ in fresh],
+                           [ev.rating for ev, _ in fresh], [ev.ts for ev, _ in fresh],
+                           pin=self.device.type == "cuda")
         with torch.inference_mode():
-            movie, rating, ts, mask = (x.to(self.device, non_blocking=True) for x in (movie, rating, ts, mask))
-            if T == 1:  # the common steady-state case: one event per user
-                state, p = model.step(state, movie[:, 0], rating[:, 0], ts[:, 0])
-                preds = p.float().cpu().numpy()[uidx]
-            else:  # several events of a user in this batch: same result as T steps
-                p, state = model.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)
-                preds = p.float().cpu().numpy()[uidx, rank]
-        return state, preds, uidx
+            block = tuple(x.to(self.device, non_blocking=True) for x in block)
+            p, state, inc = learn_batch(model, state, *block)
+            preds = p.float().cpu().numpy()[uidx, rank]
+        return state, preds, uidx, inc
 
     def user_states(self, fusers: list[int], stored: list[Stored], out: _Predicted) -> mstate.State:
         """Stored states as the serving model reads them: states of an older
@@ -462,6 +522,7 @@ class Predictor:
             out.kafka_ts += p.kafka_ts
             out.rows += p.rows
             out.futs += p.futs
+            out.adds += p.adds
             out.skipped += p.skipped
             out.rederived += p.rederived
             out.reset += p.reset

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from models import state as mstate
 from models.base import RatingModel, State
 from core.redis_conn import async_redis
 from core.repos.states import StateStore
-from trainer.prequential import step_events, stream_order
+from trainer.prequential import step_online_events, stream_order
 
 #: events the shared bootstrap checkpoint (tests/conftest.py ``ckpt``) trains on
 BOOTSTRAP_EVENTS = 10_000
@@ -55,10 +55,17 @@ def read_topic(settings: Settings, topic: str, *, until: int, timeout: float,
     return out
 
 
-def simulate(model: RatingModel, ratings: pd.DataFrame, batch_events: int = 1024
-             ) -> tuple[np.ndarray, dict[int, int], State]:
+def simulate(model: RatingModel, ratings: pd.DataFrame, batch_events: int = 1024,
+             batches: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, dict[int, int], State]:
     """The in-process reference (``trainer.prequential`` with fine-tuning off):
-    predictions in stream order, user index, final states."""
+    predictions in stream order, user index, final states.  Each batch goes
+    through :func:`models.batch.learn_batch`, the worker's own batch code.
+
+    The online movie side learns within and across batches, so a prediction
+    depends on how the events were batched: ``batches`` (stream-order
+    positions per batch, in the order a worker ran them -- e.g. grouped by
+    the ``produced_at`` of its prediction records) replays a worker's exact
+    batching; by default, consecutive chunks of ``batch_events``."""
     df = stream_order(ratings)
     users = df["user_id"].to_numpy(np.int64)
     uniq = np.unique(users)
@@ -67,11 +74,13 @@ def simulate(model: RatingModel, ratings: pd.DataFrame, batch_events: int = 1024
     mv, rt, ts = (df[c].to_numpy() for c in ("movie_id", "rating", "ts"))
     preds = np.empty(len(df), np.float32)
     model.eval()
-    for a in range(0, len(df), batch_events):
-        b = min(len(df), a + batch_events)
-        model.ensure_capacity(int(mv[a:b].max()))
-        preds[a:b] = step_events(model, states, uidx[a:b], mv[a:b].astype(np.int64),
-                                 rt[a:b].astype(np.float32), ts[a:b].astype(np.int64))
+    if batches is None:
+        batches = [np.arange(a, min(len(df), a + batch_events)) for a in range(0, len(df), batch_events)]
+    for pos in batches:
+        pos = np.sort(np.asarray(pos, np.int64))  # a user's events in stream order, as Kafka delivers them
+        model.ensure_capacity(int(mv[pos].max()))
+        preds[pos] = step_online_events(model, states, uidx[pos], mv[pos].astype(np.int64),
+                                        rt[pos].astype(np.float32), ts[pos].astype(np.int64))
     return preds, {int(u): i for i, u in enumerate(uniq)}, states
 
 
@@ -118,3 +127,23 @@ def checkpoint(tmp: Path, ratings: pd.DataFrame, movies: pd.DataFrame, genre_voc
     path = tmp / f"{name}-model"
     save_checkpoint(model, path, {"note": "stream test bootstrap"})
     return path
+
+
+def redis_movie_bias(ns: Namespace, model: RatingModel, movies: Iterable[int]) -> torch.Tensor:
+    """The online movie bias ``b`` of ``movies`` as the workers stored it in
+    Redis (NaN where a movie has no row there)."""
+    from core.repos.movies import MovieSideStore
+    from models import online_pack as opk
+
+    movies = list(movies)
+    ms = model.movie_side()  # type: ignore[attr-defined]
+
+    async def load() -> list:
+        client = async_redis(ns.settings.redis)
+        try:
+            rows, _ = await MovieSideStore(client, ns.prefix).load(movies, opk.row_len(ms), opk.global_len(ms))
+            return rows
+        finally:
+            await client.aclose()
+
+    return torch.tensor([float("nan") if r is None else float(r[0]) for r in asyncio.run(load())])

@@ -19,7 +19,7 @@ from kafka import KafkaProducer
 from stack import procs
 from models.checkpoint import load_checkpoint
 from stream.replay import replay
-from tests.streamkit import read_topic, redis_states, simulate, state_mismatches
+from tests.streamkit import read_topic, redis_movie_bias, redis_states, simulate, state_mismatches
 from trainer.prequential import stream_order
 
 pytestmark = pytest.mark.integration
@@ -50,9 +50,20 @@ def test_replay_ml100k_matches_prequential_simulator(stack, ns, ckpt, ml100k, tm
     assert len(recs) == len(df), "an undisturbed run must not repeat a record"
 
     model, _ = load_checkpoint(ckpt)
-    ref, _, _ = simulate(model, df)
     order = stream_order(df)
     ids = [f"ml-100k-{i}" for i in order.index]  # replay ids use the row index
+    # the online movie side learns per batch, so the simulator replays the
+    # worker's own batches: one produced_at per batch, in the order it ran them
+    pos = {e: i for i, e in enumerate(ids)}
+    groups: dict[float, list[int]] = {}
+    for r in by_id.values():
+        groups.setdefault(r["produced_at"], []).append(pos[r["event_id"]])
+    ref, _, _ = simulate(model, df, batches=[np.array(groups[t]) for t in sorted(groups)])
+    before = load_checkpoint(ckpt)[0].movie_side().t["b"]
+    learned = redis_movie_bias(ns, model, range(before.shape[0]))
+    moved = int(((learned - before[: len(learned)]).abs() > 1e-6).sum())  # NaN (no row) never counts
+    print(f"movie biases changed in Redis: {moved} of {len(learned)}")
+    assert moved > 100, "the movie side in Redis must have learned"
     got = np.array([by_id[i]["predicted"] for i in ids], dtype=np.float64)
     actual = order["rating"].to_numpy(np.float64)
     rmse_stream = math.sqrt(np.mean((got - actual) ** 2))

@@ -46,6 +46,7 @@ import torch
 
 from models import state as mstate
 from models.base import RatingModel, State
+from models.batch import learn_batch, pad_events
 from trainer.train import fit, make_model, replay_states
 
 POLICIES = ("window", "replay", "keep")
@@ -136,58 +137,54 @@ def _online(model: RatingModel) -> bool:
     return bool(getattr(model, "online", False))
 
 
+def _padded(model: RatingModel, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, tuple[torch.Tensor, ...]]:
+    """A chunk as the worker builds its batch: the chunk's users (first-seen
+    order), each event's user row, and the padded [users, T] block."""
+    users, row = np.unique(uidx, return_inverse=True)
+    rank = occurrence_rank(uidx)
+    block = pad_events(row, rank, len(users), movie, rating, ts)
+    return users, row, tuple(x.to(model.device) for x in block)
+
+
 @torch.no_grad()
 def online_events(
     model: RatingModel, states: State, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray,
     batch_events: int = 1024,
 ) -> np.ndarray:
     """The online half of the served ``lstm`` over a stretch of the stream, as
-    a worker runs it: batches of ``batch_events``, rounds of distinct users,
-    each round through ``model.online_part`` (:func:`models.online.online_round`)
-    and its movie-side increments merged before the next round.  Updates the
-    ``on_*`` rows of ``states``; returns the clamped online predictions."""
-    dev = model.device
-    ms = model.movie_side()  # type: ignore[attr-defined]
-    keys = [k for k in states if k.startswith("on_")]
-    work = {k: states[k] for k in keys}
+    a worker runs it: batches of ``batch_events``, each through
+    ``model.online_batch`` (the online half of :func:`models.batch.learn_batch`:
+    rounds of distinct users, each round's movie-side increments merged before
+    the next).  Updates the ``on_*`` rows of ``states`` (``last_ts``/``count``
+    are the network's to advance); returns the clamped online predictions."""
+    work = {k: v for k, v in states.items() if k.startswith("on_")}
     work["last_ts"], work["count"] = states["last_ts"].clone(), states["count"].clone()
     preds = np.empty(len(uidx), dtype=np.float32)
-    mv, rt, tt = (torch.tensor(a, device=dev) for a in (movie, rating.astype(np.float32), ts))
     for s in range(0, len(uidx), batch_events):
-        rank = occurrence_rank(uidx[s : s + batch_events])
-        for r in range(int(rank.max()) + 1):
-            ev = s + np.nonzero(rank == r)[0]
-            e = torch.from_numpy(ev).to(dev)
-            u = torch.from_numpy(uidx[ev]).to(dev)
-            user, p, inc = model.online_part(mstate.select(work, u), mv[e], rt[e], tt[e])  # type: ignore[attr-defined]
-            ms.apply(inc)
-            for k in keys:
-                work[k][u] = user[k]
-            work["last_ts"][u] = tt[e]
-            work["count"][u] += 1
-            preds[ev] = p.float().cpu().numpy()
+        e = min(len(uidx), s + batch_events)
+        users, row, (mv, rt, tt, mask) = _padded(model, uidx[s:e], movie[s:e], rating[s:e], ts[s:e])
+        u = torch.from_numpy(users).to(model.device)
+        p, user, _ = model.online_batch(mstate.select(work, u), mv, rt, tt, mask)  # type: ignore[attr-defined]
+        for k, v in user.items():
+            work[k][u] = v
+        last = tt[torch.arange(len(u), device=tt.device), mask.sum(1) - 1]
+        work["last_ts"][u] = last.to(work["last_ts"].dtype)
+        work["count"][u] += mask.sum(1).to(work["count"].dtype)
+        preds[s:e] = p.cpu().numpy()[row, occurrence_rank(uidx[s:e])]
     return preds
 
 
 def step_online_events(
     model: RatingModel, states: State, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray
 ) -> np.ndarray:
-    """:func:`step_events` through ``online_step``, merging each round's
-    movie-side increments (what a worker does per batch, event by event)."""
-    dev = model.device
-    preds = np.empty(len(uidx), dtype=np.float32)
-    rank = occurrence_rank(uidx)
-    mv, rt, tt = (torch.tensor(a, device=dev) for a in (movie, rating.astype(np.float32), ts))
-    with torch.no_grad():
-        for r in range(int(rank.max()) + 1 if len(rank) else 0):
-            ev = np.nonzero(rank == r)[0]
-            e = torch.from_numpy(ev).to(dev)
-            u = torch.from_numpy(uidx[ev]).to(dev)
-            sub, p, inc = model.online_step(mstate.select(states, u), mv[e], rt[e], tt[e])  # type: ignore[attr-defined]
-            model.movie_side().apply(inc)  # type: ignore[attr-defined]
-            mstate.scatter(states, u, sub)
-            preds[ev] = p.float().cpu().numpy()
-    return preds
+    """One worker batch: :func:`models.batch.learn_batch` over the chunk (the
+    network and the online part, movie-side increments merged round by round)."""
+    users, row, block = _padded(model, uidx, movie, rating, ts)
+    u = torch.from_numpy(users).to(model.device)
+    p, new, _ = learn_batch(model, mstate.select(states, u), *block)
+    mstate.scatter(states, u, new)
+    return p.float().cpu().numpy()[row, occurrence_rank(uidx)]
 
 
 @torch.no_grad()

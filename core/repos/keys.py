@@ -14,6 +14,9 @@ a cluster as on a single Redis:
 * the trainer's buffer and requests (:mod:`core.repos.buffer`,
   :mod:`core.repos.trainer`): ``{<prefix>:trainer}:...``
 * dead letters already replayed (:mod:`core.repos.replays`): ``{<prefix>:dlq}:...``
+* the online movie side (:mod:`core.repos.movies`): one key per movie row
+  ``{<prefix>:ms:<b>}:m:<movie_id>`` with ``b = movie_id mod STATE_BUCKETS``
+  (spread over the slots like user states), and the globals ``{<prefix>:ms}:g``.
 
 Keys of the unversioned layout before this one (``<prefix>:u:<id>``,
 ``<prefix>:model:...``, ``<prefix>:trainer:...``, ``<prefix>:meta:users``)
@@ -69,6 +72,19 @@ def trainer_key(prefix: str, *parts: object) -> str:
 
 def dlq_key(prefix: str, *parts: object) -> str:
     return ":".join([f"{{{prefix}:dlq}}", *map(str, parts)])
+
+
+def movie_side_key(prefix: str, movie_id: int | None) -> str:
+    """A movie's row of the online movie side; ``None``: its global tensors."""
+    if movie_id is None:
+        return f"{{{prefix}:ms}}:g"
+    return f"{{{prefix}:ms:{int(movie_id) % STATE_BUCKETS}}}:m:{int(movie_id)}"
+
+
+def movie_side_patterns(prefix: str) -> list[str]:
+    """SCAN MATCH patterns of every movie-side key of ``prefix``."""
+    p = prefix.translate(_GLOB)
+    return [f"{{{p}:ms:*}}:m:*", f"{{{p}:ms}}:g"]
 
 
 def state_pattern(prefix: str) -> str:

@@ -1,0 +1,157 @@
+"""The shared online movie side (core.repos.movies.MovieSideStore) on the
+real local Redis (each test its own prefix; nothing is flushed), and the
+worker's batch path that feeds it (stream.predictor) against the reference
+simulator on real ML-100K events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from core.redis_conn import async_redis
+from core.repos.movies import MovieSideStore
+
+pytestmark = pytest.mark.integration
+
+
+def _prefix() -> str:
+    return f"mstest-{uuid.uuid4().hex[:8]}"
+
+
+async def _with_store(cfg, fn):
+    client = async_redis(cfg)
+    store = MovieSideStore(client, _prefix())
+    try:
+        return await fn(store, client)
+    finally:
+        await store.drop()
+        await client.aclose()
+
+
+def _concurrent_adds_lose_nothing(cfg) -> None:
+    """Two clients add 200 increments each to the same keys, interleaved:
+    the stored vectors are base + the sum of all of them."""
+    rng = np.random.default_rng(0)
+    n, L = 200, 6
+    base = rng.normal(size=L).astype(np.float32)
+    incs = rng.normal(size=(2, n, L)).astype(np.float32) * 0.01
+
+    async def go(store: MovieSideStore, client) -> None:
+        other_client = async_redis(cfg)
+        other = MovieSideStore(other_client, store.prefix)
+        try:
+            async def writer(s: MovieSideStore, w: int) -> None:
+                for i in range(n):
+                    await s.add([(7, incs[w, i], base), (None, incs[w, i], base)])
+            await asyncio.gather(writer(store, 0), writer(other, 1))
+        finally:
+            await other_client.aclose()
+        rows, glob = await store.load([7], L, L)
+        want = base.astype(np.float64) + incs.astype(np.float64).sum((0, 1))
+        np.testing.assert_allclose(rows[0], want, atol=1e-4)
+        np.testing.assert_allclose(glob, want, atol=1e-4)
+
+    asyncio.run(_with_store(cfg, go))
+
+
+def test_concurrent_increments_lose_nothing(stack):
+    _concurrent_adds_lose_nothing(stack.redis)
+
+
+def test_missing_key_starts_from_its_base_once(stack):
+    base_a = np.arange(4, dtype=np.float32)
+    base_b = np.full(4, 100.0, np.float32)  # a later writer's base: must not count
+    inc = np.full(4, 0.5, np.float32)
+
+    async def go(store: MovieSideStore, client) -> None:
+        rows, glob = await store.load([3, 4], 4, 4)
+        assert rows == [None, None] and glob is None
+        assert await store.add([(3, inc, base_a)]) == 1  # started from its base
+        assert await store.add([(3, inc, base_b)]) == 0
+        rows, _ = await store.load([3, 4], 4, 4)
+        np.testing.assert_array_equal(rows[0], base_a + 2 * inc)
+        assert rows[1] is None
+        wrong, _ = await store.load([3], 5, 4)  # another layout's length reads as missing
+        assert wrong == [None]
+
+    asyncio.run(_with_store(stack.redis, go))
+
+
+def test_concurrent_increments_on_cluster(stack):
+    """Same through redis-py's cluster client, when the stack's cluster runs."""
+    import redis
+
+    port = int(os.environ.get("FBP_TEST_CLUSTER_PORT", "7100"))
+    try:
+        redis.Redis(port=port, socket_connect_timeout=1).ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip(f"no Redis Cluster on port {port} (start it with the stack's cluster option)")
+    cfg = stack.redis.model_copy(update={"cluster": True, "url": f"redis://127.0.0.1:{port}/0"})
+    _concurrent_adds_lose_nothing(cfg)
+
+
+def test_worker_batches_equal_simulator_and_movie_side_moves(stack, ckpt, ml100k):
+    """Predictor.process over 5,000 real events (real Redis; Kafka sends are
+    already-acknowledged futures) predicts exactly what the reference
+    simulator predicts for the same batches, and the movie side in Redis
+    moves away from the checkpoint's."""
+    from core.events import RatingEvent, encode_rating, rating_key
+    from core.repos.states import StateStore
+    from models import online_pack as opk
+    from models.checkpoint import load_checkpoint
+    from stream.predictor import Incoming, Predictor
+    from tests.streamkit import simulate
+    from trainer.prequential import stream_order
+
+    df = stream_order(ml100k.ratings.iloc[20_000:25_000])
+    batch = 512
+    sent: dict[str, float] = {}
+
+    async def send(topic, key, value, headers=None, timestamp=None):
+        import orjson
+
+        if topic == "p":
+            rec = orjson.loads(value)
+            sent[rec["event_id"]] = rec["predicted"]
+        f = asyncio.get_running_loop().create_future()
+        f.set_result(None)
+        return f
+
+    model, _ = load_checkpoint(ckpt)
+    base = opk.globals_vec(model.movie_side()).copy()
+    msgs = [Incoming(encode_rating(RatingEvent(f"e{i}", int(u), int(m), float(r), int(t))), 0, i, 0.0,
+                     key=rating_key(int(u)))
+            for i, (u, m, r, t) in enumerate(zip(df.user_id, df.movie_id, df.rating, df.ts))]
+
+    async def go() -> np.ndarray | None:
+        client = async_redis(stack.redis)
+        states = StateStore(client, _prefix())
+        p = Predictor(model, states, send, predictions_topic="p", dlq_topic="d", top_k=0)
+        try:
+            for i in range(0, len(msgs), batch):
+                await p.process(msgs[i:i + batch])
+            _, glob = await p.movies.load([], 0, len(base))
+            return glob
+        finally:
+            await p.movies.drop()
+            await states.drop()
+            await client.aclose()
+
+    torch.set_num_threads(1)
+    glob = asyncio.run(go())
+    ref_model, _ = load_checkpoint(ckpt)
+    batches = [np.arange(a, min(len(df), a + batch)) for a in range(0, len(df), batch)]
+    ref, _, _ = simulate(ref_model, df, batches=batches)
+    got = np.array([sent[f"e{i}"] for i in range(len(df))])
+    diff = np.abs(got - ref)
+    print(f"max abs diff worker vs simulator {diff.max():.2e} over {len(df)} events")
+    assert len(sent) == len(df) and diff.max() < 1e-4
+    assert glob is not None
+    # the global mean's (sum, count) grew by exactly the events seen
+    assert glob[1] - base[1] == pytest.approx(len(df))
+    assert glob[0] - base[0] == pytest.approx(float(df["rating"].sum()), rel=1e-5)
