@@ -189,6 +189,9 @@ class WorkerSettings(BaseModel):
     """CPU threads torch may use in a worker (1 suits a small box shared with Kafka and Redis)."""
     top_k: int = Field(10, ge=0, le=1000)
     """Movies recommended in each prediction record (0 = none)."""
+    online_movie_side: bool = False
+    """Learn the online movie side per batch, shared by all workers in Redis (core/repos/movies.py).
+    Off: the movie side stays as the checkpoint has it (exactly reproducible by tests/streamkit.simulate)."""
     checkpoint: Path = REPO_ROOT / "runs" / "bootstrap" / "model"
     """Model used when Redis has no published model."""
     max_payload_bytes: int = Field(4096, ge=128)

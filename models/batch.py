@@ -50,15 +50,16 @@ def pad_events(uidx: np.ndarray, rank: np.ndarray, n_users: int, movie, rating, 
 
 
 @torch.no_grad()
-def learn_batch(model: RatingModel, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor
-                ) -> tuple[Tensor, State, Increments]:
+def learn_batch(model: RatingModel, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor,
+                learn_movies: bool = True) -> tuple[Tensor, State, Increments]:
     """Predict-then-learn a padded batch: (predictions [U, T], new states,
     the batch's movie-side increments).  Models with an online part
     (``learn_batch`` method) learn the movie side round by round; the others
-    run ``step`` (T == 1) or ``forward_sequence`` and return no increments."""
+    run ``step`` (T == 1) or ``forward_sequence`` and return no increments.
+    ``learn_movies=False`` keeps the movie side fixed (increments still returned)."""
     own = getattr(model, "learn_batch", None)
     if own is not None:
-        return own(state, movie, rating, ts, mask)
+        return own(state, movie, rating, ts, mask, learn_movies=learn_movies)
     if movie.shape[1] == 1:
         new, p = model.step(state, movie[:, 0], rating[:, 0], ts[:, 0])
         return p[:, None], new, {}

@@ -134,14 +134,15 @@ class LSTMModel(MFModel):
         return user, self._clamp(on), inc
 
     @torch.no_grad()
-    def learn_batch(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor
-                    ) -> tuple[Tensor, State, dict[str, tuple[Tensor | None, Tensor]]]:
+    def learn_batch(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor,
+                    learn_movies: bool = True) -> tuple[Tensor, State, dict[str, tuple[Tensor | None, Tensor]]]:
         """Predict-then-learn a padded [U, T] batch the way every worker does
         (:func:`models.batch.learn_batch`): the network from the stored state
         (one ``step`` when T == 1, else ``forward_sequence``), the online part in
         rounds (round j = each user's j-th event), each round's movie-side
         increments applied here before the next round.  Returns (predictions
-        [U, T], new states, the batch's increments summed per movie row)."""
+        [U, T], new states, the batch's increments summed per movie row);
+        ``learn_movies=False``: the movie side stays fixed (the frozen path)."""
         with self.network_only():
             if movie.shape[1] == 1:
                 new, p = self.step(state, movie[:, 0], rating[:, 0], ts[:, 0])
@@ -150,13 +151,13 @@ class LSTMModel(MFModel):
                 net, new = self.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)
         if not self.online:
             return net, new, {}
-        on, user, inc = self.online_batch(state, movie, rating, ts, mask)
+        on, user, inc = self.online_batch(state, movie, rating, ts, mask, apply=learn_movies)
         new.update(user)
         return self._blend(net, on), new, inc
 
     @torch.no_grad()
-    def online_batch(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor
-                     ) -> tuple[Tensor, dict[str, Tensor], dict[str, tuple[Tensor | None, Tensor]]]:
+    def online_batch(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor,
+                     apply: bool = True) -> tuple[Tensor, dict[str, Tensor], dict[str, tuple[Tensor | None, Tensor]]]:
         """The online half of :meth:`learn_batch`: (clamped online predictions
         [U, T], new ``on_*`` state, the batch's increments summed per row).
         Round j runs the users that have a j-th event through
@@ -173,7 +174,8 @@ class LSTMModel(MFModel):
                 continue
             sub = {k: v[u] for k, v in work.items()}
             user, p, inc = self.online_part(sub, movie[u, j], rating[u, j], ts[u, j])
-            ms.apply(inc)
+            if apply:
+                ms.apply(inc)
             parts.append(inc)
             for k, v in user.items():
                 work[k][u] = v

@@ -25,7 +25,8 @@
 6. only then **store** states and watermarks in one atomic Redis call, and
    then the batch's movie-side increments (:mod:`core.repos.movies`).
 
-The online movie side is shared by every worker through Redis, which is
+With ``worker.online_movie_side`` on, the online movie side is learned per
+batch and shared by every worker through Redis, which is
 authoritative: the load stage also reads the rows of the batch's movies and
 the globals (concurrently with the states) into the model, and the whole
 movie side is read at start-up and after each model swap (a promotion keeps
@@ -175,8 +176,9 @@ class Predictor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.store = store
-        #: the shared online movie side (default: beside the states, same client and prefix)
-        self.movies = movies if movies is not None else MovieSideStore(store.client, store.prefix)
+        #: the shared online movie side; None: the model's movie side stays fixed
+        #: (``worker.online_movie_side`` off)
+        self.movies = movies
         self._movies_loaded = False
         self.send = send
         self.predictions_topic = predictions_topic
@@ -234,7 +236,8 @@ class Predictor:
             await self.acknowledged(done.futs + rekey_futs, dlq_futs, res)
         with _stage(res, "redis_store"):
             await self.store.store(done.rows)
-            await self.movies.add(done.adds)  # after the states: a crash here loses, never repeats, them
+            if done.adds:  # after the states: a crash here loses, never repeats, them
+                await self.movies.add(done.adds)
         self._track_offsets(batch)
         self._observe(batch, res)
         return res
@@ -343,14 +346,16 @@ class Predictor:
 
     # -- the shared online movie side -------------------------------------
     def _movie_side(self) -> Any:
-        """The model's online movie side, or None (a model without one)."""
-        return online_movie_side(self.model)
+        """The model's online movie side, or None (a model without one, or
+        no shared movie side to learn)."""
+        return online_movie_side(self.model) if self.movies is not None else None
 
     async def load_movie_side(self) -> None:
         """Every row the model has, and the globals, from Redis (start-up and
         after a swap); rows Redis lacks keep the checkpoint's values."""
         if self._movie_side() is not None:
             await self._read_movies(list(range(self.model.capacity)))
+            log.info("online movie side loaded from Redis (%d rows)", self.model.capacity)
         self._movies_loaded = True
 
     async def load_movies(self, work: Work) -> dict[int | None, np.ndarray]:
@@ -406,7 +411,7 @@ class Predictor:
                            pin=self.device.type == "cuda")
         with torch.inference_mode():
             block = tuple(x.to(self.device, non_blocking=True) for x in block)
-            p, state, inc = learn_batch(model, state, *block)
+            p, state, inc = learn_batch(model, state, *block, learn_movies=self.movies is not None)
             preds = p.float().cpu().numpy()[uidx, rank]
         return state, preds, uidx, inc
 

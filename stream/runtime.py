@@ -18,6 +18,7 @@ from models.devices import pick_device
 from models.checkpoint import CheckpointError, load_checkpoint
 from stream import metrics as m
 from core.repos.models import ModelStore
+from core.repos.movies import MovieSideStore
 from stream.predictor import Predictor
 from core.redis_conn import async_redis, sync_redis
 from core.repos.states import StateStore
@@ -47,8 +48,9 @@ def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: Any
     """A worker's Predictor as the settings describe it (device, torch threads,
     topics, limits); also used by ``fbp bench stream``'s no-Faust reference."""
     torch.set_num_threads(s.worker.torch_threads)
+    movies = MovieSideStore(store.client, store.prefix) if s.worker.online_movie_side else None
     return Predictor(
-        model, store, send,
+        model, store, send, movies=movies,
         predictions_topic=s.kafka.predictions_topic, dlq_topic=s.kafka.dlq_topic,
         repartition_topic=repartition_topic(s), key_policy=s.worker.key_policy,
         top_k=s.worker.top_k, max_payload_bytes=s.worker.max_payload_bytes,

@@ -56,7 +56,8 @@ def read_topic(settings: Settings, topic: str, *, until: int, timeout: float,
 
 
 def simulate(model: RatingModel, ratings: pd.DataFrame, batch_events: int = 1024,
-             batches: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, dict[int, int], State]:
+             batches: Sequence[np.ndarray] | None = None, learn_movies: bool = False
+             ) -> tuple[np.ndarray, dict[int, int], State]:
     """The in-process reference (``trainer.prequential`` with fine-tuning off):
     predictions in stream order, user index, final states.  Each batch goes
     through :func:`models.batch.learn_batch`, the worker's own batch code.
@@ -65,7 +66,10 @@ def simulate(model: RatingModel, ratings: pd.DataFrame, batch_events: int = 1024
     depends on how the events were batched: ``batches`` (stream-order
     positions per batch, in the order a worker ran them -- e.g. grouped by
     the ``produced_at`` of its prediction records) replays a worker's exact
-    batching; by default, consecutive chunks of ``batch_events``."""
+    batching; by default, consecutive chunks of ``batch_events``.
+    ``learn_movies``: as a worker with ``worker.online_movie_side`` on (off,
+    the default, the movie side stays as the checkpoint has it and the
+    result does not depend on the batching)."""
     df = stream_order(ratings)
     users = df["user_id"].to_numpy(np.int64)
     uniq = np.unique(users)
@@ -80,7 +84,7 @@ def simulate(model: RatingModel, ratings: pd.DataFrame, batch_events: int = 1024
         pos = np.sort(np.asarray(pos, np.int64))  # a user's events in stream order, as Kafka delivers them
         model.ensure_capacity(int(mv[pos].max()))
         preds[pos] = step_online_events(model, states, uidx[pos], mv[pos].astype(np.int64),
-                                        rt[pos].astype(np.float32), ts[pos].astype(np.int64))
+                                        rt[pos].astype(np.float32), ts[pos].astype(np.int64), learn_movies)
     return preds, {int(u): i for i, u in enumerate(uniq)}, states
 
 

@@ -131,7 +131,8 @@ def test_worker_batches_equal_simulator_and_movie_side_moves(stack, ckpt, ml100k
     async def go() -> np.ndarray | None:
         client = async_redis(stack.redis)
         states = StateStore(client, _prefix())
-        p = Predictor(model, states, send, predictions_topic="p", dlq_topic="d", top_k=0)
+        p = Predictor(model, states, send, predictions_topic="p", dlq_topic="d", top_k=0,
+                      movies=MovieSideStore(client, states.prefix))
         try:
             for i in range(0, len(msgs), batch):
                 await p.process(msgs[i:i + batch])
@@ -146,7 +147,7 @@ def test_worker_batches_equal_simulator_and_movie_side_moves(stack, ckpt, ml100k
     glob = asyncio.run(go())
     ref_model, _ = load_checkpoint(ckpt)
     batches = [np.arange(a, min(len(df), a + batch)) for a in range(0, len(df), batch)]
-    ref, _, _ = simulate(ref_model, df, batches=batches)
+    ref, _, _ = simulate(ref_model, df, batches=batches, learn_movies=True)
     got = np.array([sent[f"e{i}"] for i in range(len(df))])
     diff = np.abs(got - ref)
     print(f"max abs diff worker vs simulator {diff.max():.2e} over {len(df)} events")

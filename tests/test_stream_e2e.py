@@ -39,7 +39,9 @@ def test_replay_ml100k_matches_prequential_simulator(stack, ns, ckpt, ml100k, tm
     """One record per event id; online RMSE from the records equals the
     in-process simulator's for the same checkpoint (and so do the predictions)."""
     df = ml100k.ratings
-    worker = procs.start_worker(6081, tmp_path, _env(ns, ckpt, 6081))
+    env = _env(ns, ckpt, 6081)
+    env["FBP_WORKER__ONLINE_MOVIE_SIDE"] = "true"  # the path under test: movie side learned, shared in Redis
+    worker = procs.start_worker(6081, tmp_path, env)
     try:
         replay(ns.scoped(), ml100k, progress=False)
         recs = read_topic(stack, ns.predictions, until=len(df), timeout=600)
@@ -58,7 +60,7 @@ def test_replay_ml100k_matches_prequential_simulator(stack, ns, ckpt, ml100k, tm
     groups: dict[float, list[int]] = {}
     for r in by_id.values():
         groups.setdefault(r["produced_at"], []).append(pos[r["event_id"]])
-    ref, _, _ = simulate(model, df, batches=[np.array(groups[t]) for t in sorted(groups)])
+    ref, _, _ = simulate(model, df, batches=[np.array(groups[t]) for t in sorted(groups)], learn_movies=True)
     before = load_checkpoint(ckpt)[0].movie_side().t["b"]
     learned = redis_movie_bias(ns, model, range(before.shape[0]))
     moved = int(((learned - before[: len(learned)]).abs() > 1e-6).sum())  # NaN (no row) never counts

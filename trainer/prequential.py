@@ -176,13 +176,15 @@ def online_events(
 
 
 def step_online_events(
-    model: RatingModel, states: State, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray
+    model: RatingModel, states: State, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray,
+    learn_movies: bool = True,
 ) -> np.ndarray:
     """One worker batch: :func:`models.batch.learn_batch` over the chunk (the
-    network and the online part, movie-side increments merged round by round)."""
+    network and the online part, movie-side increments merged round by round;
+    ``learn_movies=False``: a worker with ``worker.online_movie_side`` off)."""
     users, row, block = _padded(model, uidx, movie, rating, ts)
     u = torch.from_numpy(users).to(model.device)
-    p, new, _ = learn_batch(model, mstate.select(states, u), *block)
+    p, new, _ = learn_batch(model, mstate.select(states, u), *block, learn_movies=learn_movies)
     mstate.scatter(states, u, new)
     return p.float().cpu().numpy()[row, occurrence_rank(uidx)]
 
