@@ -190,8 +190,7 @@ class WorkerSettings(BaseModel):
     top_k: int = Field(10, ge=0, le=1000)
     """Movies recommended in each prediction record (0 = none)."""
     online_movie_side: bool = False
-    """Learn the online movie side per batch, shared by all workers in Redis (core/repos/movies.py).
-    Off: the movie side stays as the checkpoint has it (exactly reproducible by tests/streamkit.simulate)."""
+    """Learn the online movie side per batch, shared by all workers in Redis (off: it stays as the checkpoint has it)."""
     checkpoint: Path = REPO_ROOT / "runs" / "bootstrap" / "model"
     """Model used when Redis has no published model."""
     max_payload_bytes: int = Field(4096, ge=128)
