@@ -42,9 +42,9 @@ def pad_events(uidx: np.ndarray, rank: np.ndarray, n_users: int, movie, rating, 
     out_ts = torch.zeros((n_users, T), dtype=torch.int64, pin_memory=pin)
     mask = torch.zeros((n_users, T), dtype=torch.bool, pin_memory=pin)
     ui, ri = torch.tensor(np.asarray(uidx, np.int64)), torch.tensor(np.asarray(rank, np.int64))
-    out_movie[ui, ri] = torch.as_tensor(np.asarray(movie, np.int64))
-    out_rating[ui, ri] = torch.as_tensor(np.asarray(rating, np.float32))
-    out_ts[ui, ri] = torch.as_tensor(np.asarray(ts, np.int64))
+    out_movie[ui, ri] = torch.tensor(np.asarray(movie, np.int64))
+    out_rating[ui, ri] = torch.tensor(np.asarray(rating, np.float32))
+    out_ts[ui, ri] = torch.tensor(np.asarray(ts, np.int64))
     mask[ui, ri] = True
     return out_movie, out_rating, out_ts, mask
 
@@ -56,7 +56,7 @@ def learn_batch(model: RatingModel, state: State, movie: Tensor, rating: Tensor,
     the batch's movie-side increments).  Models with an online part
     (``learn_batch`` method) learn the movie side round by round; the others
     run ``step`` (T == 1) or ``forward_sequence`` and return no increments.
-    ``learn_movies=False`` keeps the movie side fixed (increments still returned)."""
+    ``learn_movies=False`` keeps the movie side fixed (and returns no increments)."""
     own = getattr(model, "learn_batch", None)
     if own is not None:
         return own(state, movie, rating, ts, mask, learn_movies=learn_movies)

@@ -159,7 +159,8 @@ class LSTMModel(MFModel):
     def online_batch(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor,
                      apply: bool = True) -> tuple[Tensor, dict[str, Tensor], dict[str, tuple[Tensor | None, Tensor]]]:
         """The online half of :meth:`learn_batch`: (clamped online predictions
-        [U, T], new ``on_*`` state, the batch's increments summed per row).
+        [U, T], new ``on_*`` state, the batch's increments summed per row;
+        none when ``apply`` is off).
         Round j runs the users that have a j-th event through
         :meth:`online_part` and merges its increments into the movie side."""
         from models.batch import sum_increments
@@ -174,9 +175,9 @@ class LSTMModel(MFModel):
                 continue
             sub = {k: v[u] for k, v in work.items()}
             user, p, inc = self.online_part(sub, movie[u, j], rating[u, j], ts[u, j])
-            if apply:
+            if apply:  # frozen: nothing to merge or hand back
                 ms.apply(inc)
-            parts.append(inc)
+                parts.append(inc)
             for k, v in user.items():
                 work[k][u] = v
             work["last_ts"][u] = ts[u, j].to(work["last_ts"].dtype)
