@@ -214,9 +214,9 @@ class LSTMModel(MFModel):
         ids = movie_ids.to(torch.int64)
         ms, cfg, t = self.movie_side(), self.online_cfg, self.movie_side().t
         mu = (t["mu"][0] + cfg.mu_prior * cfg.mu_prior_n) / (t["mu"][1] + cfg.mu_prior_n)
-        qe = ms.q0(ids) + t["q"][ids]
+        qe = ms.q0(ids) + ms.row(t["q"], ids)
         pe = state["on_p"]
-        bias = mu + t["b"][ids]
+        bias = mu + ms.row(t["b"], ids)
         if cfg.use_features:
             f = self._feats(ids)
             qe = qe + f @ t["V"]

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.common import lookup
+
 #: the user-side state keys this module owns (prefix ``on_``)
 USER_KEYS = ("on_ub", "on_ubG", "on_p", "on_pG", "on_s")
 
@@ -123,10 +125,16 @@ class MovieSide:
         return int(self.t["b"].shape[0])
 
     def q0(self, movie: Tensor) -> Tensor:
-        """:func:`q_init` of ``movie``, from a table cached per capacity."""
+        """:func:`q_init` of ``movie``, from a table cached per capacity (zero
+        rows for ids outside the tables, like every other movie row)."""
         if self._q0 is None or self._q0.shape[0] != self.capacity or self._q0.device != movie.device:
             self._q0 = q_init(torch.arange(self.capacity), self.cfg.k, self.cfg.init_std).to(movie.device)
-        return self._q0[movie]
+        return self.row(self._q0, movie)
+
+    def row(self, table: Tensor, movie: Tensor) -> Tensor:
+        """``table[movie]`` with ids outside ``[0, capacity)`` reading as zero
+        rows ("unknown movie"), the convention of ``models.common.lookup``."""
+        return lookup(table, movie)
 
     def grow(self, capacity: int) -> None:
         if capacity <= self.capacity:
@@ -180,9 +188,9 @@ def predict(ms: MovieSide, user: dict[str, Tensor], movie: Tensor, gap_s: Tensor
     update needs (no state change)."""
     cfg, t = ms.cfg, ms.t
     mu = (t["mu"][0] + cfg.mu_prior * cfg.mu_prior_n) / (t["mu"][1] + cfg.mu_prior_n)
-    q0 = ms.q0(movie) + t["q"][movie]
+    q0 = ms.q0(movie) + ms.row(t["q"], movie)
     qe, pe = q0, user["on_p"]
-    pred = mu + t["b"][movie] + user["on_ub"]
+    pred = mu + ms.row(t["b"], movie) + user["on_ub"]
     if cfg.use_features:
         qe = qe + mfeat @ t["V"]
         pe = pe + ufeat @ t["U"]
@@ -217,13 +225,17 @@ def online_round(ms: MovieSide, user: dict[str, Tensor], movie: Tensor, rating: 
         "on_s": parts["sess"] + cfg.lr_session * e if cfg.use_session else user["on_s"],
     }
     # movie side (increments): bias, factor, running mean, feature weights
-    g_b = -e + cfg.l2_bias * t["b"][movie]
+    # (a movie outside the tables -- the caller did not ensure_capacity --
+    # reads as unknown and gets no row increment)
+    known = (movie >= 0) & (movie < ms.capacity)
+    g_b = -e + cfg.l2_bias * ms.row(t["b"], movie)
     g_q = -e[:, None] * parts["pe"] + cfg.l2_factor * parts["q0"]
+    rows = movie[known]
     inc: dict[str, tuple[Tensor | None, Tensor]] = {
-        "b": (movie, -_rate(cfg.lr_bias, t["bG"][movie], g_b**2, cfg) * g_b),
-        "bG": (movie, g_b**2),
-        "q": (movie, -_rate(cfg.lr_factor, t["qG"][movie], g_q**2, cfg) * g_q),
-        "qG": (movie, g_q**2),
+        "b": (rows, (-_rate(cfg.lr_bias, ms.row(t["bG"], movie), g_b**2, cfg) * g_b)[known]),
+        "bG": (rows, (g_b**2)[known]),
+        "q": (rows, (-_rate(cfg.lr_factor, ms.row(t["qG"], movie), g_q**2, cfg) * g_q)[known]),
+        "qG": (rows, (g_q**2)[known]),
         "mu": (None, torch.stack([rating.sum(), torch.tensor(float(len(rating)), device=rating.device)])),
     }
     if cfg.use_features:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pandas as pd
+import contextlib
+
 import pytest
 import torch
 
@@ -21,7 +23,10 @@ def test_cold_start_and_growth(name):
         m.global_mean.fill_(3.5)
     st = m.init_state(2)
     ids = torch.tensor([1, 3, 500])
-    sc = m.score(st, ids)
+    # the network's cold start (the lstm's online part is blended in otherwise;
+    # its own cold start is tested in tests/test_online.py)
+    with getattr(m, "network_only", contextlib.nullcontext)():
+        sc = m.score(st, ids)
     assert sc.shape == (2, 3)
     # new user: mu + b_i; unknown movie: mu
     assert torch.allclose(sc[0], (3.5 + torch.stack([m.movie_bias[1], m.movie_bias[3], torch.tensor(0.0)]).detach()).clamp(1, 5), atol=1e-6)
@@ -87,7 +92,9 @@ def test_state_blobs_versions_and_mismatch():
 
 def test_bytes_per_user():
     sizes = {n: S.state_bytes(build(n)) for n in available()}
-    assert sizes["lstm"] < 1100 and all(v < 2048 for v in sizes.values()), sizes
+    # lstm: 1060 for the network's state + 92 for the online user side (bias,
+    # factors and their AdaGrad sums, session bias, side features)
+    assert sizes["lstm"] < 1200 and all(v < 2048 for v in sizes.values()), sizes
 
 
 def test_unknown_model():
