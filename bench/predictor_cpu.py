@@ -23,8 +23,8 @@ import torch
 async def _run(batch: int, n: int = 20_000) -> float:
     from core.settings import get_settings
     from models.registry import build
-    from core.events import RatingEvent, encode_rating
-    from stream.predictor import Incoming, Predictor
+    from core.events import KafkaRecord, RatingEvent, encode_rating, rating_key
+    from stream.predictor import Predictor
     from core.redis_conn import async_redis
     from core.repos.states import StateStore
     from core.datasets import load_dataset
@@ -42,7 +42,10 @@ async def _run(batch: int, n: int = 20_000) -> float:
     torch.manual_seed(0)
     store = StateStore.from_settings(client, s.redis.model_copy(update={"key_prefix": prefix}))
     p = Predictor(build("lstm"), store, send, predictions_topic="p", dlq_topic="d")
-    msgs = [Incoming(encode_rating(RatingEvent(f"e{i}", int(u), int(m), float(r), int(t))), 0, i, time.time())
+    # keyed by user id as a correct producer keys them (an unkeyed record would
+    # take the re-key path and measure something else)
+    msgs = [KafkaRecord(encode_rating(RatingEvent(f"e{i}", int(u), int(m), float(r), int(t))), rating_key(int(u)),
+                        (), "ratings", 0, i, time.time())
             for i, (u, m, r, t) in enumerate(zip(df.user_id, df.movie_id, df.rating, df.ts))]
     try:
         c0 = time.process_time()

@@ -32,6 +32,9 @@ def cli(
     rate: float = typer.Option(800.0, help="replay rate in events/s (0 = flat out; latency then measures the backlog)"),
     finetune: bool = typer.Option(True, help="run the fine-tuning service during the replay"),
     finetune_every: int = typer.Option(10_000, help="fine-tune every N events"),
+    online_movie_side: bool = typer.Option(
+        True, help="the worker learns the movie side from every event, shared through Redis "
+                   "(worker.online_movie_side)"),
     limit: int = typer.Option(None, help="replay at most this many events"),
     out: Path = typer.Option(Path("runs/demo"), help="checkpoint, logs and summary go here"),
     json_path: Path = typer.Option(None, "--json", help="write the summary as JSON"),
@@ -70,7 +73,8 @@ def cli(
 
     logdir = out / "logs"
     env = {"FBP_WORKER__CHECKPOINT": str(ckpt),
-           "FBP_TRAINER__FINETUNE_EVERY_EVENTS": str(finetune_every)}
+           "FBP_TRAINER__FINETUNE_EVERY_EVENTS": str(finetune_every),
+           "FBP_WORKER__ONLINE_MOVIE_SIDE": str(online_movie_side).lower()}
     worker = procs.start_worker(s.worker.web_port, logdir, env)
     trainer_proc = procs.start_trainer(s.trainer.web_port, logdir, env) if finetune else None
     _say(f"worker up: API http://127.0.0.1:{s.worker.web_port}/health, live page /live, metrics /metrics")
