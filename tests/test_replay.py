@@ -75,7 +75,7 @@ def test_replay_ml100k_exactly_once_in_order(clean_topics):
 
 
 def test_replay_cli_offset_limit_and_json(clean_topics, tmp_path, monkeypatch):
-    from fbp import settings as settings_mod
+    from core import settings as settings_mod
 
     monkeypatch.setattr(settings_mod, "get_settings", lambda: clean_topics)
     monkeypatch.setattr(replay_mod, "get_settings", lambda: clean_topics)
