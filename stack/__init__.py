@@ -11,6 +11,7 @@ The stack is a registry of services (:mod:`stack.registry`), one module each
 from fbp_errors import StackError
 from stack.control import (
     clusters_running,
+    running,
     service_healthy,
     stack_down,
     stack_status,
@@ -24,7 +25,7 @@ from stack.registry import SERVICES
 from stack.service import ServiceStatus, service_dir
 
 __all__ = [
-    "SERVICES", "ServiceStatus", "StackError", "clusters_running", "prometheus_config", "service_dir",
-    "service_healthy", "stack_down", "stack_status", "stack_up", "start_service", "stop_service",
+    "SERVICES", "ServiceStatus", "StackError", "clusters_running", "prometheus_config", "running",
+    "service_dir", "service_healthy", "stack_down", "stack_status", "stack_up", "start_service", "stop_service",
     "topic_settings",
 ]

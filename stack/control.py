@@ -10,7 +10,9 @@ stops every process this data dir's stack started, single or clustered.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from core.settings import Settings, get_settings
 from stack import kafka_cluster, supervisor
@@ -46,6 +48,24 @@ def stack_up(
 
             ensure_topics(topic_settings(settings))
     return statuses
+
+
+@contextmanager
+def running(settings: Settings, services: Iterable[str] = SERVICES, *, timeout_s: float = 180.0,
+            **options: Any) -> Iterator[list[ServiceStatus]]:
+    """The services up for the length of a ``with`` block and always stopped
+    after it -- also when start-up itself fails half-way (a cluster is nine
+    processes: none may be left behind).  For tests and throw-away stacks."""
+    names = list(services)
+    try:
+        rows = stack_up(settings, names, timeout_s=timeout_s, **options)
+    except BaseException:
+        stack_down(settings, names, timeout_s=10)
+        raise
+    try:
+        yield rows
+    finally:
+        stack_down(settings, names, timeout_s=30)
 
 
 def topic_settings(settings: Settings) -> Settings:

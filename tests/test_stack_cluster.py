@@ -18,7 +18,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from core.settings import REPO_ROOT, Settings, load_settings
-from stack import StackError, clusters_running, stack_down, stack_status, stack_up, topic_settings
+from stack import clusters_running, running, stack_down, stack_status, topic_settings
 from stack.service import port_open
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -52,19 +52,9 @@ def cluster(tmp_path_factory) -> Iterator[Settings]:
     taken = [p for p in all_ports(s) if port_open(p)]
     if taken:
         pytest.fail(f"cluster-test ports {taken} are in use; set FBP_CLUSTER_TEST_KAFKA_PORT / _REDIS_PORT")
-    try:
-        rows = stack_up(s, ["kafka", "redis"], timeout_s=180)
+    with running(s, ["kafka", "redis"]) as rows:
         assert not any(r.external for r in rows)
-    except StackError as exc:
-        stack_down(s, ["kafka", "redis"], timeout_s=10)
-        pytest.fail(f"cluster stack did not come up: {exc}")
-    except BaseException:  # never leave nine processes behind
-        stack_down(s, ["kafka", "redis"], timeout_s=10)
-        raise
-    try:
         yield s
-    finally:
-        stack_down(s, ["kafka", "redis"], timeout_s=30)
 
 
 def test_up_starts_nine_processes(cluster):

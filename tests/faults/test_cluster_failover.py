@@ -36,7 +36,7 @@ import redis
 from kafka.errors import KafkaError
 
 from core.settings import Settings, load_settings
-from stack import StackError, kafka_cluster, stack_down, stack_up, start_service, stop_service
+from stack import kafka_cluster, running, stack_up, start_service, stop_service
 from stack import redis_cluster as rcluster
 from stack import procs
 from stack.procs import Namespace
@@ -84,19 +84,9 @@ def clusters(tmp_path_factory) -> Iterator[Settings]:
     if taken:
         pytest.fail(f"failover-test ports {taken} are in use; set FBP_FAILOVER_KAFKA_PORT / "
                     "FBP_FAILOVER_REDIS_PORT")
-    try:
-        rows = stack_up(s, ["kafka", "redis"], topics=False, timeout_s=180)
+    with running(s, ["kafka", "redis"], topics=False) as rows:
         assert not any(r.external for r in rows)
-    except StackError as exc:
-        stack_down(s, ["kafka", "redis"], timeout_s=10)
-        pytest.fail(f"failover clusters did not come up: {exc}")
-    except BaseException:  # never leave nine processes behind
-        stack_down(s, ["kafka", "redis"], timeout_s=10)
-        raise
-    try:
         yield s
-    finally:
-        stack_down(s, ["kafka", "redis"], timeout_s=30)
 
 
 @pytest.fixture(scope="module")
