@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import httpx
 import numpy as np
 import orjson
 import pandas as pd
@@ -151,3 +152,15 @@ def redis_movie_bias(ns: Namespace, model: RatingModel, movies: Iterable[int]) -
             await client.aclose()
 
     return torch.tensor([float("nan") if r is None else float(r[0]) for r in asyncio.run(load())])
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` (matching ``labels``) on a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=5).text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total

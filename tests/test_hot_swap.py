@@ -32,7 +32,8 @@ from core.redis_conn import sync_redis
 from stream.replay import replay
 from tests.streamkit import BOOTSTRAP_EVENTS as BOOT  # what the shared ckpt fixture trains on
 from tests.streamkit import read_topic, redis_states, simulate, state_mismatches
-from tests.test_trainer_service import free_port, metric, trainer_env, wait_for
+from tests.streamkit import metric
+from tests.test_trainer_service import free_port, trainer_env, wait_for
 from trainer.prequential import step_events
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from kafka import KafkaProducer
 from stack import procs
 from models.checkpoint import load_checkpoint
 from stream.replay import replay
-from tests.streamkit import read_topic, redis_movie_bias, redis_states, simulate, state_mismatches
+from tests.streamkit import metric, read_topic, redis_movie_bias, redis_states, simulate, state_mismatches
 from trainer.prequential import stream_order
 
 pytestmark = pytest.mark.integration
@@ -124,11 +124,11 @@ def test_two_workers_share_and_take_over(stack, ns, ckpt, ml100k, tmp_path):
     t = threading.Thread(target=replay, args=(ns.scoped(), df), kwargs={"rate": 2000, "progress": False})
     t.start()
     read_topic(stack, ns.predictions, until=6000, timeout=300)
-    done_b = _metric(b.url, "fbp_events_processed_total")
+    done_b = metric(b.url, "fbp_events_processed_total")
     assert b.stop() == 0
     t.join()
     recs = read_topic(stack, ns.predictions, until=len(df), timeout=300)
-    done_a = _metric(a.url, "fbp_events_processed_total")
+    done_a = metric(a.url, "fbp_events_processed_total")
     a.stop()
     by_id = _by_event(recs)
     model, _ = load_checkpoint(ckpt)
@@ -201,8 +201,3 @@ def test_api_and_prometheus_scrape(stack, ns, ckpt, ml100k, tmp_path):
         worker.stop()
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0

@@ -15,6 +15,7 @@ import pytest
 from core.repos.buffer import BufferedEvent, EventBuffer, reservoir_slots
 from core.repos.trainer import TrainerStore
 from trainer.service import DriftMonitor, Schedule
+from tests.streamkit import metric
 
 
 # -- triggers (pure) ------------------------------------------------------------
@@ -141,17 +142,6 @@ def wait_for(fn, timeout: float, proc, what: str):
         assert proc.alive(), proc.tail()
         time.sleep(1)
     raise AssertionError(f"timed out waiting for {what}:\n{proc.tail(80)}")
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=5).text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def test_trainer_buffers_exactly_once_across_kill_and_promotes_on_request(stack, ns, tmp_path):

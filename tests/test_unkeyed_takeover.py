@@ -29,7 +29,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -41,7 +40,7 @@ from models.base import RatingModel, State
 from models.checkpoint import load_checkpoint
 from stack import procs
 from stack.procs import Namespace
-from tests.streamkit import read_topic, redis_states, simulate, state_mismatches
+from tests.streamkit import metric, read_topic, redis_states, simulate, state_mismatches
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -84,13 +83,6 @@ def _produce(stack, ns: Namespace, df, parts: list, errors: list) -> None:
         errors.append(exc)
     finally:
         prod.close()
-
-
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def _rows(state: State, rows: list[int]) -> State:
@@ -137,12 +129,12 @@ def test_unkeyed_third_two_workers_sigkill_applies_every_event_once(
     try:
         feeder.start()
         read_topic(stack, ns.predictions, until=int(EVENTS * KILL_AT), timeout=180)
-        done_a, done_b = _metric(a.url, "fbp_events_processed_total"), _metric(b.url, "fbp_events_processed_total")
+        done_a, done_b = metric(a.url, "fbp_events_processed_total"), metric(b.url, "fbp_events_processed_total")
         b.kill()  # SIGKILL: no commit, no leave-group; A takes over after the session timeout
         feeder.join()
         recs = read_topic(stack, ns.predictions, until=EVENTS, timeout=240)
         dlq = read_topic(stack, ns.dlq, until=1, timeout=5, by_event_id=False)
-        skipped = _metric(a.url, "fbp_events_skipped_total")
+        skipped = metric(a.url, "fbp_events_skipped_total")
         rekeyed = read_topic(stack, repartition_topic(ns.scoped()), until=2 * EVENTS, timeout=10,
                              by_event_id=False)
         assert a.alive(), a.tail()
