@@ -70,7 +70,7 @@ from models.base import RatingModel
 from models.batch import Increments, learn_batch, occurrence_rank, online_movie_side, pad_events
 from stream import metrics as m
 from stream.faults import INFRASTRUCTURE, is_size_error
-from stream.topk import seen_mask, top_k  # noqa: F401  (re-exported)
+from stream.topk import top_k
 
 log = logging.getLogger(__name__)
 
