@@ -29,6 +29,15 @@ from trainer.prequential import step_online_events, stream_order
 #: events the shared bootstrap checkpoint (tests/conftest.py ``ckpt``) trains on
 BOOTSTRAP_EVENTS = 10_000
 
+#: Worker environment for oracles that compare a worker's exact states with
+#: ``simulate(model, df)`` (movie side frozen).  With ``worker.online_movie_side``
+#: on (the default) every batch also learns the shared movie side, so states
+#: and predictions depend on how the worker happened to batch the events:
+#: test_stream_e2e replays the worker's own batches, and the fault suite's
+#: ``online`` scenario compares within a tolerance.  Tests about delivery,
+#: keys, watermarks and swaps pin the frozen path to keep their exact oracle.
+FROZEN_MOVIE_SIDE = {"FBP_WORKER__ONLINE_MOVIE_SIDE": "false"}
+
 
 def read_topic(settings: Settings, topic: str, *, until: int, timeout: float,
                on_progress=None, by_event_id: bool = True) -> list[dict]:

@@ -101,12 +101,12 @@ def test_worker_joins_then_first_leaves_mid_replay(stack, ns, ckpt, ml100k, tmp_
     drained the group's committed offsets equal the end offsets."""
     from models.checkpoint import load_checkpoint
     from stream.replay import replay
-    from tests.streamkit import read_topic, redis_states, simulate, state_mismatches
+    from tests.streamkit import FROZEN_MOVIE_SIDE, read_topic, redis_states, simulate, state_mismatches
 
     df = ml100k.ratings.iloc[:20_000]
 
     def env(port: int) -> dict[str, str]:
-        e = ns.env(256, port)
+        e = {**ns.env(256, port), **FROZEN_MOVIE_SIDE}  # exact-state oracle below
         e["FBP_WORKER__CHECKPOINT"] = str(ckpt)
         return e
 

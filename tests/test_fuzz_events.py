@@ -244,7 +244,7 @@ def test_malformed_events_mixed_into_stream_change_nothing(stack, ns, ckpt, ml10
     from stack import procs
     from models.checkpoint import load_checkpoint
     from core.kafka_io import make_producer
-    from tests.streamkit import redis_states, simulate, state_mismatches
+    from tests.streamkit import FROZEN_MOVIE_SIDE, redis_states, simulate, state_mismatches
     from trainer.prequential import stream_order
 
     df = ml100k.ratings.iloc[:GOOD_EVENTS]
@@ -271,7 +271,7 @@ def test_malformed_events_mixed_into_stream_change_nothing(stack, ns, ckpt, ml10
     stream.extend(good[gi:])
 
     port = 6171
-    env = ns.env(256, port)
+    env = {**ns.env(256, port), **FROZEN_MOVIE_SIDE}  # exact-state oracle below
     env["FBP_WORKER__CHECKPOINT"] = str(ckpt)
     worker = procs.start_worker(port, tmp_path, env)
     try:

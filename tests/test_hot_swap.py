@@ -32,7 +32,7 @@ from core.redis_conn import sync_redis
 from stream.replay import replay
 from tests.streamkit import BOOTSTRAP_EVENTS as BOOT  # what the shared ckpt fixture trains on
 from tests.streamkit import read_topic, redis_states, simulate, state_mismatches
-from tests.streamkit import metric
+from tests.streamkit import FROZEN_MOVIE_SIDE, metric
 from tests.test_trainer_service import free_port, trainer_env, wait_for
 from trainer.prequential import step_events
 
@@ -67,6 +67,7 @@ def _stored(stack, ns: Namespace, users: list[int]) -> list:
 def _worker_env(ns: Namespace, ckpt: Path, port: int, batch: int = 256) -> dict[str, str]:
     env = trainer_env(ns)
     env.update(ns.env(batch, port))
+    env.update(FROZEN_MOVIE_SIDE)  # exact oracles: v1/v2 predictions and states from the simulator
     env["FBP_WORKER__CHECKPOINT"] = str(ckpt)
     env["FBP_WORKER__DEVICE"] = "cpu"
     return env

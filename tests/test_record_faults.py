@@ -112,7 +112,7 @@ def test_fuzzed_records_mixed_into_a_valid_stream_change_nothing(stack, ns, ckpt
 
     from models.checkpoint import load_checkpoint
     from stack import procs
-    from tests.streamkit import read_topic, redis_states, simulate, state_mismatches
+    from tests.streamkit import FROZEN_MOVIE_SIDE, read_topic, redis_states, simulate, state_mismatches
     from trainer.prequential import stream_order
 
     bad = drawn(bad_record(), BAD_RECORDS)
@@ -128,7 +128,7 @@ def test_fuzzed_records_mixed_into_a_valid_stream_change_nothing(stack, ns, ckpt
     miskeyed = miskeyed[:len(wrong_keys)]
 
     port = 6191
-    env = ns.env(256, port)
+    env = {**ns.env(256, port), **FROZEN_MOVIE_SIDE}  # exact-state oracle below
     env["FBP_WORKER__CHECKPOINT"] = str(ckpt)
     env["FBP_WORKER__DEVICE"] = "cpu"
     worker = procs.start_worker(port, tmp_path, env)

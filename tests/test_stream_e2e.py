@@ -19,14 +19,14 @@ from kafka import KafkaProducer
 from stack import procs
 from models.checkpoint import load_checkpoint
 from stream.replay import replay
-from tests.streamkit import metric, read_topic, redis_movie_bias, redis_states, simulate, state_mismatches
+from tests.streamkit import FROZEN_MOVIE_SIDE, metric, read_topic, redis_movie_bias, redis_states, simulate, state_mismatches
 from trainer.prequential import stream_order
 
 pytestmark = pytest.mark.integration
 
 
 def _env(ns: Namespace, ckpt: Path, port: int, batch: int = 512) -> dict[str, str]:
-    env = ns.env(batch, port)
+    env = {**ns.env(batch, port), **FROZEN_MOVIE_SIDE}  # exact-state oracles; the learned path opts in
     env["FBP_WORKER__CHECKPOINT"] = str(ckpt)
     return env
 

@@ -40,7 +40,7 @@ from models.base import RatingModel, State
 from models.checkpoint import load_checkpoint
 from stack import procs
 from stack.procs import Namespace
-from tests.streamkit import metric, read_topic, redis_states, simulate, state_mismatches
+from tests.streamkit import FROZEN_MOVIE_SIDE, metric, read_topic, redis_states, simulate, state_mismatches
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -119,7 +119,7 @@ def _spread_check(model: RatingModel, got: State, ref: State, counts: np.ndarray
 def test_unkeyed_third_two_workers_sigkill_applies_every_event_once(
         stack, ns, ckpt, ml100k, tmp_path: Path):
     df = ml100k.ratings.iloc[:EVENTS]
-    env = {**ns.env(128, 0), "FBP_WORKER__CHECKPOINT": str(ckpt), "FBP_WORKER__DEVICE": "cpu",
+    env = {**ns.env(128, 0), **FROZEN_MOVIE_SIDE, "FBP_WORKER__CHECKPOINT": str(ckpt), "FBP_WORKER__DEVICE": "cpu",
            "FBP_WORKER__KEY_POLICY": "rekey"}
     a = procs.start_worker(6241, tmp_path, env)
     b = procs.start_worker(6242, tmp_path, env)
