@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -160,9 +161,47 @@ class LSTMModel(MFModel):
                      apply: bool = True) -> tuple[Tensor, dict[str, Tensor], dict[str, tuple[Tensor | None, Tensor]]]:
         """The online half of :meth:`learn_batch`: (clamped online predictions
         [U, T], new ``on_*`` state, the batch's increments summed per row;
-        none when ``apply`` is off).
-        Round j runs the users that have a j-th event through
-        :meth:`online_part` and merges its increments into the movie side."""
+        none when ``apply`` is off).  Round j runs the users that have a j-th
+        event and merges its increments into the movie side before round j+1.
+        On CPU the compiled kernel (:mod:`models.online_kernel`) runs all the
+        rounds; elsewhere :meth:`online_batch_rounds`, the torch reference."""
+        if self._kernel_ok(state, movie):
+            return self.online_batch_kernel(state, movie, rating, ts, mask, apply=apply)
+        return self.online_batch_rounds(state, movie, rating, ts, mask, apply=apply)
+
+    def _kernel_ok(self, state: State, movie: Tensor) -> bool:
+        """The kernel needs CPU float32 tensors, the movie side contiguous (it
+        updates the buffers in place as numpy views)."""
+        ms = self.movie_side()
+        return movie.device.type == "cpu" and all(
+            v.device.type == "cpu" and v.dtype == torch.float32 and v.is_contiguous() for v in ms.t.values()
+        ) and all(state[k].device.type == "cpu" and state[k].dtype == torch.float32 for k in onl.USER_KEYS)
+
+    @torch.no_grad()
+    def online_batch_kernel(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor,
+                            apply: bool = True) -> tuple[Tensor, dict[str, Tensor], dict]:
+        """:meth:`online_batch` through the compiled CPU kernel: the same
+        rounds in one call, the model's buffers updated in place."""
+        from models.online_kernel import online_events, round_order
+
+        u, j, starts = round_order(mask.numpy())
+        user = {k: state[k].clone().contiguous() for k in state if k.startswith("on_")}
+        last_ts = state["last_ts"].numpy().astype(np.int64)  # a copy: the kernel advances it
+        count = state["count"].numpy().astype(np.int64)
+        mv = movie.numpy()[u, j]
+        uf = user["on_g"].numpy()[u] if "on_g" in user else np.zeros((len(u), 0), np.float32)
+        p, inc = online_events(self.movie_side(), user, last_ts, count, u, mv, rating.numpy()[u, j],
+                               ts.numpy()[u, j], self._feats(torch.from_numpy(mv)).numpy(), uf, starts,
+                               apply, self.rating_min, self.rating_max)
+        pred = torch.zeros(movie.shape, dtype=torch.float32)
+        pred[torch.from_numpy(u), torch.from_numpy(j)] = torch.from_numpy(p)
+        return pred, user, inc
+
+    @torch.no_grad()
+    def online_batch_rounds(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor,
+                            apply: bool = True) -> tuple[Tensor, dict[str, Tensor], dict]:
+        """:meth:`online_batch` as a torch loop of :meth:`online_part` rounds:
+        the reference the kernel is tested against, and the path on a GPU."""
         from models.batch import sum_increments
 
         ms = self.movie_side()

@@ -29,8 +29,10 @@ time gap under minutes.  This module learns from *every* event on both sides:
   has them, zeros otherwise) give new movies and users a prior.
 
 Used by ``models.lstm.LSTMModel`` (its base prediction) and by the
-prequential simulator, which calls :func:`online_round` per round of a batch
-exactly as a worker would per batch.
+prequential simulator, which runs a batch's rounds exactly as a worker would.
+:func:`online_round` is the reference (and the path on a GPU); on CPU the
+rounds of a whole batch run in :mod:`models.online_kernel`, compiled, which
+tests/test_online_kernel.py holds equal to it.
 """
 
 from __future__ import annotations
@@ -127,9 +129,13 @@ class MovieSide:
     def q0(self, movie: Tensor) -> Tensor:
         """:func:`q_init` of ``movie``, from a table cached per capacity (zero
         rows for ids outside the tables, like every other movie row)."""
-        if self._q0 is None or self._q0.shape[0] != self.capacity or self._q0.device != movie.device:
-            self._q0 = q_init(torch.arange(self.capacity), self.cfg.k, self.cfg.init_std).to(movie.device)
-        return self.row(self._q0, movie)
+        return self.row(self.q0_table(movie.device), movie)
+
+    def q0_table(self, device: torch.device | str = "cpu") -> Tensor:
+        """:func:`q_init` of every row [capacity, k], cached per capacity and device."""
+        if self._q0 is None or self._q0.shape[0] != self.capacity or self._q0.device != torch.device(device):
+            self._q0 = q_init(torch.arange(self.capacity), self.cfg.k, self.cfg.init_std).to(device)
+        return self._q0
 
     def row(self, table: Tensor, movie: Tensor) -> Tensor:
         """``table[movie]`` with ids outside ``[0, capacity)`` reading as zero
@@ -302,11 +308,32 @@ class OnlineLearner:
     def process(self, uidx: Tensor, user_id: Tensor, movie: Tensor, rating: Tensor, ts: Tensor,
                 rank: np.ndarray) -> Tensor:
         """Predict-then-learn a batch; ``uidx`` rows of the user tables, ``rank``
-        each event's occurrence rank of its user within the batch."""
+        each event's occurrence rank of its user within the batch.  Merging
+        every round (``merge_every=0``) runs the compiled kernel
+        (:mod:`models.online_kernel`); held increments run :meth:`_process_rounds`."""
         self._grow(int(movie.max()))
-        preds = torch.empty(len(uidx))
         uf = self.ufeat[user_id.clamp(max=self.ufeat.shape[0] - 1)] if self.ufeat.shape[1] else \
             torch.zeros(len(uidx), 0)
+        if self.merge_every:
+            return self._process_rounds(uidx, movie, rating, ts, rank, uf)
+        from models.online_kernel import online_events
+
+        order = np.argsort(rank, kind="stable")  # round r = every user's r-th event, in batch order
+        starts = np.searchsorted(rank[order], np.arange(int(rank.max()) + 2))
+        ev = torch.from_numpy(order)
+        mv = movie[ev].numpy()
+        p, _ = online_events(self.ms, self.user, self.last_ts.numpy(), self.count.numpy(), uidx[ev].numpy(), mv,
+                             rating[ev].numpy(), ts[ev].numpy(), self.mfeat[movie[ev]].numpy(), uf[ev].numpy(),
+                             starts, apply=True)
+        preds = torch.empty(len(uidx))
+        preds[ev] = torch.from_numpy(p)
+        return preds
+
+    def _process_rounds(self, uidx: Tensor, movie: Tensor, rating: Tensor, ts: Tensor, rank: np.ndarray,
+                        uf: Tensor) -> Tensor:
+        """:meth:`process` as a torch loop of :func:`online_round` rounds (the
+        reference; increments held per ``merge_every``)."""
+        preds = torch.empty(len(uidx))
         for r in range(int(rank.max()) + 1):
             ev = torch.from_numpy(np.nonzero(rank == r)[0])
             u = uidx[ev]
