@@ -147,6 +147,9 @@ class Scenario:
     port: int
     batch: int = 256
     seed: int = 0
+    #: workers learn the shared movie side (the product default); off, the
+    #: frozen path whose final states the exact oracle of :meth:`verify` checks
+    online_movie_side: bool = False
     faults: int = 0
     progress: int = 0
     feed_error: list[BaseException] = field(default_factory=list)
@@ -165,6 +168,7 @@ class Scenario:
             "FBP_STACK__DATA_DIR": str(s.stack.data_dir),
             "FBP_WORKER__CHECKPOINT": str(self.ckpt),
             "FBP_WORKER__TOP_K": "3",
+            "FBP_WORKER__ONLINE_MOVIE_SIDE": str(self.online_movie_side).lower(),
         })
         return env
 
@@ -247,6 +251,50 @@ class Scenario:
         assert differing == 0
         assert not (got - expected)
         return missing, mismatches
+
+    def verify_online(self, workers: list[procs.Proc], timeout: float = 300) -> dict[str, float]:
+        """The oracle when workers learn the shared movie side.  A crash can
+        lose one batch's movie-side increments (states are stored first) and
+        redelivered batches are cut differently, so the online part cannot
+        equal a reference bit for bit.  What must hold: no event without a
+        prediction; the network's part of each user's state (window, count,
+        LSTM state: it does not read the online movie side) exactly as the
+        reference; and the online RMSE within 0.002 of the undisturbed
+        in-process run (``simulate(..., learn_movies=True)``) -- the bound the
+        end-to-end test sets between the stream and the simulator."""
+        import numpy as np
+
+        from models.checkpoint import load_checkpoint
+        from tests.streamkit import read_topic, redis_states, simulate, state_mismatches
+        from trainer.prequential import stream_order
+
+        n = len(self.df)
+        recs = read_topic(self.settings, self.ns.predictions, until=n, timeout=timeout)
+        codes = [w.stop() for w in workers]
+        by_id = {r["event_id"]: r for r in recs}  # a repeat carries the first's event, any value
+        order = stream_order(self.df)
+        missing = sum(f"df-{i}" not in by_id for i in order.index)
+        model, _ = load_checkpoint(self.ckpt)
+        ref, uindex, ref_states = simulate(model, self.df, learn_movies=True)
+        states, absent = redis_states(self.ns, model, uindex)
+        net = [k for k in ref_states if not k.startswith("on_")]
+        net_mismatches = state_mismatches({k: states[k] for k in net}, {k: ref_states[k] for k in net})
+        online_mismatches = state_mismatches({k: v for k, v in states.items() if k.startswith("on_")},
+                                             {k: v for k, v in ref_states.items() if k.startswith("on_")},
+                                             atol=1e-3)
+        y = order["rating"].to_numpy(np.float64)
+        got = np.array([by_id[f"df-{i}"]["predicted"] if f"df-{i}" in by_id else np.nan for i in order.index])
+        rmse = float(np.sqrt(np.nanmean((got - y) ** 2)))
+        rmse_ref = float(np.sqrt(np.mean((ref.astype(np.float64) - y) ** 2)))
+        print(f"\nscenario={self.name} events={n} faults={self.faults} missing={missing} "
+              f"network_state_mismatches={net_mismatches} online_rmse={rmse:.4f} reference={rmse_ref:.4f}")
+        print(f"  (records {len(recs)}, repeats {len(recs) - len(by_id)}, users whose online part differs "
+              f"by > 1e-3: {online_mismatches} of {len(uindex)}, worker exit codes {codes})")
+        tails = "\n".join(w.tail(30) for w in workers)
+        assert missing == 0, f"{missing} events without a prediction\n{tails}"
+        assert net_mismatches == 0 and not absent, f"{net_mismatches} network-state mismatches\n{tails}"
+        assert abs(rmse - rmse_ref) < 0.002, (rmse, rmse_ref)
+        return {"rmse": rmse, "reference": rmse_ref, "online_mismatches": online_mismatches}
 
 
 @pytest.fixture
