@@ -8,6 +8,9 @@ compare changes to the batch path side by side.
 The Redis settings apply as everywhere: ``FBP_REDIS__CLUSTER=true
 FBP_REDIS__URL=redis://127.0.0.1:17000/0`` measures a local Redis Cluster,
 ``FBP_REDIS__WAIT_REPLICAS=1`` the cost of waiting for a replica per batch.
+The worker settings apply too (the predictor is built by the worker's own
+``stream.runtime.make_predictor``): ``FBP_WORKER__ONLINE_MOVIE_SIDE=false``
+measures the frozen movie side, without its Redis reads and increments.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ async def _run(batch: int, n: int = 20_000) -> float:
     from core.settings import get_settings
     from models.registry import build
     from core.events import KafkaRecord, RatingEvent, encode_rating, rating_key
-    from stream.predictor import Predictor
+    from stream.runtime import make_predictor
     from core.redis_conn import async_redis
     from core.repos.states import StateStore
     from core.datasets import load_dataset
@@ -41,7 +44,8 @@ async def _run(batch: int, n: int = 20_000) -> float:
 
     torch.manual_seed(0)
     store = StateStore.from_settings(client, s.redis.model_copy(update={"key_prefix": prefix}))
-    p = Predictor(build("lstm"), store, send, predictions_topic="p", dlq_topic="d")
+    p = make_predictor(s, build("lstm"), store, send)
+    torch.set_num_threads(1)
     # keyed by user id as a correct producer keys them (an unkeyed record would
     # take the re-key path and measure something else)
     msgs = [KafkaRecord(encode_rating(RatingEvent(f"e{i}", int(u), int(m), float(r), int(t))), rating_key(int(u)),
@@ -54,11 +58,12 @@ async def _run(batch: int, n: int = 20_000) -> float:
         return 1e6 * (time.process_time() - c0) / len(msgs)
     finally:
         await store.drop()
+        if p.movies is not None:
+            await p.movies.drop()
         await client.aclose()
 
 
 def main() -> None:
-    torch.set_num_threads(1)
     for b in [int(x) for x in sys.argv[1:]] or [128, 512, 2048]:
         print(f"batch {b:5d}: {asyncio.run(_run(b)):6.1f} us CPU per event")
 

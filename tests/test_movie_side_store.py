@@ -35,7 +35,8 @@ async def _with_store(cfg, fn):
 
 def _concurrent_adds_lose_nothing(cfg) -> None:
     """Two clients add 200 increments each to the same keys, interleaved:
-    the stored vectors are base + the sum of all of them."""
+    the stored vectors are base + the sum of all of them.  Movies 7 and
+    7 + 1024 share a hash slot (one script call on a cluster), 8 does not."""
     rng = np.random.default_rng(0)
     n, L = 200, 6
     base = rng.normal(size=L).astype(np.float32)
@@ -47,13 +48,14 @@ def _concurrent_adds_lose_nothing(cfg) -> None:
         try:
             async def writer(s: MovieSideStore, w: int) -> None:
                 for i in range(n):
-                    await s.add([(7, incs[w, i], base), (None, incs[w, i], base)])
+                    await s.add([(m, incs[w, i], base) for m in (7, 7 + 1024, 8)] + [(None, incs[w, i], base)])
             await asyncio.gather(writer(store, 0), writer(other, 1))
         finally:
             await other_client.aclose()
-        rows, glob = await store.load([7], L, L)
+        rows, glob = await store.load([7, 7 + 1024, 8], L, L)
         want = base.astype(np.float64) + incs.astype(np.float64).sum((0, 1))
-        np.testing.assert_allclose(rows[0], want, atol=1e-4)
+        for row in rows:
+            np.testing.assert_allclose(row, want, atol=1e-4)
         np.testing.assert_allclose(glob, want, atol=1e-4)
 
     asyncio.run(_with_store(cfg, go))
@@ -73,8 +75,9 @@ def test_missing_key_starts_from_its_base_once(stack):
         assert rows == [None, None] and glob is None
         assert await store.add([(3, inc, base_a)]) == 1  # started from its base
         assert await store.add([(3, inc, base_b)]) == 0
+        assert await store.add([(5, inc, base_a), (6, inc, base_a), (3, inc, base_b)]) == 2  # fresh keys counted
         rows, _ = await store.load([3, 4], 4, 4)
-        np.testing.assert_array_equal(rows[0], base_a + 2 * inc)
+        np.testing.assert_array_equal(rows[0], base_a + 3 * inc)
         assert rows[1] is None
         wrong, _ = await store.load([3], 5, 4)  # another layout's length reads as missing
         assert wrong == [None]
