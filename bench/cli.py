@@ -37,6 +37,7 @@ def stream(
     logdir: Path = typer.Option(Path("runs/bench/logs"), help="worker logs"),
     checkpoint: Path = typer.Option(None, help="model to serve (default: the worker checkpoint, else an untrained LSTM)"),
     json_path: Path = typer.Option(None, "--json", help="write the figures here"),
+    exactly_once: bool = typer.Option(True, help="also run the full path with worker.exactly_once on"),
 ) -> None:
     """Full path vs a bare aiokafka consume-and-produce loop over the same events."""
     from bench.stream_bench import bench_stream
@@ -44,7 +45,7 @@ def stream(
     res = bench_stream(source=source, events=events, batch_sizes=_ints(batch_sizes),
                        workers=_ints(workers), partitions=partitions,
                        latency_fraction=latency_fraction, logdir=logdir, checkpoint=checkpoint,
-                       lingers=[float(x) for x in lingers.split(",") if x.strip()])
+                       lingers=[float(x) for x in lingers.split(",") if x.strip()], exactly_once=exactly_once)
     r, cpu = res["ratios"], res["events_per_cpu_s"]
     base = res["baseline_events_per_s"]
     typer.echo(f"{'path':38s} {'events/s':>10s} {'ratio':>6s} {'ev/CPU-s':>9s}")
@@ -57,6 +58,11 @@ def stream(
         ("full path (fbp worker)", res["events_per_s"], r["full_over_bare"], cpu["full"]),
     ):
         typer.echo(f"{label:38s} {eps:10.0f} {ratio:6.2f} {c:9.0f}")
+    eo = res.get("exactly_once")
+    if eo:
+        typer.echo(f"{'full path, exactly once':38s} {eo['events_per_s']:10.0f} "
+                   f"{eo['events_per_s'] / base:6.2f} {eo['events_per_cpu_s']:9.0f}"
+                   f"   ({eo['over_at_least_once']:.2f} x at least once)")
     typer.echo(f"ratios: full/bare {r['full_over_bare']:.2f}   faust no-op/bare {r['faust_noop_over_bare']:.2f}   "
                f"full/batch-code-on-bare-loop {r['faust_batch_over_bare_batch']:.2f}")
     typer.echo(f"latency at {res['latency_rate_events_per_s']:.0f} ev/s : "

@@ -13,6 +13,11 @@ run, so their ratio is meaningful on a shared, noisy machine:
   code (``stream.predictor``, with real Redis and Kafka) driven by the bare
   loop instead of Faust (our own per-event cost, without Faust's).
 
+With ``exactly_once`` (the default), the full path runs once more right after
+its first row with ``worker.exactly_once`` on (one Kafka transaction per
+partition batch), its output counted as a ``read_committed`` subscriber sees
+it: ``exactly_once.over_at_least_once`` is that mode's throughput cost.
+
 The ratios that matter side by side: full / bare, Faust no-op / bare, and full
 / batch-code-on-the-bare-loop (what hosting the batch code in Faust costs).
 Events per CPU-second of the worker process(es) say what a core buys.
@@ -90,13 +95,13 @@ class Output:
 
 
 def _count_until(settings: Settings, topic: str, n: int, timeout: float,
-                 events_in: Any = None) -> Output:
+                 events_in: Any = None, isolation: str = "read_uncommitted") -> Output:
     """Read ``topic`` from the start until ``n`` events are accounted for, by the
     records' Kafka (create) timestamps.  ``events_in(msg)`` says how many events a
     record stands for (default 1)."""
     c = KafkaConsumer(topic, **settings.kafka.kafka_python_kwargs(), group_id=None,
                       auto_offset_reset="earliest", enable_auto_commit=False,
-                      consumer_timeout_ms=1000)
+                      consumer_timeout_ms=1000, isolation_level=isolation)
     per_ts: dict[float, int] = {}
     seen = 0
     deadline = time.monotonic() + timeout
@@ -270,7 +275,7 @@ def _stage_sums(url: str) -> dict[str, float]:
 
 def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int, batch_size: int,
                   partitions: int, logdir: Path, base_port: int = 6170,
-                  linger_s: float | None = None) -> PathResult:
+                  linger_s: float | None = None, exactly_once: bool = False) -> PathResult:
     from stack import procs
 
     ns = Namespace.fresh(partitions, settings)
@@ -282,9 +287,12 @@ def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int
             env = ns.env(batch_size, base_port + i)
             if linger_s is not None:
                 env["FBP_WORKER__BATCH_TIMEOUT_S"] = str(linger_s)
+            if exactly_once:
+                env["FBP_WORKER__EXACTLY_ONCE"] = "true"
             started.append(procs.start_worker(base_port + i, logdir, env))
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in started)  # from /health ok (model loaded)
-        out = _count_until(settings, ns.predictions, len(events), 600)
+        out = _count_until(settings, ns.predictions, len(events), 600,
+                           isolation="read_committed" if exactly_once else "read_uncommitted")
         cpu = sum(cpu_seconds(p.popen.pid) for p in started) - cpu0
         stages: dict[str, float] = {}
         for p in started:
@@ -392,7 +400,8 @@ def bench_checkpoint(settings: Settings, path: Path | None) -> Path:
 
 def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: list[int],
                  partitions: int, latency_fraction: float, logdir: Path,
-                 checkpoint: Path | None = None, lingers: list[float] | None = None) -> dict[str, Any]:
+                 checkpoint: Path | None = None, lingers: list[float] | None = None,
+                 exactly_once: bool = True) -> dict[str, Any]:
     settings = get_settings()
     ckpt = bench_checkpoint(settings, checkpoint)
     os.environ["FBP_WORKER__CHECKPOINT"] = str(ckpt)  # inherited by the worker processes
@@ -402,12 +411,16 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
     noop = run_faust_noop(settings, evs, batch_size=batch_sizes[0], partitions=partitions, logdir=logdir)
     no_faust = run_predictor_without_faust(settings, evs, batch_size=batch_sizes[0], partitions=partitions)
     sweep = []
+    eo: PathResult | None = None
     for b in batch_sizes:
         for w in workers:
             r = run_full_path(settings, evs, workers=w, batch_size=b, partitions=partitions, logdir=logdir)
             sweep.append({"batch_size": b, "workers": w, "linger_s": settings.worker.batch_timeout_s,
                           "events_per_s": r.events_per_s, "ratio": r.events_per_s / base.events_per_s,
                           "events_per_cpu_s": r.events_per_cpu_s, "stages_s": r.stages_s})
+            if exactly_once and eo is None:  # right after the row it is compared with
+                eo = run_full_path(settings, evs, workers=w, batch_size=b, partitions=partitions,
+                                   logdir=logdir, exactly_once=True)
     for lg in lingers or []:  # micro-batch time bound, at the first batch size, one worker
         r = run_full_path(settings, evs, workers=1, batch_size=batch_sizes[0], partitions=partitions,
                           logdir=logdir, linger_s=lg)
@@ -444,6 +457,12 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
         "partitions": partitions,
         "sweep": sweep,
         "stage_share": {k: v / total_stage for k, v in main["stages_s"].items()} if total_stage else {},
+        "exactly_once": None if eo is None else {
+            "events_per_s": eo.events_per_s, "over_at_least_once": eo.events_per_s / full,
+            "events_per_cpu_s": eo.events_per_cpu_s,
+            "events_per_cpu_s_over_at_least_once": eo.events_per_cpu_s / main["events_per_cpu_s"],
+            "stages_s": eo.stages_s,
+        },
         "checkpoint": str(ckpt),
         "machine": {"cpus": os.cpu_count(), "loadavg_at_end": list(os.getloadavg())},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

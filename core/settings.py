@@ -191,6 +191,8 @@ class WorkerSettings(BaseModel):
     """Movies recommended in each prediction record (0 = none)."""
     online_movie_side: bool = False
     """Learn the online movie side per batch, shared by all workers in Redis (off: it stays as the checkpoint has it)."""
+    exactly_once: bool = False
+    """Produce each batch's predictions, re-keyed events and dead letters and commit its offsets in one Kafka transaction: a read_committed subscriber sees each event id once (off: at least once)."""
     checkpoint: Path = REPO_ROOT / "runs" / "bootstrap" / "model"
     """Model used when Redis has no published model."""
     max_payload_bytes: int = Field(4096, ge=128)

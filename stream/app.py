@@ -110,6 +110,8 @@ async def handle_batch(records: list[KafkaRecord]) -> BatchResult:
     owner) gets it again."""
     try:
         predictor = await runtime.predictor(app)
+        if runtime.transactions is not None:  # exactly once: the batch and its offsets in one transaction
+            return await runtime.transactions.run(records, predictor.process)
         return await predictor.process(records)
     except Exception as exc:  # fail stop: see above
         kind = "infrastructure fault" if is_infrastructure(exc) else "unexpected batch-level error"
@@ -132,8 +134,10 @@ async def predict(records: list[KafkaRecord]) -> None:
     live.stats.observe(await handle_batch(records))
 
 
+_txns = runtime.transactions
 route_batches(app, ratings_topic, predict, to_record=as_record, max_batch=settings.worker.batch_size,
-              fetch_max_wait_ms=settings.worker.fetch_max_wait_ms)
+              fetch_max_wait_ms=settings.worker.fetch_max_wait_ms, transactional=_txns is not None,
+              on_assigned=_txns and _txns.assigned, on_revoked=_txns and _txns.revoked)
 
 
 @app.task

@@ -39,6 +39,13 @@ Delivery rules of this path:
   partitions' offsets (stock Faust drops them first, so up to a commit
   interval was redelivered after every rebalance); a batch in flight when the
   worker stops is finished and committed too.
+
+With ``worker.exactly_once`` (a *transactional* route) a chunk holds one
+partition's records, the handler commits its offsets in the batch's Kafka
+transaction (``stream.transactions``) and Faust's commit path leaves them
+alone; the route's ``on_assigned`` hook runs before Faust reads the committed
+offsets of an assignment (the new owner's fence), ``on_revoked`` after the
+batch in flight finished.
 """
 
 from __future__ import annotations
@@ -74,6 +81,11 @@ class BatchRoute(Generic[R]):
     max_batch: int
     #: the aiokafka consumer's ``fetch_max_wait_ms`` (Faust hard-codes 1500)
     fetch_max_wait_ms: int
+    #: the handler commits the offsets (one partition per call, read_committed); Faust does not
+    transactional: bool = False
+    #: awaited with the route's newly assigned / revoked (topic, partition)s
+    on_assigned: Callable[[set[tuple[str, int]]], Awaitable[None]] | None = None
+    on_revoked: Callable[[set[tuple[str, int]]], Awaitable[None]] | None = None
 
 
 _ROUTES: "weakref.WeakKeyDictionary[AppT, BatchRoute]" = weakref.WeakKeyDictionary()
@@ -85,11 +97,13 @@ def broker_urls(servers: Iterable[str]) -> list[str]:
 
 
 def route_batches(app: AppT, topic: TopicT, handler: Callable[[list[R]], Awaitable[Any]], *,
-                  to_record: Callable[[Any], R], max_batch: int, fetch_max_wait_ms: int) -> None:
+                  to_record: Callable[[Any], R], max_batch: int, fetch_max_wait_ms: int,
+                  transactional: bool = False, on_assigned: Any = None, on_revoked: Any = None) -> None:
     """Subscribe ``app`` to ``topic`` (one or more names) and hand its fetched records to ``handler``.
 
     The app must use :func:`broker_urls`; no agent may read ``topic``."""
-    _ROUTES[app] = BatchRoute(frozenset(topic.topics), handler, to_record, max_batch, fetch_max_wait_ms)
+    _ROUTES[app] = BatchRoute(frozenset(topic.topics), handler, to_record, max_batch, fetch_max_wait_ms,
+                              transactional, on_assigned, on_revoked)
     app.topics.add(topic)  # the conductor subscribes the consumer to it
 
 
@@ -111,6 +125,16 @@ def _chunks(fetch: Mapping[TP, list], size: int) -> Iterator[tuple[list, dict[TP
         yield out, last
 
 
+def _partition_chunks(fetch: Mapping[TP, list], size: int) -> Iterator[tuple[list, dict[TP, int]]]:
+    """As :func:`_chunks`, but each chunk from one partition (one transaction each)."""
+    for tp, recs in fetch.items():
+        yield from _chunks({tp: recs}, size)
+
+
+def _route_tps(route: BatchRoute, tps: Iterable[TP]) -> set[tuple[str, int]]:
+    return {(tp.topic, tp.partition) for tp in tps if tp.topic in route.topics}
+
+
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
@@ -118,6 +142,8 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         if route is not None:
             # read by AIOKafkaConsumer.start() when it builds its Fetcher
             consumer._fetch_max_wait_ms = route.fetch_max_wait_ms
+            if route.transactional:  # aborted re-keyed events must not be read
+                consumer._isolation_level = "read_committed"
         return consumer
 
 
@@ -154,7 +180,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     await self.perform_seek()
                     continue
                 mine, others = self._split(records, active, route.topics)
-                for chunk, last in _chunks(mine, route.max_batch):
+                chunks = _partition_chunks if route.transactional else _chunks
+                for chunk, last in chunks(mine, route.max_batch):
                     if not self.flow_active or self.app.consumer_generation_id != generation:
                         # a rebalance began: drop the rest of the fetch (as getmany
                         # does); the new assignment seeks back to the committed offsets
@@ -193,11 +220,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
     async def _handle(self, route: BatchRoute, chunk: list, last: dict[TP, int]) -> None:
         to_record = route.to_record
         await route.handler([to_record(r) for r in chunk])
-        # Done: predictions acknowledged, states stored.  Faust's commit takes it from here.
+        # Done: predictions acknowledged, states stored.  Faust's commit takes it
+        # from here (a transactional handler has committed the offsets itself).
         now = time.monotonic()
         inbound = self.app.monitor.stream_inbound_time  # read by Faust's livelock detector
         for tp, offset in last.items():
-            self._done[tp] = offset + 1
+            if not route.transactional:
+                self._done[tp] = offset + 1
             self._read_offset[tp] = offset
             inbound[tp] = now
 
@@ -239,7 +268,17 @@ class BatchConsumer(faust_aiokafka.Consumer):
             log.info("revocation: committed")
         for tp in revoked:
             self._done.pop(tp, None)
+        if self._route is not None and self._route.on_revoked is not None and revoked:
+            await self._batch_finished()
+            await self._route.on_revoked(_route_tps(self._route, revoked))
         await super().on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        """The route's ``on_assigned`` first: Faust reads the committed offsets after it."""
+        route = self._route
+        if route is not None and route.on_assigned is not None and assigned:
+            await route.on_assigned(_route_tps(route, assigned))
+        await super().on_partitions_assigned(assigned, generation_id)
 
     async def on_stop(self) -> None:
         await self._batch_finished()

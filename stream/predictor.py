@@ -42,6 +42,16 @@ between the two loses that batch's movie-side increments (the redelivered
 events are skipped by their watermarks), it never counts them twice.  Infrastructure faults (``stream.faults``)
 propagate so the caller can fail stop; anything else is one record's fault
 and becomes that record's dead letter.
+
+With ``worker.exactly_once`` (``keep_outputs``), ``send`` writes into the
+batch's Kafka transaction (``stream.transactions``), committed with the
+offsets only after this returns, so states are stored *before* the commit.
+A crash in between would leave events applied in Redis whose records were
+aborted; so each user's state write also stores the records its events got
+(per source, :mod:`core.repos.states`), and an event the watermark filter
+skips is answered with its stored record again, inside the new
+transaction.  Dead letters carry no state: a redelivered record is simply
+dead-lettered again.
 """
 
 from __future__ import annotations
@@ -107,6 +117,8 @@ class BatchResult:
     stage_s: dict[str, float] = field(default_factory=dict)
     #: (rejection, its record) for the dead-letter producer
     dead: list[tuple[Rejection, KafkaRecord]] = field(default_factory=list)
+    #: skipped events whose stored record was produced again (exactly-once mode)
+    reemitted: int = 0
 
 
 @dataclass
@@ -123,6 +135,10 @@ class _Predicted:
     skipped: int = 0
     rederived: int = 0
     reset: int = 0
+    #: exactly-once mode: (user, source, partition, offset, record) of skipped
+    #: events to produce again, and the encoded record of each fresh event
+    reemit: list[tuple[int, str, int, int, bytes]] = field(default_factory=list)
+    encoded: list[bytes] = field(default_factory=list)
 
 
 @contextmanager
@@ -172,6 +188,7 @@ class Predictor:
         dlq_payload_prefix_bytes: int = 1024,
         device: torch.device | str = "cpu",
         movies: MovieSideStore | None = None,
+        keep_outputs: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -181,6 +198,8 @@ class Predictor:
         self.movies = movies
         self._movies_loaded = False
         self.send = send
+        #: exactly-once mode: store each user's outputs with its state, re-emit them on redelivery
+        self.keep_outputs = keep_outputs
         self.predictions_topic = predictions_topic
         self.dlq_topic = dlq_topic
         self.repartition_topic = repartition_topic
@@ -240,6 +259,8 @@ class Predictor:
                 await self.movies.add(done.adds)
         self._track_offsets(batch)
         self._observe(batch, res)
+        if res.reemitted:  # rare: only after a transaction that stored its states did not commit
+            log.warning("re-emitted %d stored prediction record(s) of redelivered events", res.reemitted)
         return res
 
     def decode(self, batch: Sequence[KafkaRecord], res: BatchResult) -> tuple[Work, Work]:
@@ -309,6 +330,7 @@ class Predictor:
             (users, stored), bases = await asyncio.gather(self.load(work), self.load_movies(work))
         fresh, marks = self.filter_applied(work, users, stored, out)
         if not fresh:
+            await self.reemit(out)
             return out
         with _stage(res, "model_step"):
             fusers = list(marks)
@@ -319,7 +341,10 @@ class Predictor:
         blobs = self.model.pack_states(state)
         m.STATE_BYTES.set(len(blobs[0]))
         out.rows = [(u, blobs[i], [(t, p, o) for (t, p), o in marks[u].items()]) for i, u in enumerate(fusers)]
+        await self.reemit(out)  # after the model stages: a failure there retries the group, never repeats these
         await self.produce_predictions(fresh, preds, uidx, tops, out, t0)
+        if self.keep_outputs:
+            out.rows = self.with_outputs(out.rows, fresh, out)
         return out
 
     async def load(self, work: Work) -> tuple[dict[int, int], list[Stored]]:
@@ -337,12 +362,48 @@ class Predictor:
         marks: dict[int, dict[tuple[str, int], int]] = {}
         for ev, rec in work:
             src, part, off = watermark(rec, self.repartition_topic)
-            if stored[users[ev.user_id]].covers(src, part, off):
+            st = stored[users[ev.user_id]]
+            if st.covers(src, part, off):
                 out.skipped += 1
+                if self.keep_outputs:
+                    self._stored_output(ev.user_id, st, (src, part, off), out)
                 continue
             fresh.append((ev, rec))
             marks.setdefault(ev.user_id, {})[(src, part)] = off
         return fresh, marks
+
+    # -- exactly-once mode: outputs stored with the state ---------------------
+    @staticmethod
+    def _stored_output(user: int, st: Stored, pos: tuple[str, int, int], out: _Predicted) -> None:
+        """Queue the stored record of a skipped event for re-emission.
+
+        Why: in exactly-once mode the states are stored before the batch's
+        transaction commits; a crash in between leaves the events applied in
+        Redis but their records aborted, so the redelivered events, skipped
+        here, must be answered with the records the aborted transaction had
+        (same bytes: their state is gone).  Found only for the user's last
+        write from that source, which is all that can be uncommitted: a
+        partition's next batch starts after the previous one committed."""
+        value = st.output(*pos)
+        if value is not None:
+            out.reemit.append((user, *pos, value))
+
+    async def reemit(self, out: _Predicted) -> None:
+        """Send the queued stored records again (into the batch's transaction)."""
+        for user, _, _, _, value in out.reemit:
+            out.futs.append(await self.send(self.predictions_topic, rating_key(user), value))
+
+    def with_outputs(self, rows: list[Row], fresh: Work, out: _Predicted) -> list[tuple]:
+        """Rows with each source's outputs of this write: the records re-emitted
+        and produced here for that user and source (all still uncommitted)."""
+        per: dict[int, dict[tuple[str, int], list[tuple[int, bytes]]]] = {}
+        for user, src, part, off, value in out.reemit:
+            per.setdefault(user, {}).setdefault((src, part), []).append((off, value))
+        for (ev, rec), value in zip(fresh, out.encoded):
+            src, part, off = watermark(rec, self.repartition_topic)
+            per.setdefault(ev.user_id, {}).setdefault((src, part), []).append((off, value))
+        return [(u, blob, marks, [(t, p, outs) for (t, p), outs in per.get(u, {}).items()])
+                for u, blob, marks in rows]
 
     # -- the shared online movie side -------------------------------------
     def _movie_side(self) -> Any:
@@ -483,7 +544,10 @@ class Predictor:
             )
             out.predictions.append(pr)
             out.kafka_ts.append(rec.timestamp)
-            out.futs.append(await self.send(self.predictions_topic, rating_key(ev.user_id), encode_prediction(pr)))
+            value = encode_prediction(pr)
+            if self.keep_outputs:
+                out.encoded.append(value)
+            out.futs.append(await self.send(self.predictions_topic, rating_key(ev.user_id), value))
 
     async def acknowledged(self, futs: list[Awaitable[object]], dlq_futs: list[Awaitable[object]],
                            res: BatchResult) -> None:
@@ -531,7 +595,9 @@ class Predictor:
             out.skipped += p.skipped
             out.rederived += p.rederived
             out.reset += p.reset
+            out.reemit += p.reemit
         res.predictions, res.kafka_ts = out.predictions, out.kafka_ts
+        res.reemitted = len(out.reemit)
         res.skipped, res.rederived, res.reset = out.skipped, out.rederived, out.reset
         return out
 

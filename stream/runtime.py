@@ -20,6 +20,7 @@ from stream import metrics as m
 from core.repos.models import ModelStore
 from core.repos.movies import MovieSideStore
 from stream.predictor import Predictor
+from stream.transactions import Transactions
 from core.redis_conn import async_redis, sync_redis
 from core.repos.states import StateStore
 from core.topics import repartition_topic
@@ -56,6 +57,7 @@ def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: Any
         top_k=s.worker.top_k, max_payload_bytes=s.worker.max_payload_bytes,
         min_ts=s.worker.min_ts, max_future_s=s.worker.max_future_s,
         dlq_payload_prefix_bytes=s.worker.dlq_payload_prefix_bytes, device=pick_device(s.worker.device),
+        keep_outputs=s.worker.exactly_once,
     )
 
 
@@ -67,6 +69,10 @@ class Runtime:
         self.refused: dict[int, str] = {}
         self.store: StateStore | None = None
         self.models: ModelStore | None = None
+        s = self.settings
+        #: exactly-once mode's transactional producers (None: at least once, Faust's producer)
+        self.transactions: Transactions | None = (
+            Transactions(s.kafka, s.worker.app_id) if s.worker.exactly_once else None)
 
     async def predictor(self, app: Any) -> Predictor:
         if self._predictor is not None:
@@ -78,10 +84,12 @@ class Runtime:
                 self.store = StateStore.from_settings(async_redis(s.redis), s.redis)
                 model = initial_model(s, self.models)
 
-                async def send(topic: str, key: bytes | None, value: bytes,
-                               headers: Any = None, timestamp: float | None = None) -> Any:
+                async def faust_send(topic: str, key: bytes | None, value: bytes,
+                                     headers: Any = None, timestamp: float | None = None) -> Any:
                     return await app.producer.send(topic, key, value, None, timestamp, headers)
 
+                txns = self.transactions
+                send = faust_send if txns is None else txns.send
                 self._predictor = make_predictor(s, model, self.store, send)
                 log.info("serving %s v%d on %s", model.name, model.version, self._predictor.device)
         return self._predictor

@@ -6,7 +6,12 @@ One hash per user, ``{<prefix>:<bucket>}:u:<user_id>`` (names built by
 * ``s``: the model state bytes (``models.state`` format; carries the model version),
 * ``l``: the layout version of this hash (:data:`core.repos.keys.LAYOUT`),
 * ``o:<topic>:<partition>``: the offset of the last event from that source
-  (topic, partition) folded into ``s`` -- one field per source.
+  (topic, partition) folded into ``s`` -- one field per source;
+* ``x:<topic>:<partition>`` (``worker.exactly_once`` only): the prediction
+  records the last write produced for that source's events, by offset
+  (:func:`pack_outputs`).  Written in the same atomic call as the state, so
+  a redelivered event the watermark filters can be answered with its
+  original record when the transaction that carried it never committed.
 
 Why one watermark per *source*: a user's events can reach the worker from
 more than one (topic, partition) -- the ratings topic and its repartition
@@ -43,6 +48,7 @@ those fields on their next write.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -56,7 +62,8 @@ from fbp_errors import InfrastructureError, StateMismatch
 Mark = tuple[str, int, int]
 
 # KEYS: the user's hash, its bucket's users counter (same hash tag, so one
-# slot).  ARGV: layout, blob, then (field, offset) pairs.  A write lands when
+# slot).  ARGV: layout, blob, then (field, offset) pairs and, in exactly-once
+# mode, (outputs field, packed outputs) pairs.  A write lands when
 # the key is new or some source's offset moved forward; each watermark only
 # ever grows, so a zombie worker replaying old offsets cannot overwrite newer
 # state or move a mark back.  A hash of another layout is replaced whole.
@@ -69,12 +76,17 @@ local new = redis.call('HEXISTS', key, 's') == 0
 local newer = new
 local sets = {}
 for a = 3, #ARGV, 2 do
-  local f, o = ARGV[a], tonumber(ARGV[a + 1])
-  local cur = tonumber(redis.call('HGET', key, f))
-  if (not cur) or cur < o then
-    newer = true
+  local f, v = ARGV[a], ARGV[a + 1]
+  if string.byte(f, 1) == 120 then  -- 'x:<source>': its outputs, set with the state
     sets[#sets + 1] = f
-    sets[#sets + 1] = o
+    sets[#sets + 1] = v
+  else
+    local cur = tonumber(redis.call('HGET', key, f))
+    if (not cur) or cur < tonumber(v) then
+      newer = true
+      sets[#sets + 1] = f
+      sets[#sets + 1] = v
+    end
   end
 end
 if not newer then return {0, 0} end
@@ -96,9 +108,37 @@ class StateNotDurable(InfrastructureError):
     """Fewer replicas than ``wait_replicas`` acknowledged a state write in time."""
 
 
+#: (topic, partition, [(offset, encoded record), ...]): one source's outputs of a write
+Outputs = tuple[str, int, Sequence[tuple[int, bytes]]]
+
+_OUT_HEAD = struct.Struct(">qI")
+
+
 def mark_field(topic: str, partition: int) -> str:
     """The hash field holding the watermark of one source."""
     return f"o:{topic}:{partition}"
+
+
+def outputs_field(topic: str, partition: int) -> str:
+    """The hash field holding the last outputs of one source (exactly-once mode)."""
+    return f"x:{topic}:{partition}"
+
+
+def pack_outputs(outs: Sequence[tuple[int, bytes]]) -> bytes:
+    """(offset, record) pairs as one value: per pair an 8-byte offset, a
+    4-byte length and the record's bytes."""
+    return b"".join(_OUT_HEAD.pack(o, len(v)) + v for o, v in outs)
+
+
+def unpack_outputs(blob: bytes) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    i, n = 0, len(blob)
+    while i < n:
+        off, size = _OUT_HEAD.unpack_from(blob, i)
+        i += _OUT_HEAD.size
+        out[off] = bytes(blob[i:i + size])
+        i += size
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +152,8 @@ class Stored:
     blob: bytes | None
     marks: dict[tuple[str | None, int], int] = field(default_factory=dict)
     foreign: StateLayoutError | None = None
+    #: packed last outputs per (topic, partition) (exactly-once mode writes them)
+    outputs: dict[tuple[str, int], bytes] = field(default_factory=dict)
 
     def covers(self, topic: str, partition: int, offset: int) -> bool:
         """True when the event at (topic, partition, offset) is already folded in."""
@@ -121,6 +163,11 @@ class Stored:
         if done is None:
             done = self.marks.get((None, partition))
         return done is not None and offset <= done
+
+    def output(self, topic: str, partition: int, offset: int) -> bytes | None:
+        """The record last produced for the event at (topic, partition, offset), if stored."""
+        blob = self.outputs.get((topic, partition))
+        return None if blob is None else unpack_outputs(blob).get(offset)
 
 
 _EMPTY = Stored(None)
@@ -138,13 +185,17 @@ def _parse(prefix: str, user_id: int, h: dict[bytes, bytes]) -> Stored:
             f"reads layout {keys.LAYOUT}; run the matching version, or drop the states of prefix "
             f"{prefix!r} (the worker resets such users when it meets them)"))
     marks: dict[tuple[str | None, int], int] = {}
+    outputs: dict[tuple[str, int], bytes] = {}
     for f, v in h.items():
         if f.startswith(b"o:"):
             topic, _, part = f[2:].decode().rpartition(":")
             marks[(topic, int(part))] = int(v)
+        elif f.startswith(b"x:"):
+            topic, _, part = f[2:].decode().rpartition(":")
+            outputs[(topic, int(part))] = v
     if b"p" in h and b"o" in h:  # written before per-source watermarks
         marks.setdefault((None, int(h[b"p"])), int(h[b"o"]))
-    return Stored(blob, marks)
+    return Stored(blob, marks, outputs=outputs)
 
 
 class StateStore:
@@ -177,9 +228,12 @@ class StateStore:
             pipe.hgetall(self.key(u))
         return [_parse(self.prefix, u, h) for u, h in zip(user_ids, await pipe.execute())]
 
-    async def store(self, rows: Sequence[tuple[int, bytes, Sequence[Mark]]]) -> tuple[int, int]:
+    async def store(self, rows: Sequence[tuple[Any, ...]]) -> tuple[int, int]:
         """Write (user_id, blob, [(topic, partition, offset), ...]) rows, each
         atomically: the state with the last offset of each source it folded in.
+        A row may carry a fourth element, its :data:`Outputs` (exactly-once
+        mode): each source's outputs replace that source's stored ones in the
+        same write.
 
         Returns (rows written, users created).  Raises StateNotDurable when
         ``wait_replicas`` replicas did not acknowledge in time."""
@@ -199,14 +253,18 @@ class StateStore:
         self._check_acks(replies[len(rows):])
         return written, created
 
-    async def _send(self, rows: Sequence[tuple[int, bytes, Sequence[Mark]]]) -> list[Any]:
+    async def _send(self, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
         """One EVALSHA per user and, with WAIT, one WAIT per master, pipelined."""
         pipe = self.client.pipeline(transaction=False)
         layout, sha = keys.LAYOUT, self._store.sha
-        for u, blob, marks in rows:
+        for row in rows:
+            u, blob, marks = row[0], row[1], row[2]
             args: list[bytes | str | int] = [layout, blob]
             for t, p, o in marks:
                 args.extend((mark_field(t, p), o))
+            if len(row) > 3:
+                for t, p, outs in row[3]:
+                    args.extend((outputs_field(t, p), pack_outputs(outs)))
             # execute_command: the cluster pipeline blocks its evalsha() helper, not
             # the command (it routes EVALSHA by its declared keys)
             pipe.execute_command("EVALSHA", sha, 2, self.key(u),
