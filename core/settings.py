@@ -189,8 +189,8 @@ class WorkerSettings(BaseModel):
     """CPU threads torch may use in a worker (1 suits a small box shared with Kafka and Redis)."""
     top_k: int = Field(10, ge=0, le=1000)
     """Movies recommended in each prediction record (0 = none)."""
-    online_movie_side: bool = False
-    """Learn the online movie side per batch, shared by all workers in Redis (off: it stays as the checkpoint has it)."""
+    online_movie_side: bool = True
+    """Learn the online movie side from every event, shared by all workers in Redis (off: it stays as the checkpoint has it until the next promotion)."""
     exactly_once: bool = False
     """Produce each batch's predictions, re-keyed events and dead letters and commit its offsets in one Kafka transaction: a read_committed subscriber sees each event id once (off: at least once)."""
     checkpoint: Path = REPO_ROOT / "runs" / "bootstrap" / "model"
