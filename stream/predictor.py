@@ -617,7 +617,6 @@ class Predictor:
         for rej in res.rejected:
             m.REJECTED.labels(rej.reason).inc()
         done = time.time()
-        for kts in res.kafka_ts:  # a histogram takes one observation at a time
-            m.LATENCY.observe(max(0.0, done - kts))
+        m.observe_many(m.LATENCY, np.maximum(0.0, done - np.asarray(res.kafka_ts, dtype=np.float64)))
         m.publish_errors(self.rolling, [rec.predicted - rec.actual for rec in res.predictions])
         m.LAST_BATCH.set(done)
