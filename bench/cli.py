@@ -69,8 +69,11 @@ def stream(
                f"p50 {res['latency_ms']['p50']:.1f} ms   p99 {res['latency_ms']['p99']:.1f} ms")
     typer.echo("sweep:")
     for s in res["sweep"]:
+        eff = s.get("scaling_efficiency")
         typer.echo(f"  batch {s['batch_size']:6d}  linger {s['linger_s']:5.3f}s  workers {s['workers']}  "
-                   f"{s['events_per_s']:9.0f} ev/s  ratio {s['ratio']:.2f}")
+                   f"{s['events_per_s']:9.0f} ev/s  ratio {s['ratio']:.2f}  "
+                   f"{s['events_per_s_per_worker']:7.0f} ev/s per worker"
+                   + (f"  scaling efficiency {eff:.2f}" if eff is not None and s["workers"] > 1 else ""))
     if res["stage_share"]:
         typer.echo("where the time goes (share of measured stage time, first config):")
         for k, v in sorted(res["stage_share"].items(), key=lambda kv: -kv[1]):

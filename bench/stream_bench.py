@@ -282,7 +282,8 @@ def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int
     ns.create()
     started = []
     try:
-        preload(settings, ns.ratings, events)
+        if workers == 1:  # a backlog first: the worker runs flat out from its first fetch
+            preload(settings, ns.ratings, events)
         for i in range(workers):
             env = ns.env(batch_size, base_port + i)
             if linger_s is not None:
@@ -290,7 +291,14 @@ def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int
             if exactly_once:
                 env["FBP_WORKER__EXACTLY_ONCE"] = "true"
             started.append(procs.start_worker(base_port + i, logdir, env))
+        if workers > 1:
+            # Several workers: all join (and the group settles) before any event
+            # exists; a backlog would be eaten by the first worker while the
+            # others start, and every join would pause the group mid-run.
+            _wait_group_stable(settings, ns.prefix, workers)
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in started)  # from /health ok (model loaded)
+        if workers > 1:
+            preload(settings, ns.ratings, events)
         out = _count_until(settings, ns.predictions, len(events), 600,
                            isolation="read_committed" if exactly_once else "read_uncommitted")
         cpu = sum(cpu_seconds(p.popen.pid) for p in started) - cpu0
@@ -308,6 +316,35 @@ def run_full_path(settings: Settings, events: list[RatingEvent], *, workers: int
         for p in started:
             p.stop()
         ns.drop()
+
+
+def _scaling(sweep: list[dict[str, Any]]) -> None:
+    """Per-worker rate and scaling efficiency (rate / (workers x the one-worker
+    rate at the same batch size and linger)) on each sweep row that has a
+    one-worker row to compare with."""
+    one = {(r["batch_size"], r["linger_s"]): r["events_per_s"] for r in sweep if r["workers"] == 1}
+    for r in sweep:
+        r["events_per_s_per_worker"] = r["events_per_s"] / r["workers"]
+        base = one.get((r["batch_size"], r["linger_s"]))
+        r["scaling_efficiency"] = r["events_per_s"] / (r["workers"] * base) if base else None
+
+
+def _wait_group_stable(settings: Settings, group: str, members: int, timeout_s: float = 120.0) -> None:
+    """Until consumer group ``group`` is Stable with ``members`` members."""
+    from core.kafka_io import make_admin
+
+    admin = make_admin(settings)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = admin.describe_groups([group]).get(group) or {}
+            state = info.get("group_state", info.get("state"))
+            if state == "Stable" and len(info.get("members") or ()) == members:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"consumer group {group} not stable with {members} members after {timeout_s:.0f}s")
+    finally:
+        admin.close()
 
 
 def run_latency(settings: Settings, events: list[RatingEvent], *, rate: float, batch_size: int,
@@ -449,6 +486,7 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
         sweep.append({"batch_size": batch_sizes[0], "workers": 1, "linger_s": lg,
                       "events_per_s": r.events_per_s, "ratio": r.events_per_s / base.events_per_s,
                       "events_per_cpu_s": r.events_per_cpu_s, "stages_s": r.stages_s})
+    _scaling(sweep)
     main = sweep[0]  # first batch size, first worker count, default linger
     n_lat = min(len(evs), max(2000, int(main["events_per_s"] * latency_fraction * 20)))
     lat = run_latency(settings, evs[:n_lat], rate=main["events_per_s"] * latency_fraction,
