@@ -171,6 +171,8 @@ class WorkerSettings(BaseModel):
     """Port of the worker's HTTP API, /metrics and /live."""
     session_timeout_s: float = Field(10.0, ge=6, le=300)
     """Kafka group session timeout: how soon partitions of a dead worker move on."""
+    commit_interval_s: float = Field(1.0, gt=0, le=60)
+    """How often the offsets of finished batches are committed: a crashed worker's successor redoes up to this much work (idempotently, by the watermarks)."""
     batch_size: int = Field(512, ge=1, le=65536)
     """Most events per micro-batch."""
     batch_timeout_s: float = Field(0.05, gt=0, le=60)

@@ -175,6 +175,27 @@ class Scenario:
     def start_worker(self) -> procs.Proc:
         return procs.start_worker(self.port, self.logdir, self.env())
 
+    def kill_at(self, worker: procs.Proc, points: list[float], delays: list[float]) -> procs.Proc:
+        """SIGKILL ``worker`` once the predictions reach each fraction of
+        ``points`` (then the matching delay, so kills land inside batches),
+        starting a fresh worker after each kill; returns the last one (also
+        killed here if anything fails on the way)."""
+        import time
+
+        try:
+            for frac, delay in zip(points, delays):
+                self.wait_fraction(frac)
+                time.sleep(delay)
+                assert worker.alive(), worker.tail()
+                worker.kill()
+                self.faults += 1
+                print(f"  kill {self.faults} at {frac:.2f} (+{delay:.2f}s), {self.progress} predicted")
+                worker = self.start_worker()
+        except BaseException:
+            worker.kill()
+            raise
+        return worker
+
     # -- the replay ----------------------------------------------------------
     def producer(self):
         """Idempotent kafka-python producer that keeps retrying through a broker outage."""

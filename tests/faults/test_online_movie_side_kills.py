@@ -5,8 +5,6 @@ online RMSE within 0.002 of the undisturbed run (:meth:`Scenario.verify_online`)
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(420)]
@@ -18,17 +16,11 @@ SEED = 20261204
 def test_worker_sigkill_while_learning_the_movie_side(scenario):
     sc = scenario("online_movie_side_sigkill", port=6195, seed=SEED, online_movie_side=True)
     points = sorted(sc.rng.uniform(0.1, 0.8) for _ in range(KILLS))
+    delays = [sc.rng.uniform(0.0, 0.5) for _ in range(KILLS)]
     worker = sc.start_worker()
     sc.feed(rate=700)
+    worker = sc.kill_at(worker, points, delays)
     try:
-        for frac in points:
-            sc.wait_fraction(frac)
-            time.sleep(sc.rng.uniform(0.0, 0.5))
-            assert worker.alive(), worker.tail()
-            worker.kill()
-            sc.faults += 1
-            print(f"  kill {sc.faults} at {frac:.2f}, {sc.progress} predicted")
-            worker = sc.start_worker()
         sc.join_feed()
         sc.verify_online([worker])
     finally:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(420)]
@@ -23,15 +21,8 @@ def test_worker_sigkill_at_random_points(scenario):
     delays = [sc.rng.uniform(0.0, 0.7) for _ in range(KILLS)]
     worker = sc.start_worker()
     sc.feed(rate=700)
+    worker = sc.kill_at(worker, points, delays)
     try:
-        for frac, delay in zip(points, delays):
-            sc.wait_fraction(frac)
-            time.sleep(delay)
-            assert worker.alive(), worker.tail()
-            worker.kill()
-            sc.faults += 1
-            print(f"  kill {sc.faults} at {frac:.2f} (+{delay:.2f}s), {sc.progress} predicted")
-            worker = sc.start_worker()
         sc.join_feed()
         sc.verify([worker])
     finally:
