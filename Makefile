@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 FBP    := $(PY) -m fbp.cli
 PYTEST_ARGS ?=
 
-.PHONY: help system-deps venv stack-deps stack-up stack-down stack-status test test-fast demo clean-stack
+.PHONY: help system-deps venv stack-deps stack-up stack-down stack-status test test-fast test-cluster demo clean-stack
 
 help:
 	@echo "make system-deps install the Debian packages the stack and tests need (root; else prints the command)"
@@ -15,6 +15,7 @@ help:
 	@echo "make stack-up    start Kafka + Redis + Prometheus locally (idempotent)"
 	@echo "make stack-down  stop them"
 	@echo "make test        run the whole test suite (starts the stack itself)"
+	@echo "make test-cluster the end-to-end tests on a 3-broker Kafka + 3+3 Redis Cluster (WAIT 1)"
 	@echo "make demo        the whole pipeline: stack, bootstrap model, worker, trainer, replay, summary"
 
 # Debian packages (redis-server, prometheus, Java, Maven, ...): installed when
@@ -46,6 +47,23 @@ stack-status: venv
 
 test: system-deps venv
 	$(PY) -m pytest -q tests/ $(PYTEST_ARGS)
+
+# The end-to-end and integration tests against the clusters `fbp stack up
+# --kafka-brokers 3 --redis-cluster` starts (RF 3, min.insync.replicas 2, a
+# replica acknowledging each state write).  The fault suite is left out: it
+# starts private single-node stacks of its own (its cluster scenarios are in
+# tests/faults/test_cluster_failover.py, part of `make test`).
+CLUSTER_ENV := FBP_STACK__KAFKA_BROKERS=3 FBP_STACK__REDIS_CLUSTER=true \
+	FBP_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:9192,127.0.0.1:9193,127.0.0.1:9194 \
+	FBP_KAFKA__REPLICATION_FACTOR=3 FBP_KAFKA__MIN_INSYNC_REPLICAS=2 \
+	FBP_REDIS__URL=redis://127.0.0.1:7100/0 FBP_REDIS__CLUSTER=true FBP_REDIS__WAIT_REPLICAS=1
+CLUSTER_TESTS := test_stream_e2e test_exactly_once test_keys test_poison_pill test_batch_consumer \
+	test_record_faults test_fuzz_events test_unkeyed_takeover test_hot_swap test_foreign_producers \
+	test_kcat test_toy_family_e2e test_movie_side_store test_state_store test_trainer_service \
+	test_api_fuzz test_dlq_cli test_replay test_live_page test_dashboard test_finetune test_redis_cluster
+test-cluster: system-deps venv
+	$(FBP) stack up --kafka-brokers 3 --redis-cluster
+	$(CLUSTER_ENV) $(PY) -m pytest -q $(patsubst %,tests/%.py,$(CLUSTER_TESTS)) $(PYTEST_ARGS)
 
 # Unit tests only (no Kafka/Redis/Prometheus needed).
 test-fast: venv

@@ -129,6 +129,9 @@ def test_keys_of_the_unversioned_layout_migrate(stack):
     from core.repos import keys
     from core.repos.models import ModelStore
 
+    if stack.redis.cluster:  # the unversioned layout could not run on a cluster: nothing to migrate there
+        pytest.skip("the pre-layout-1 keys only ever existed on a single Redis")
+
     prefix = f"test-mig-{uuid.uuid4().hex[:6]}"
     r = sync_redis(stack.redis)
     try:
