@@ -10,6 +10,7 @@ message naming the field, so nothing half-configured ever runs.
 from __future__ import annotations
 
 import os
+import ssl
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +64,27 @@ class KafkaSettings(BaseModel):
     @property
     def servers(self) -> list[str]:
         return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context aiokafka and Faust take (None unless SSL / SASL_SSL)."""
+        if self.security_protocol not in ("SSL", "SASL_SSL"):
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.ssl_cafile) if self.ssl_cafile else None)
+        ctx.check_hostname = self.ssl_check_hostname
+        if self.ssl_certfile:
+            ctx.load_cert_chain(str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None)
+        return ctx
+
+    def aiokafka_kwargs(self) -> dict[str, Any]:
+        """Connection options in aiokafka's vocabulary (the exactly-once producers)."""
+        kw: dict[str, Any] = {"bootstrap_servers": self.servers, "security_protocol": self.security_protocol}
+        ctx = self.ssl_context()
+        if ctx is not None:
+            kw["ssl_context"] = ctx
+        if self.sasl_mechanism:
+            kw.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                      sasl_plain_password=self.sasl_password.get_secret_value() if self.sasl_password else None)
+        return kw
 
     def kafka_python_kwargs(self) -> dict[str, Any]:
         """Connection options in kafka-python's vocabulary (producer, consumer, admin)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 from typing import Any
 
 import faust
@@ -29,12 +28,7 @@ settings = get_settings()
 
 def _credentials(k: KafkaSettings) -> faust.types.auth.CredentialsT | None:
     """TLS / SASL from settings (None for PLAINTEXT)."""
-    ctx = None
-    if k.security_protocol in ("SSL", "SASL_SSL"):
-        ctx = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
-        ctx.check_hostname = k.ssl_check_hostname
-        if k.ssl_certfile:
-            ctx.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)
+    ctx = k.ssl_context()
     if k.sasl_mechanism:
         return faust.SASLCredentials(
             username=k.sasl_username,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 from aiokafka import AIOKafkaProducer
@@ -38,21 +37,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TP = tuple[str, int]
-
-
-def aiokafka_kwargs(k: KafkaSettings) -> dict[str, Any]:
-    """Connection options in aiokafka's vocabulary (as the Faust app's)."""
-    kw: dict[str, Any] = {"bootstrap_servers": k.servers, "security_protocol": k.security_protocol}
-    if k.security_protocol in ("SSL", "SASL_SSL"):
-        ctx = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
-        ctx.check_hostname = k.ssl_check_hostname
-        if k.ssl_certfile:
-            ctx.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)
-        kw["ssl_context"] = ctx
-    if k.sasl_mechanism:
-        kw.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username,
-                  sasl_plain_password=k.sasl_password.get_secret_value() if k.sasl_password else None)
-    return kw
 
 
 class Transactions:
@@ -91,7 +75,7 @@ class Transactions:
         await self.revoked(list(self._producers))
 
     async def _open(self, tp: TP) -> AIOKafkaProducer:
-        p = AIOKafkaProducer(**aiokafka_kwargs(self.kafka), transactional_id=self.transactional_id(*tp),
+        p = AIOKafkaProducer(**self.kafka.aiokafka_kwargs(), transactional_id=self.transactional_id(*tp),
                              enable_idempotence=True, acks="all", linger_ms=self.linger_ms)
         await p.start()
         # an empty transaction waits for InitProducerId: the fence, done now,
