@@ -14,10 +14,11 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from core.settings import RedisSettings
@@ -49,7 +50,9 @@ def async_redis(cfg: RedisSettings) -> AsyncClient:
     """An asyncio client; bytes in, bytes out (states are binary)."""
     retry = AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), ASYNC_RETRIES)
     if cfg.cluster:
-        return AsyncRedisCluster.from_url(cfg.url, decode_responses=False, retry=retry, **_kwargs(cfg))
+        seeds = [AsyncClusterNode(h, p) for h, p in cfg.cluster_seeds()]
+        return AsyncRedisCluster.from_url(cfg.url, decode_responses=False, retry=retry,
+                                          startup_nodes=seeds, **_kwargs(cfg))
     return aioredis.Redis.from_url(cfg.url, decode_responses=False, retry=retry, **_kwargs(cfg))
 
 
@@ -57,7 +60,9 @@ def sync_redis(cfg: RedisSettings) -> SyncClient:
     """A blocking client for tools, tests and the trainer."""
     if cfg.cluster:
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 10)
-        return RedisCluster.from_url(cfg.url, decode_responses=False, retry=retry, **_kwargs(cfg))
+        seeds = [ClusterNode(h, p) for h, p in cfg.cluster_seeds()]
+        return RedisCluster.from_url(cfg.url, decode_responses=False, retry=retry,
+                                     startup_nodes=seeds, **_kwargs(cfg))
     return redis.Redis.from_url(cfg.url, decode_responses=False, **_kwargs(cfg))
 
 

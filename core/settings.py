@@ -13,10 +13,10 @@ import os
 import ssl
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,9 @@ class RedisSettings(BaseModel):
     """Where per-user state lives.  ``rediss://`` URLs turn on TLS.
 
     Redis Cluster: ``FBP_REDIS__CLUSTER=true`` with ``url`` naming any one
-    node (redis-py's cluster client discovers the rest and routes by slot).
+    node (redis-py's cluster client discovers the rest and routes by slot),
+    and ``cluster_nodes`` naming a few more: a worker (re)started while the
+    ``url`` node is down still finds the cluster through them.
     The code path is the same as for one Redis: every key group shares a hash
     tag (core.repos.keys).  Durability across a failover: replication is
     asynchronous, so a master that dies can take acknowledged writes with it;
@@ -124,6 +126,8 @@ class RedisSettings(BaseModel):
     """redis://host:port/db, rediss:// for TLS, or unix://; for a cluster, any one node (db 0)."""
     cluster: bool = False
     """Talk to a Redis Cluster (redis-py's cluster client) instead of one Redis."""
+    cluster_nodes: Annotated[list[str], NoDecode] = []
+    """More cluster nodes to start from besides url's, as host:port (env: comma-separated); url's node alone is a single point of failure at start-up."""
     wait_replicas: int = Field(0, ge=0, le=16)
     """Replicas that must acknowledge each state write (WAIT) before it counts as durable; 0 = no WAIT (a failover may lose the last ~second of writes)."""
     wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
@@ -143,6 +147,21 @@ class RedisSettings(BaseModel):
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return v
+
+    @field_validator("cluster_nodes", mode="before")
+    @classmethod
+    def _nodes(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [n.strip() for n in v.split(",") if n.strip()]
+        for node in v:
+            host, sep, port = str(node).rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"{node!r} is not host:port (e.g. 10.0.0.7:6379)")
+        return v
+
+    def cluster_seeds(self) -> list[tuple[str, int]]:
+        """``cluster_nodes`` as (host, port) pairs."""
+        return [(h, int(p)) for h, _, p in (n.rpartition(":") for n in self.cluster_nodes)]
 
 
 class StackSettings(BaseModel):

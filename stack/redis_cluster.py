@@ -121,4 +121,6 @@ def client_env(settings: Settings) -> dict[str, str]:
     env = {"FBP_REDIS__URL": f"redis://127.0.0.1:{settings.stack.redis_cluster_port}/0"}
     if "cluster" in RedisSettings.model_fields:  # the cluster-client switch, where the client has one
         env["FBP_REDIS__CLUSTER"] = "true"
+    if "cluster_nodes" in RedisSettings.model_fields:  # seeds, so the first node is no single point of failure
+        env["FBP_REDIS__CLUSTER_NODES"] = ",".join(f"127.0.0.1:{p}" for p in ports(settings)[1:])
     return env

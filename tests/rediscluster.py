@@ -23,6 +23,11 @@ class LocalCluster:
     url: str
     ports: tuple[int, ...]
 
+    @property
+    def seeds(self) -> list[str]:
+        """The other nodes, as ``RedisSettings.cluster_nodes``."""
+        return [f"127.0.0.1:{p}" for p in self.ports[1:]]
+
     def restart_missing_nodes(self) -> None:
         """Start any node that is down (it rejoins from its nodes.conf) and wait
         until the cluster is whole again (3 masters, 3 replicas, state ok)."""
@@ -75,7 +80,8 @@ def redis_cfg(request, stack):
         cfg = stack.redis.model_copy(update={"key_prefix": prefix})
     else:
         cl = request.getfixturevalue("local_cluster")
-        cfg = stack.redis.model_copy(update={"key_prefix": prefix, "cluster": True, "url": cl.url})
+        cfg = stack.redis.model_copy(update={"key_prefix": prefix, "cluster": True, "url": cl.url,
+                                             "cluster_nodes": cl.seeds})
     yield cfg
     client = sync_redis(cfg)
     drop_namespace(client, prefix)

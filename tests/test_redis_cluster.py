@@ -45,6 +45,7 @@ from core.repos.models import ModelStore
 from core.repos.states import StateNotDurable, StateStore
 from core.repos.trainer import TrainerStore
 from fbp_errors import CheckpointError
+from stream.faults import is_infrastructure
 from tests.rediscluster import LocalCluster, local_cluster, redis_cfg  # noqa: F401  (fixtures)
 
 
@@ -66,6 +67,30 @@ def test_model_store_publish_load_rollback(redis_cfg):
     with pytest.raises(CheckpointError, match="not published"):
         store.load(99)
     r.close()
+
+
+def test_cluster_nodes_find_the_cluster_when_the_url_node_is_down(local_cluster):  # noqa: F811
+    """A worker restarted while the node its URL names is down still starts:
+    ``cluster_nodes`` seeds the client's discovery.  Without them the same
+    client cannot reach the cluster at all."""
+    from core.settings import RedisSettings
+
+    dead = RedisSettings(url="redis://127.0.0.1:1/0", cluster=True)  # nothing listens on port 1
+    with pytest.raises(redis.exceptions.RedisClusterException):
+        sync_redis(dead).ping()
+    seeded = dead.model_copy(update={"cluster_nodes": local_cluster.seeds})
+    sync = sync_redis(seeded)
+    assert sync.ping() and len(sync.get_primaries()) == 3
+    sync.close()
+
+    async def go() -> int:
+        client = async_redis(seeded)
+        await client.initialize()
+        n = len(client.get_primaries())
+        await client.aclose()
+        return n
+
+    assert asyncio.run(go()) == 3
 
 
 def test_event_buffer_and_trainer_control(redis_cfg):
@@ -223,7 +248,9 @@ def test_master_failover_loses_no_acknowledged_write(redis_cfg, local_cluster): 
             rows = [(u, f"b{b}".encode(), [("r", 0, b)]) for u in users]
             try:
                 await store.store(rows)
-            except (StateNotDurable, redis.RedisError):
+            except Exception as exc:  # noqa: BLE001 -- classified as the worker does
+                if not is_infrastructure(exc):  # StateNotDurable, RedisError, RedisClusterException
+                    raise
                 refused += 1  # a worker exits 75 here; Kafka redelivers the batch
                 await asyncio.sleep(0.3)
                 continue

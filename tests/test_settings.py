@@ -28,7 +28,9 @@ def test_env_var_override(monkeypatch):
     monkeypatch.setenv("FBP_KAFKA__BOOTSTRAP_SERVERS", "a:1, b:2")
     monkeypatch.setenv("FBP_WORKER__BATCH_SIZE", "64")
     monkeypatch.setenv("FBP_STACK__REDIS_APPENDFSYNC", "always")
+    monkeypatch.setenv("FBP_REDIS__CLUSTER_NODES", "10.0.0.2:7000, redis-3:7001")
     s = load_settings()
+    assert s.redis.cluster_seeds() == [("10.0.0.2", 7000), ("redis-3", 7001)]
     assert s.kafka.partitions == 7
     assert s.kafka.servers == ["a:1", "b:2"]
     assert s.kafka.kafka_python_kwargs()["bootstrap_servers"] == ["a:1", "b:2"]
@@ -42,6 +44,7 @@ def test_env_var_override(monkeypatch):
         ("FBP_WORKER__BATCH_SIZE", "0", "worker.batch_size"),
         ("FBP_KAFKA__PARTITIONS", "many", "kafka.partitions"),
         ("FBP_REDIS__URL", "http://x", "redis.url"),
+        ("FBP_REDIS__CLUSTER_NODES", "10.0.0.2", "redis.cluster_nodes"),
         ("FBP_STACK__REDIS_APPENDFSYNC", "sometimes", "stack.redis_appendfsync"),
     ],
 )
