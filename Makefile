@@ -56,7 +56,8 @@ test: system-deps venv
 CLUSTER_ENV := FBP_STACK__KAFKA_BROKERS=3 FBP_STACK__REDIS_CLUSTER=true \
 	FBP_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:9192,127.0.0.1:9193,127.0.0.1:9194 \
 	FBP_KAFKA__REPLICATION_FACTOR=3 FBP_KAFKA__MIN_INSYNC_REPLICAS=2 \
-	FBP_REDIS__URL=redis://127.0.0.1:7100/0 FBP_REDIS__CLUSTER=true FBP_REDIS__WAIT_REPLICAS=1
+	FBP_REDIS__URL=redis://127.0.0.1:7100/0 FBP_REDIS__CLUSTER_NODES=127.0.0.1:7101,127.0.0.1:7102 \
+	FBP_REDIS__CLUSTER=true FBP_REDIS__WAIT_REPLICAS=1
 CLUSTER_TESTS := test_stream_e2e test_exactly_once test_keys test_poison_pill test_batch_consumer \
 	test_record_faults test_fuzz_events test_unkeyed_takeover test_hot_swap test_foreign_producers \
 	test_kcat test_toy_family_e2e test_movie_side_store test_state_store test_trainer_service \
