@@ -185,7 +185,8 @@ def soak(
     max_lag_growth: float = typer.Option(1000.0, help="flat: lag growth below this (messages)"),
     json_path: Path = typer.Option(None, "--json", help="write time series and growth here"),
 ) -> None:
-    """Full path at a fixed fraction of max rate; RSS, lag and latency over time (exit 1 if not flat)."""
+    """Full path at a fixed fraction of max rate; RSS, lag and latency over time, and Faust's
+    livelock warnings (exit 1 unless flat, without livelock warnings and a clean worker exit)."""
     from bench.soak import run_soak
 
     res = run_soak(minutes, fraction=fraction, rate=rate, sample_s=sample_s,
@@ -196,7 +197,10 @@ def soak(
     typer.echo(f"soak {minutes} min at {res['rate_events_per_s']:.0f} events/s: {res['events_sent']} sent; "
                f"growth first->last minute: RSS {g['rss_mb']} MB, lag {g['lag']} messages, "
                f"latency mean {g['latency_mean_ms']} ms, p99 {g['latency_p99_ms']} ms -> "
-               f"{'FLAT' if res['flat'] else 'NOT FLAT'}")
+               f"{'FLAT' if res['flat'] else 'NOT FLAT'}; {res['livelock_warnings']} livelock warning(s); "
+               f"worker exit {res['worker_exit_code']}")
+    for line in res["livelock_examples"]:
+        typer.echo(f"  livelock: {line}")
     _write_json(json_path, res)
-    if not res["flat"]:
+    if not res["ok"]:
         raise typer.Exit(1)

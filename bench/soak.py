@@ -13,6 +13,12 @@
 4. Growth = mean of the last minute - mean of the first minute, for each;
    "flat" means RSS grew less than ``max_rss_growth_mb`` and lag less than
    ``max_lag_growth`` messages.
+5. Livelock warnings: the lines Faust's livelock detector wrote to the soak
+   worker's log (its own messages, ``faust.transport.drivers.aiokafka``'s
+   ``SLOW_PROCESSING_*``: a stream idle, a partition not fetched or not
+   committed for longer than ``stream_processing_timeout``).  The batch path
+   feeds that detector itself (stream.consumer), so a healthy soak has none;
+   ``ok`` = flat, no livelock warning and a clean exit.
 """
 
 from __future__ import annotations
@@ -41,6 +47,23 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def livelock_markers() -> tuple[str, ...]:
+    """The fixed start of each warning of Faust's livelock detector (the text
+    before its first placeholder), read from faust itself so a new release's
+    wording is followed."""
+    from faust.transport.drivers import aiokafka as fa
+
+    names = [n for n in dir(fa) if n.startswith("SLOW_PROCESSING_")
+             and not n.startswith("SLOW_PROCESSING_CAUSE") and n != "SLOW_PROCESSING_EXPLAINED"]
+    return tuple(getattr(fa, n).split("%", 1)[0].strip() for n in names)
+
+
+def livelock_warnings(log_text: str) -> list[str]:
+    """The lines of ``log_text`` that are livelock warnings."""
+    markers = livelock_markers()
+    return [line for line in log_text.splitlines() if any(m in line for m in markers)]
 
 
 def scrape(url: str) -> dict[str, Any]:
@@ -194,6 +217,7 @@ def run_soak(minutes: float, *, fraction: float = 0.5, sample_s: float = 10.0,
     ns.create()
     env = ns.env(batch_size, port)
     env["FBP_WORKER__CHECKPOINT"] = str(ckpt)
+    log_from = (logdir / f"worker-{port}.log").stat().st_size if (logdir / f"worker-{port}.log").exists() else 0
     worker = procs.start_worker(port, logdir, env)
     samples: list[dict[str, Any]] = []
     feeder = _Feeder(ns.scoped(), ns.ratings, rate=rate)
@@ -245,11 +269,16 @@ def run_soak(minutes: float, *, fraction: float = 0.5, sample_s: float = 10.0,
         growth[k] = None if a is None or b is None else round(b - a, 3)
     flat = (growth["rss_mb"] is not None and growth["rss_mb"] < max_rss_growth_mb
             and growth["lag"] is not None and growth["lag"] < max_lag_growth)
+    with open(worker.log, "rb") as fh:  # this run's part of the (appended) log
+        fh.seek(log_from)
+        livelock = livelock_warnings(fh.read().decode("utf-8", "replace"))
     return {
         "minutes": minutes, "fraction": fraction, "max_rate_events_per_s": max_rate,
         "rate_events_per_s": rate, "sample_s": sample_s, "events_sent": feeder.sent,
         "send_errors": len(feeder.errors), "worker_exit_code": code,
         "samples": samples, "growth_first_to_last_minute": growth,
         "thresholds": {"max_rss_growth_mb": max_rss_growth_mb, "max_lag_growth": max_lag_growth},
-        "flat": flat, "pid_note": f"worker log in {logdir}", "cpus": os.cpu_count(),
+        "flat": flat, "livelock_warnings": len(livelock), "livelock_examples": livelock[:5],
+        "ok": flat and not livelock and code == 0,
+        "pid_note": f"worker log in {logdir}", "cpus": os.cpu_count(),
     }
