@@ -180,6 +180,7 @@ async def _predictor_loop(settings: Settings, ns: Namespace, n: int, batch_size:
     from models.checkpoint import load_checkpoint
     from stream.predictor import Incoming
     from core.redis_conn import async_redis
+    from stream.outbox import send_records
     from stream.runtime import make_predictor
     from core.repos.states import StateStore
 
@@ -196,7 +197,10 @@ async def _predictor_loop(settings: Settings, ns: Namespace, n: int, batch_size:
 
     model, _ = load_checkpoint(settings.worker.checkpoint)
     scoped = ns.scoped()
-    pred = make_predictor(scoped, model, StateStore.from_settings(redis, scoped.redis), send)
+    async def send_many(topic: str, records: Any) -> Any:  # as the worker: stream.outbox
+        return await send_records(prod, topic, records)
+
+    pred = make_predictor(scoped, model, StateStore.from_settings(redis, scoped.redis), send, send_many)
     w = settings.worker
     done = 0
     try:

@@ -86,6 +86,8 @@ log = logging.getLogger(__name__)
 
 #: ``send(topic, key, value, headers=None, timestamp=None)`` -> a future acked by Kafka
 SendFn = Callable[..., Awaitable[Awaitable[object]]]
+#: ``send_many(topic, [(key, value), ...])`` -> futures acked by Kafka (``stream.outbox``)
+SendManyFn = Callable[[str, Sequence[tuple[bytes, bytes]]], Awaitable[list[Awaitable[object]]]]
 
 #: header a re-keyed event carries: where it was first read ("topic:partition:offset")
 SOURCE_HEADER = "fbp-source"
@@ -189,6 +191,7 @@ class Predictor:
         device: torch.device | str = "cpu",
         movies: MovieSideStore | None = None,
         keep_outputs: bool = False,
+        send_many: SendManyFn | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -198,6 +201,8 @@ class Predictor:
         self.movies = movies
         self._movies_loaded = False
         self.send = send
+        #: the batch's prediction records in one call (default: ``send`` record by record)
+        self.send_many: SendManyFn = send_many or self._send_each
         #: exactly-once mode: store each user's outputs with its state, re-emit them on redelivery
         self.keep_outputs = keep_outputs
         self.predictions_topic = predictions_topic
@@ -522,10 +527,11 @@ class Predictor:
 
     async def produce_predictions(self, fresh: Work, preds: np.ndarray, uidx: np.ndarray,
                                   tops: list[list[list[float]]], out: _Predicted, t0: float) -> None:
-        """Build and send one prediction record per event (acks awaited later)."""
+        """Build one prediction record per event and send them all (acks awaited later)."""
         produced_at = time.time()
         batch_ms = round((time.perf_counter() - t0) * 1000.0, 3)
         version = self.model.version
+        records: list[tuple[bytes, bytes]] = []
         for i, (ev, rec) in enumerate(fresh):
             pr = PredictionRecord(
                 event_id=ev.event_id,
@@ -547,7 +553,11 @@ class Predictor:
             value = encode_prediction(pr)
             if self.keep_outputs:
                 out.encoded.append(value)
-            out.futs.append(await self.send(self.predictions_topic, rating_key(ev.user_id), value))
+            records.append((rating_key(ev.user_id), value))
+        out.futs += await self.send_many(self.predictions_topic, records)
+
+    async def _send_each(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> list[Awaitable[object]]:
+        return [await self.send(topic, key, value) for key, value in records]
 
     async def acknowledged(self, futs: list[Awaitable[object]], dlq_futs: list[Awaitable[object]],
                            res: BatchResult) -> None:

@@ -19,6 +19,7 @@ from models.checkpoint import CheckpointError, load_checkpoint
 from stream import metrics as m
 from core.repos.models import ModelStore
 from core.repos.movies import MovieSideStore
+from stream.outbox import send_records
 from stream.predictor import Predictor
 from stream.transactions import Transactions
 from core.redis_conn import async_redis, sync_redis
@@ -45,7 +46,8 @@ def initial_model(settings: Settings, models: ModelStore) -> RatingModel:
     return model
 
 
-def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: Any) -> Predictor:
+def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: Any,
+                   send_many: Any = None) -> Predictor:
     """A worker's Predictor as the settings describe it (device, torch threads,
     topics, limits); also used by ``fbp bench stream``'s no-Faust reference."""
     torch.set_num_threads(s.worker.torch_threads)
@@ -57,7 +59,7 @@ def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: Any
         top_k=s.worker.top_k, max_payload_bytes=s.worker.max_payload_bytes,
         min_ts=s.worker.min_ts, max_future_s=s.worker.max_future_s,
         dlq_payload_prefix_bytes=s.worker.dlq_payload_prefix_bytes, device=pick_device(s.worker.device),
-        keep_outputs=s.worker.exactly_once,
+        keep_outputs=s.worker.exactly_once, send_many=send_many,
     )
 
 
@@ -88,9 +90,12 @@ class Runtime:
                                      headers: Any = None, timestamp: float | None = None) -> Any:
                     return await app.producer.send(topic, key, value, None, timestamp, headers)
 
+                async def faust_send_many(topic: str, records: Any) -> Any:
+                    return await send_records(app.producer._ensure_producer(), topic, records)
+
                 txns = self.transactions
-                send = faust_send if txns is None else txns.send
-                self._predictor = make_predictor(s, model, self.store, send)
+                send, send_many = (faust_send, faust_send_many) if txns is None else (txns.send, txns.send_many)
+                self._predictor = make_predictor(s, model, self.store, send, send_many)
                 log.info("serving %s v%d on %s", model.name, model.version, self._predictor.device)
         return self._predictor
 

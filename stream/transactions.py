@@ -32,6 +32,7 @@ from aiokafka.structs import TopicPartition
 
 from core.events import KafkaRecord
 from core.settings import KafkaSettings
+from stream.outbox import send_records
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,16 @@ class Transactions:
     async def send(self, topic: str, key: bytes | None, value: bytes,
                    headers: Any = None, timestamp: float | None = None) -> Awaitable[object]:
         """The predictor's ``send`` in this mode: into the open transaction."""
+        p = self._in_transaction()
+        ts_ms = int(timestamp * 1000.0) if timestamp else None
+        return await p.send(topic, value, key=key, timestamp_ms=ts_ms, headers=list(headers) if headers else None)
+
+    async def send_many(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> list[Awaitable[object]]:
+        """The predictor's ``send_many`` in this mode: record batches into the open transaction."""
+        return await send_records(self._in_transaction(), topic, records)
+
+    def _in_transaction(self) -> AIOKafkaProducer:
         p = self._current
         if p is None:
             raise RuntimeError("exactly-once send outside a batch transaction")
-        ts_ms = int(timestamp * 1000.0) if timestamp else None
-        return await p.send(topic, value, key=key, timestamp_ms=ts_ms, headers=list(headers) if headers else None)
+        return p
