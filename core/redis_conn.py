@@ -10,7 +10,7 @@ client (no slot routing here).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence, TypeVar
 
 import redis
 import redis.asyncio as aioredis
@@ -19,9 +19,12 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
 from redis.retry import Retry
 
 from core.settings import RedisSettings
+
+T = TypeVar("T")
 
 #: How long the worker's async client keeps retrying a command through a Redis
 #: outage (restart, failover, AOF loading) before giving up: ~60 tries spaced
@@ -68,6 +71,18 @@ def sync_redis(cfg: RedisSettings) -> SyncClient:
 
 def is_cluster(client: Any) -> bool:
     return isinstance(client, (RedisCluster, AsyncRedisCluster))
+
+
+def by_slot(client: Any, named: Sequence[tuple[str, T]]) -> list[list[tuple[str, T]]]:
+    """(key, item) pairs grouped so that one script call per group touches one
+    slot: a single group on a single Redis, one per hash slot on a cluster
+    (a script's keys must share a slot there).  Order is kept within a group."""
+    if not is_cluster(client):
+        return [list(named)] if named else []
+    groups: dict[int, list[tuple[str, T]]] = {}
+    for name, item in named:
+        groups.setdefault(key_slot(name.encode()), []).append((name, item))
+    return list(groups.values())
 
 
 def queue_wait(client: Any, pipe: Any, replicas: int, timeout_ms: int) -> int:

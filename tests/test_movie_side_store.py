@@ -33,6 +33,27 @@ async def _with_store(cfg, fn):
         await client.aclose()
 
 
+def test_rows_longer_than_one_script_chunk_add_exactly(stack):
+    """The add script sums rows in chunks of 1,024 float32s: a 2,500-float
+    row (three chunks) and a 3-float one come back as base + increments,
+    rounded to float32 after each add as numpy does."""
+    rng = np.random.default_rng(1)
+
+    async def go(store: MovieSideStore, client) -> None:
+        for L in (2500, 3):
+            base = rng.normal(size=L).astype(np.float32)
+            incs = rng.normal(size=(3, L)).astype(np.float32)
+            want = base.copy()
+            for inc in incs:
+                await store.add([(5, inc, base)])
+                want = (want.astype(np.float64) + inc.astype(np.float64)).astype(np.float32)
+            rows, _ = await store.load([5], L, 1)
+            np.testing.assert_array_equal(rows[0], want)
+            await store.drop()
+
+    asyncio.run(_with_store(stack.redis, go))
+
+
 def _concurrent_adds_lose_nothing(cfg) -> None:
     """Two clients add 200 increments each to the same keys, interleaved:
     the stored vectors are base + the sum of all of them.  Movies 7 and

@@ -102,6 +102,32 @@ def test_a_batch_of_many_users_spread_over_slots(redis_cfg):
     asyncio.run(go())
 
 
+def test_one_call_mixes_new_stale_and_newer_users_each_decided_alone(redis_cfg):
+    """A group written by one script call (a whole batch on a single Redis):
+    users with 0..3 watermarks and exactly-once outputs, some already stored
+    at a newer offset (a zombie's write), some newer; each user's outcome is
+    its own, and the reply counts match."""
+    async def go() -> None:
+        store = StateStore(async_redis(redis_cfg), redis_cfg.key_prefix)
+        assert await store.store([(1, b"a1", [("r", 0, 10)]), (2, b"b1", [("r", 1, 5), ("q", 0, 3)])]) == (2, 2)
+        rows = [
+            (1, b"a0", [("r", 0, 9)]),                    # older than stored: dropped
+            (2, b"b2", [("r", 1, 5), ("q", 0, 4)]),      # one source moved: written
+            (3, b"c1", []),                               # new user, no watermark
+            (4, b"d1", [("r", 0, 1), ("r", 1, 2), ("q", 0, 3)], [("r", 0, [(1, b"rec1")])]),
+        ]
+        assert await store.store(rows) == (3, 2)
+        got = await store.load([4, 3, 2, 1])  # any order
+        assert [g.blob for g in got] == [b"d1", b"c1", b"b2", b"a1"]
+        assert got[0].marks == {("r", 0): 1, ("r", 1): 2, ("q", 0): 3} and got[0].output("r", 0, 1) == b"rec1"
+        assert got[2].marks == {("r", 1): 5, ("q", 0): 4} and got[3].marks == {("r", 0): 10}
+        assert await store.users() == 4
+        await store.drop()
+        await store.client.aclose()
+
+    asyncio.run(go())
+
+
 def test_a_state_of_another_layout_is_refused_then_replaced(redis_cfg):
     """A hash written by another layout is not parsed: load() hands it back as
     a fresh user flagged foreign with a message saying what to do (the worker
