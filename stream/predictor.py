@@ -141,6 +141,21 @@ class _Predicted:
     #: events to produce again, and the encoded record of each fresh event
     reemit: list[tuple[int, str, int, int, bytes]] = field(default_factory=list)
     encoded: list[bytes] = field(default_factory=list)
+    #: each written user's state as Redis will hold it once stored (the overlay)
+    written: dict[int, Stored] = field(default_factory=dict)
+
+
+@dataclass
+class Begun:
+    """A batch half done: predictions sent (acknowledgements pending), states
+    computed but not stored.  :meth:`Predictor.finish` completes it."""
+
+    batch: Sequence[KafkaRecord]
+    res: BatchResult
+    done: _Predicted
+    futs: list[Awaitable[object]]
+    dlq_futs: list[Awaitable[object]]
+    step: int
 
 
 @contextmanager
@@ -220,6 +235,14 @@ class Predictor:
         self._reset_logged = False
         #: highest offset handled per partition of the ratings topic (for the lag gauge)
         self.last_offset: dict[int, int] = {}
+        #: begun, unfinished batches: user -> (step, state as it will be stored),
+        #: movie id (None: the globals) -> last step adding to it
+        self._overlay: dict[int, tuple[int, Stored]] = {}
+        self._inflight_movies: dict[int | None, int] = {}
+        self._step = 0
+        self._unfinished = 0
+        self._all_finished = asyncio.Event()
+        self._all_finished.set()
         m.MODEL_VERSION.set(model.version)
         m.MODEL_INFO.labels(model=model.name, device=self.device.type).set(1)
 
@@ -245,6 +268,15 @@ class Predictor:
     # -- the batch -------------------------------------------------------
     async def process(self, batch: Sequence[KafkaRecord]) -> BatchResult:
         """One micro-batch, stage by stage; raises only infrastructure faults."""
+        return await self.finish(await self.begin(batch))
+
+    async def begin(self, batch: Sequence[KafkaRecord]) -> Begun:
+        """The stages up to sending: decode, load, model, top-K, produce (not
+        awaited).  The next batch may begin before this one finishes: it then
+        reads the states and movie rows this one wrote from memory (the
+        overlay), not the older ones still in Redis."""
+        if self._pending is not None and self._unfinished:
+            await self._all_finished.wait()  # a swap re-reads the movie side from Redis: settled first
         self._maybe_swap()
         res = BatchResult()
         t0 = time.perf_counter()
@@ -256,17 +288,67 @@ class Predictor:
         rekey_futs = await self.rekey(misrouted, res)
         done = await self.predict(work, res, t0)
         dlq_futs = [await self.send_dead_letter(rej, rec) for rej, rec in res.dead]
+        self._step += 1
+        self._hold(self._step, done)
+        return Begun(batch, res, done, done.futs + rekey_futs, dlq_futs, self._step)
+
+    async def finish(self, b: Begun) -> BatchResult:
+        """Wait until Kafka has the batch's records, then store its states and
+        movie-side increments.  Batches must finish in the order they began."""
+        res, done = b.res, b.done
         with _stage(res, "produce"):
-            await self.acknowledged(done.futs + rekey_futs, dlq_futs, res)
+            await self.acknowledged(b.futs, b.dlq_futs, res)
         with _stage(res, "redis_store"):
             await self.store.store(done.rows)
             if done.adds:  # after the states: a crash here loses, never repeats, them
                 await self.movies.add(done.adds)
-        self._track_offsets(batch)
-        self._observe(batch, res)
+        self._release(b.step, done)
+        self._track_offsets(b.batch)
+        self._observe(b.batch, res)
         if res.reemitted:  # rare: only after a transaction that stored its states did not commit
             log.warning("re-emitted %d stored prediction record(s) of redelivered events", res.reemitted)
         return res
+
+    # -- the overlay: what begun, unfinished batches wrote -------------------
+    def _hold(self, step: int, done: _Predicted) -> None:
+        for u, st in done.written.items():
+            self._overlay[u] = (step, st)
+        for movie_id, _, _ in done.adds:
+            self._inflight_movies[movie_id] = step
+        self._as_stored(done.adds)
+        self._unfinished += 1
+        self._all_finished.clear()
+
+    def _as_stored(self, adds: list[Add]) -> None:
+        """The added-to rows in memory exactly as Redis will hold them (its
+        script sums base and increment in double and rounds to float32), so
+        that a batch reading them from the overlay sees what it would read
+        from Redis."""
+        ms = self._movie_side()
+        if ms is None or not adds:
+            return
+        ids, vals = [], []
+        for movie_id, inc, base in adds:
+            v = (np.asarray(base, np.float32).astype(np.float64)
+                 + np.asarray(inc, np.float32).astype(np.float64)).astype(np.float32)
+            if movie_id is None:
+                opk.set_globals(ms, v)
+            else:
+                ids.append(movie_id)
+                vals.append(v)
+        if ids:
+            opk.set_rows(ms, torch.tensor(ids, device=self.device), np.stack(vals))
+
+    def _release(self, step: int, done: _Predicted) -> None:
+        for u in done.written:
+            if self._overlay.get(u, (None,))[0] == step:  # not rewritten by a later batch
+                del self._overlay[u]
+        for movie_id, _, _ in done.adds:
+            if self._inflight_movies.get(movie_id) == step:
+                del self._inflight_movies[movie_id]
+        self._unfinished -= 1
+        if not self._unfinished:
+            self._all_finished.set()
 
     def decode(self, batch: Sequence[KafkaRecord], res: BatchResult) -> tuple[Work, Work]:
         """Classify each record: (events to predict, events to re-key); the
@@ -346,6 +428,9 @@ class Predictor:
         blobs = self.model.pack_states(state)
         m.STATE_BYTES.set(len(blobs[0]))
         out.rows = [(u, blobs[i], [(t, p, o) for (t, p), o in marks[u].items()]) for i, u in enumerate(fusers)]
+        for i, u in enumerate(fusers):
+            before = stored[users[u]]
+            out.written[u] = Stored(blobs[i], {**before.marks, **marks[u]}, outputs=before.outputs)
         await self.reemit(out)  # after the model stages: a failure there retries the group, never repeats these
         await self.produce_predictions(fresh, preds, uidx, tops, out, t0)
         if self.keep_outputs:
@@ -357,7 +442,12 @@ class Predictor:
         users: dict[int, int] = {}
         for ev, _ in work:
             users.setdefault(ev.user_id, len(users))
-        return users, await self.store.load(list(users))
+        overlay = self._overlay
+        if not overlay:
+            return users, await self.store.load(list(users))
+        rest = [u for u in users if u not in overlay]
+        got = dict(zip(rest, await self.store.load(rest)))
+        return users, [overlay[u][1] if u in overlay else got[u] for u in users]
 
     def filter_applied(self, work: Work, users: dict[int, int], stored: list[Stored], out: _Predicted
                        ) -> tuple[Work, dict[int, dict[tuple[str, int], int]]]:
@@ -437,11 +527,13 @@ class Predictor:
     async def _read_movies(self, ids: list[int]) -> dict[int | None, np.ndarray]:
         ms = self._movie_side()
         got, glob = await self.movies.load(ids, opk.row_len(ms), opk.global_len(ms))
-        found = [i for i, v in enumerate(got) if v is not None]
+        # rows an unfinished batch adds to: memory already has its increments, Redis not yet
+        held = self._inflight_movies
+        found = [i for i, v in enumerate(got) if v is not None and ids[i] not in held]
         if found:
             opk.set_rows(ms, torch.tensor([ids[i] for i in found], device=self.device),
                          np.stack([got[i] for i in found]))
-        if glob is not None:
+        if glob is not None and None not in held:
             opk.set_globals(ms, glob)
         vecs = opk.rows(ms, torch.tensor(ids, dtype=torch.int64, device=self.device))
         bases: dict[int | None, np.ndarray] = dict(zip(ids, vecs))
@@ -606,6 +698,7 @@ class Predictor:
             out.rederived += p.rederived
             out.reset += p.reset
             out.reemit += p.reemit
+            out.written.update(p.written)
         res.predictions, res.kafka_ts = out.predictions, out.kafka_ts
         res.reemitted = len(out.reemit)
         res.skipped, res.rederived, res.reset = out.skipped, out.rederived, out.reset
