@@ -18,8 +18,9 @@ Faust task): the subclass keeps *one* consumer group membership, Faust's
 rebalance protocol, its commit path, its livelock detector and ``/health`` as
 they are, and costs one fetch hop less; but it overrides private methods of
 faust-streaming (``_drain_messages``, ``_new_offset``,
-``_filter_tps_with_pending_acks``, ``_create_worker_consumer``) and reads
-private state (``_read_offset``, aiokafka's ``_fetch_max_wait_ms``).  So
+``_filter_tps_with_pending_acks``, ``_create_worker_consumer``), calls its
+consumer thread's ``_ensure_consumer`` and reads private state
+(``_read_offset``, aiokafka's ``_fetch_max_wait_ms``).  So
 faust-streaming and aiokafka are pinned in ``pyproject.toml`` and
 ``tests/test_batch_consumer.py`` fails loudly when one of those names or
 signatures changes.  The public-API alternative would need its own rebalance
@@ -27,9 +28,16 @@ listener, commit bookkeeping and health reporting, duplicating Faust's.
 
 Delivery rules of this path:
 
-* a fetch is dropped (not handled) when the consumer-group generation changed
-  while it was in flight, or when Faust stopped the flow: as Faust's own
-  ``getmany`` does, the next assignment seeks back to the committed offsets;
+* a fetch is not handled when Faust stopped the flow while it was in flight
+  (a rebalance), and the rest of a fetch is not handled once the flow stopped
+  or the consumer-group generation changed; either way every partition whose
+  records were not handled is *put back*: sought to its first unhandled
+  offset, if still assigned (a partition assigned anew starts from its
+  committed offset anyway).  Faust's own ``getmany`` instead relies on a
+  seek to the committed offsets, which leaves a partition *without* a
+  committed offset where the dropped fetch left it: its records up to there
+  were lost (issue #15: a worker SIGKILLed before its first commit, the
+  survivor's first fetch of its partitions landing mid-rebalance);
 * a batch counts as done only when the handler returned, i.e. after its
   predictions were acknowledged by Kafka and its states stored (the handler
   exits the process -- 75 -- on an infrastructure fault, so a failed batch is
@@ -136,6 +144,18 @@ def _route_tps(route: BatchRoute, tps: Iterable[TP]) -> set[tuple[str, int]]:
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    async def seek_back(self, offsets: Mapping[TP, int]) -> None:
+        """Seek each partition still assigned to its offset, on the consumer's thread."""
+        await self.call_thread(self._seek_back, offsets)
+
+    def _seek_back(self, offsets: Mapping[TP, int]) -> None:
+        consumer = self._ensure_consumer()
+        assigned = consumer.assignment()
+        for tp, offset in offsets.items():
+            atp = faust_aiokafka.ensure_aiokafka_TP(tp)
+            if atp in assigned:  # revoked: its next owner starts from the committed offset
+                consumer.seek(atp, offset)
+
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         route = _ROUTES.get(self.app)
@@ -149,6 +169,8 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 class BatchConsumer(faust_aiokafka.Consumer):
     """faust's aiokafka Consumer that hands whole fetches of one topic to a batch handler."""
+
+    _thread: _ConsumerThread
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,19 +198,24 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 if not records or self.should_stop:
                     await asyncio.sleep(0)
                     continue
-                if not self.flow_active:  # as getmany: Faust stopped the flow mid-fetch
-                    await self.perform_seek()
+                if not self.flow_active:  # Faust stopped the flow mid-fetch: a rebalance
+                    await self._put_back(records)
                     continue
-                mine, others = self._split(records, active, route.topics)
+                mine, others, inactive = self._split(records, active, route.topics)
+                await self._put_back(inactive)
                 chunks = _partition_chunks if route.transactional else _chunks
+                handled: dict[TP, int] = {}
                 for chunk, last in chunks(mine, route.max_batch):
                     if not self.flow_active or self.app.consumer_generation_id != generation:
-                        # a rebalance began: drop the rest of the fetch (as getmany
-                        # does); the new assignment seeks back to the committed offsets
+                        # a rebalance began: the rest of the fetch goes back
+                        await self._put_back({tp: [r for r in recs if r.offset > handled.get(tp, -1)]
+                                              for tp, recs in (*mine.items(), *others.items())})
                         break
                     await self._run(route, chunk, last)
-                for tp, recs in others.items():
-                    await self._per_message(tp, recs)
+                    handled.update(last)
+                else:
+                    for tp, recs in others.items():
+                        await self._per_message(tp, recs)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 return
@@ -198,18 +225,37 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 return
             raise
 
-    def _split(self, records: Mapping[TP, list], active: set[TP] | None,
-               topics: frozenset[str]) -> tuple[dict[TP, list], dict[TP, list]]:
-        """This route's partitions and the rest, active (or buffered) ones only."""
+    def _split(self, records: Mapping[TP, list], active: set[TP] | None, topics: frozenset[str]
+               ) -> tuple[dict[TP, list], dict[TP, list], dict[TP, list]]:
+        """This route's active (or buffered) partitions, the other active ones,
+        and the inactive ones (paused while the fetch was in flight: put back)."""
         mine: dict[TP, list] = {}
         others: dict[TP, list] = {}
+        inactive: dict[TP, list] = {}
         monitor = self.app.monitor
         for tp, recs in records.items():
-            if not recs or not (active is None or tp in active or tp in self._buffered_partitions):
+            if not recs:
+                continue
+            if not (active is None or tp in active or tp in self._buffered_partitions):
+                inactive[tp] = recs
                 continue
             monitor.track_tp_end_offset(tp, self.highwater(tp))
             (mine if tp.topic in topics else others)[tp] = recs
-        return mine, others
+        return mine, others, inactive
+
+    async def _put_back(self, records: Mapping[TP, list]) -> None:
+        """Undo the fetch of ``records`` (not handled): each partition still
+        assigned is sought back to its first record's offset.
+
+        Why not Faust's ``perform_seek`` (seek to the committed offsets): it
+        skips a partition without a committed offset -- or one committed at 0 --
+        leaving its position after the dropped records, which were then never
+        handled (issue #15).  A partition revoked meanwhile is left alone:
+        whoever gets it next starts from its committed offset."""
+        offsets = {tp: recs[0].offset for tp, recs in records.items() if recs}
+        if offsets:
+            log.info("putting back a fetch not handled (rebalance): %s", offsets)
+            await self._thread.seek_back(offsets)
 
     async def _run(self, route: BatchRoute, chunk: list, last: dict[TP, int]) -> None:
         """One handler call; shielded, so a stopping fetcher lets it finish (and
