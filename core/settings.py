@@ -236,6 +236,8 @@ class WorkerSettings(BaseModel):
     """Learn the online movie side from every event, shared by all workers in Redis (off: it stays as the checkpoint has it until the next promotion)."""
     exactly_once: bool = False
     """Produce each batch's predictions, re-keyed events and dead letters and commit its offsets in one Kafka transaction: a read_committed subscriber sees each event id once (off: at least once)."""
+    pipeline: bool = True
+    """Begin the next batch while the previous one waits for Kafka's acknowledgements and Redis (same results: the next batch reads the previous one's states from memory); off: one batch at a time. Exactly-once mode is always one at a time."""
     checkpoint: Path = REPO_ROOT / "runs" / "bootstrap" / "model"
     """Model used when Redis has no published model."""
     max_payload_bytes: int = Field(4096, ge=128)

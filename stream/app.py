@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
 import faust
 
@@ -24,6 +24,7 @@ from stream.runtime import runtime
 
 log = logging.getLogger(__name__)
 settings = get_settings()
+T = TypeVar("T")
 
 
 def _credentials(k: KafkaSettings) -> faust.types.auth.CredentialsT | None:
@@ -91,28 +92,33 @@ ratings_topic = app.topic(
 )
 
 
-async def handle_batch(records: list[KafkaRecord]) -> BatchResult:
-    """One micro-batch of records -> predictions, or fail stop.
+async def fail_stop(work: Awaitable[T], n: int) -> T:
+    """``work`` (a batch, or half of one) or stop the worker.
 
     Bad records never get here as exceptions: the predictor dead-letters them
     (``stream.faults`` says which failures are infrastructure).  Whatever
     does escape -- Redis away longer than the client's retries, Kafka refusing
     the predictions -- stops the worker *before* the batch is acknowledged
-    (``stream.consumer`` marks a fetch done only when this returns), so a
-    failed batch never has its offsets committed without its states stored.
-    Exiting leaves it uncommitted; the restarted worker (or the group's next
-    owner) gets it again."""
+    (``stream.consumer`` marks a fetch done only when its handling returned),
+    so a failed batch never has its offsets committed without its states
+    stored.  Exiting leaves it uncommitted; the restarted worker (or the
+    group's next owner) gets it again."""
     try:
-        predictor = await runtime.predictor(app)
-        if runtime.transactions is not None:  # exactly once: the batch and its offsets in one transaction
-            return await runtime.transactions.run(records, predictor.process)
-        return await predictor.process(records)
+        return await work
     except Exception as exc:  # fail stop: see above
         kind = "infrastructure fault" if is_infrastructure(exc) else "unexpected batch-level error"
         log.critical("batch of %d records failed (%s); exiting (75) without committing it, "
-                     "it will be redelivered", len(records), kind, exc_info=True)
+                     "it will be redelivered", n, kind, exc_info=True)
         logging.shutdown()
         os._exit(75)
+
+
+async def handle_batch(records: list[KafkaRecord]) -> BatchResult:
+    """One micro-batch of records -> predictions, or fail stop."""
+    predictor = await fail_stop(runtime.predictor(app), len(records))
+    if runtime.transactions is not None:  # exactly once: the batch and its offsets in one transaction
+        return await fail_stop(runtime.transactions.run(records, predictor.process), len(records))
+    return await fail_stop(predictor.process(records), len(records))
 
 
 def as_record(r: Any) -> KafkaRecord:
@@ -128,10 +134,25 @@ async def predict(records: list[KafkaRecord]) -> None:
     live.stats.observe(await handle_batch(records))
 
 
+async def predict_pipelined(records: list[KafkaRecord]) -> Awaitable[None]:
+    """As :func:`predict`, in two halves (``worker.pipeline``): returns once
+    the batch's predictions are sent, with the awaitable of the rest (acks,
+    state store), during which ``stream.consumer`` begins the next batch."""
+    predictor = await fail_stop(runtime.predictor(app), len(records))
+    begun = await fail_stop(predictor.begin(records), len(records))
+
+    async def rest() -> None:
+        live.stats.observe(await fail_stop(predictor.finish(begun), len(records)))
+
+    return rest()
+
+
 _txns = runtime.transactions
-route_batches(app, ratings_topic, predict, to_record=as_record, max_batch=settings.worker.batch_size,
-              fetch_max_wait_ms=settings.worker.fetch_max_wait_ms, transactional=_txns is not None,
-              on_assigned=_txns and _txns.assigned, on_revoked=_txns and _txns.revoked)
+_pipelined = settings.worker.pipeline and _txns is None
+route_batches(app, ratings_topic, predict_pipelined if _pipelined else predict, to_record=as_record,
+              max_batch=settings.worker.batch_size, fetch_max_wait_ms=settings.worker.fetch_max_wait_ms,
+              transactional=_txns is not None, on_assigned=_txns and _txns.assigned,
+              on_revoked=_txns and _txns.revoked, pipelined=_pipelined)
 
 
 @app.task

@@ -42,11 +42,16 @@ Delivery rules of this path:
   predictions were acknowledged by Kafka and its states stored (the handler
   exits the process -- 75 -- on an infrastructure fault, so a failed batch is
   never marked done);
-* done offsets are committed by Faust's commit timer; on revocation the batch
-  in flight is awaited and committed *before* Faust forgets the revoked
+* a *pipelined* route's handler returns after a batch's first half (up to
+  sending its predictions) with an awaitable of the second half (acks, state
+  store): the next batch begins while it runs, second halves finish in order
+  and a batch counts as done when its second half did; at most one batch is
+  begun ahead of the one finishing;
+* done offsets are committed by Faust's commit timer; on revocation the
+  batches in flight are awaited and committed *before* Faust forgets the revoked
   partitions' offsets (stock Faust drops them first, so up to a commit
-  interval was redelivered after every rebalance); a batch in flight when the
-  worker stops is finished and committed too.
+  interval was redelivered after every rebalance); batches in flight when the
+  worker stops are finished and committed too.
 
 With ``worker.exactly_once`` (a *transactional* route) a chunk holds one
 partition's records, the handler commits its offsets in the batch's Kafka
@@ -94,6 +99,9 @@ class BatchRoute(Generic[R]):
     #: awaited with the route's newly assigned / revoked (topic, partition)s
     on_assigned: Callable[[set[tuple[str, int]]], Awaitable[None]] | None = None
     on_revoked: Callable[[set[tuple[str, int]]], Awaitable[None]] | None = None
+    #: the handler returns after a batch's first half with an awaitable of its
+    #: second half: the next batch begins meanwhile (at most one batch ahead)
+    pipelined: bool = False
 
 
 _ROUTES: "weakref.WeakKeyDictionary[AppT, BatchRoute]" = weakref.WeakKeyDictionary()
@@ -106,12 +114,15 @@ def broker_urls(servers: Iterable[str]) -> list[str]:
 
 def route_batches(app: AppT, topic: TopicT, handler: Callable[[list[R]], Awaitable[Any]], *,
                   to_record: Callable[[Any], R], max_batch: int, fetch_max_wait_ms: int,
-                  transactional: bool = False, on_assigned: Any = None, on_revoked: Any = None) -> None:
+                  transactional: bool = False, on_assigned: Any = None, on_revoked: Any = None,
+                  pipelined: bool = False) -> None:
     """Subscribe ``app`` to ``topic`` (one or more names) and hand its fetched records to ``handler``.
 
     The app must use :func:`broker_urls`; no agent may read ``topic``."""
+    if pipelined and transactional:
+        raise ValueError("a transactional route handles one batch at a time (one open transaction)")
     _ROUTES[app] = BatchRoute(frozenset(topic.topics), handler, to_record, max_batch, fetch_max_wait_ms,
-                              transactional, on_assigned, on_revoked)
+                              transactional, on_assigned, on_revoked, pipelined)
     app.topics.add(topic)  # the conductor subscribes the consumer to it
 
 
@@ -177,7 +188,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self._route: BatchRoute | None = _ROUTES.get(self.app)
         #: next offset to commit per partition, for batches that are done
         self._done: dict[TP, int] = {}
+        #: the last batch begun (pipelined: it finishes after every earlier one)
         self._batch: asyncio.Future | None = None
+        #: pipelined: the batch begun before it
+        self._older: asyncio.Future | None = None
 
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -259,13 +273,40 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     async def _run(self, route: BatchRoute, chunk: list, last: dict[TP, int]) -> None:
         """One handler call; shielded, so a stopping fetcher lets it finish (and
-        ``on_stop`` commits it) instead of cutting it between produce and store."""
-        self._batch = fut = asyncio.ensure_future(self._handle(route, chunk, last))
-        await asyncio.shield(fut)
+        ``on_stop`` commits it) instead of cutting it between produce and store.
+
+        Pipelined, this returns once the batch's first half is done; its second
+        half runs on after the previous batch's (in order), and the batch before
+        that must have finished first: at most one batch ahead."""
+        if not route.pipelined:
+            self._batch = fut = asyncio.ensure_future(self._handle(route, chunk, last))
+            await asyncio.shield(fut)
+            return
+        older, prev = self._older, self._batch
+        if older is not None and not older.done():
+            await asyncio.wait([older])
+        begun = asyncio.get_running_loop().create_future()
+        self._older = prev
+        self._batch = asyncio.ensure_future(self._step(route, chunk, last, prev, begun))
+        await asyncio.shield(begun)
+
+    async def _step(self, route: BatchRoute, chunk: list, last: dict[TP, int],
+                    prev: asyncio.Future | None, begun: asyncio.Future) -> None:
+        try:
+            rest = await route.handler([route.to_record(r) for r in chunk])
+        finally:
+            begun.set_result(None)
+        if prev is not None and not prev.done():
+            await asyncio.wait([prev])  # second halves finish in order
+        await rest
+        self._mark_done(route, last)
 
     async def _handle(self, route: BatchRoute, chunk: list, last: dict[TP, int]) -> None:
         to_record = route.to_record
         await route.handler([to_record(r) for r in chunk])
+        self._mark_done(route, last)
+
+    def _mark_done(self, route: BatchRoute, last: dict[TP, int]) -> None:
         # Done: predictions acknowledged, states stored.  Faust's commit takes it
         # from here (a transactional handler has committed the offsets itself).
         now = time.monotonic()

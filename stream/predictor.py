@@ -442,12 +442,13 @@ class Predictor:
         users: dict[int, int] = {}
         for ev, _ in work:
             users.setdefault(ev.user_id, len(users))
-        overlay = self._overlay
-        if not overlay:
+        if not self._overlay:
             return users, await self.store.load(list(users))
-        rest = [u for u in users if u not in overlay]
+        # taken now: the batch that wrote them may finish (and release them) during the load
+        held = {u: self._overlay[u][1] for u in users if u in self._overlay}
+        rest = [u for u in users if u not in held]
         got = dict(zip(rest, await self.store.load(rest)))
-        return users, [overlay[u][1] if u in overlay else got[u] for u in users]
+        return users, [held[u] if u in held else got[u] for u in users]
 
     def filter_applied(self, work: Work, users: dict[int, int], stored: list[Stored], out: _Predicted
                        ) -> tuple[Work, dict[int, dict[tuple[str, int], int]]]:
@@ -526,9 +527,11 @@ class Predictor:
 
     async def _read_movies(self, ids: list[int]) -> dict[int | None, np.ndarray]:
         ms = self._movie_side()
+        # rows an unfinished batch adds to: memory already has its increments,
+        # Redis may not when it answers (taken before the read: that batch may
+        # finish meanwhile, its add landing after this read on the server)
+        held = set(self._inflight_movies)
         got, glob = await self.movies.load(ids, opk.row_len(ms), opk.global_len(ms))
-        # rows an unfinished batch adds to: memory already has its increments, Redis not yet
-        held = self._inflight_movies
         found = [i for i, v in enumerate(got) if v is not None and ids[i] not in held]
         if found:
             opk.set_rows(ms, torch.tensor([ids[i] for i in found], device=self.device),

@@ -183,7 +183,7 @@ def test_worker_batches_equal_simulator_and_movie_side_moves(stack, ckpt, ml100k
 
 
 def test_pipelined_batches_equal_serial_ones(stack, ckpt, ml100k):
-    """A batch that begins before the previous one finished (the worker's
+    """A batch that begins while the previous one finishes (the worker's
     pipeline: stream.consumer) reads that batch's states and movie rows from
     the predictor's overlay, not the older ones still in Redis: predictions,
     stored states and the movie side equal a serial run's exactly.  Real
@@ -225,10 +225,11 @@ def test_pipelined_batches_equal_serial_ones(stack, ckpt, ml100k):
                 if not pipelined:
                     await p.process(msgs[i:i + 300])
                     continue
-                begun = await p.begin(msgs[i:i + 300])
-                if prev is not None:
-                    await p.finish(prev)
-                prev = begun
+                if prev is None:
+                    prev = await p.begin(msgs[i:i + 300])
+                    continue
+                # as the worker does: the next batch begins while this one finishes
+                prev, _ = await asyncio.gather(p.begin(msgs[i:i + 300]), p.finish(prev))
             if prev is not None:
                 await p.finish(prev)
             assert not p._overlay and not p._inflight_movies
