@@ -75,7 +75,9 @@ def stream(
                    f"{s['events_per_s_per_worker']:7.0f} ev/s per worker"
                    + (f"  scaling efficiency {eff:.2f}" if eff is not None and s["workers"] > 1 else ""))
     if res["stage_share"]:
-        typer.echo("where the time goes (share of measured stage time, first config):")
+        typer.echo("where the time goes (share of measured stage time, first config; with worker.pipeline a "
+                   "batch's waits (produce, redis_store) overlap the next batch's compute, and what the "
+                   "stages leave of the busy span is faust_overhead):")
         for k, v in sorted(res["stage_share"].items(), key=lambda kv: -kv[1]):
             typer.echo(f"  {k:12s} {100 * v:5.1f}%")
     _write_json(json_path, res)
