@@ -160,8 +160,14 @@ def test_kafka_leader_broker_killed_mid_replay(cluster_scenario):
     The broker is restarted after the replay."""
     sc = cluster_scenario("kafka_leader_kill", port=6291, seed=11)
     s = sc.settings
+    # a topic just created on a cluster just started may not have its leaders yet
+    deadline = time.monotonic() + 60
     before = ratings_leaders(s, sc.ns.ratings)
+    while not (before and all(b > 0 for b in before.values())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        before = ratings_leaders(s, sc.ns.ratings)
     led = [b for b in before.values() if b > 0]
+    assert len(led) == len(before) > 0, f"the ratings partitions have no leaders after 60 s: {before}"
     victim = max(set(led), key=led.count)
     moved = sorted(p for p, b in before.items() if b == victim)
     worker = sc.start_worker()
