@@ -54,6 +54,22 @@ def test_rows_longer_than_one_script_chunk_add_exactly(stack):
     asyncio.run(_with_store(stack.redis, go))
 
 
+def _recording_send(sent: dict[str, float], topic_filter: str | None = None):
+    """A ``send`` whose futures are already acknowledged; records each
+    prediction's value by event id (only on ``topic_filter`` if given)."""
+    import orjson
+
+    async def send(topic, key, value, headers=None, timestamp=None):
+        if topic_filter is None or topic == topic_filter:
+            rec = orjson.loads(value)
+            sent[rec["event_id"]] = rec["predicted"]
+        f = asyncio.get_running_loop().create_future()
+        f.set_result(None)
+        return f
+
+    return send
+
+
 def _concurrent_adds_lose_nothing(cfg) -> None:
     """Two clients add 200 increments each to the same keys, interleaved:
     the stored vectors are base + the sum of all of them.  Movies 7 and
@@ -135,16 +151,7 @@ def test_worker_batches_equal_simulator_and_movie_side_moves(stack, ckpt, ml100k
     df = stream_order(ml100k.ratings.iloc[20_000:25_000])
     batch = 512
     sent: dict[str, float] = {}
-
-    async def send(topic, key, value, headers=None, timestamp=None):
-        import orjson
-
-        if topic == "p":
-            rec = orjson.loads(value)
-            sent[rec["event_id"]] = rec["predicted"]
-        f = asyncio.get_running_loop().create_future()
-        f.set_result(None)
-        return f
+    send = _recording_send(sent, "p")
 
     model, _ = load_checkpoint(ckpt)
     base = opk.globals_vec(model.movie_side()).copy()
@@ -191,6 +198,7 @@ def test_pipelined_batches_equal_serial_ones(stack, ckpt, ml100k):
     from core.events import RatingEvent, encode_rating, rating_key
     from core.repos.states import StateStore
     from models import online_pack as opk
+    from models.batch import online_movie_side
     from models.checkpoint import load_checkpoint
     from stream.predictor import Incoming, Predictor
     from trainer.prequential import stream_order
@@ -203,16 +211,8 @@ def test_pipelined_batches_equal_serial_ones(stack, ckpt, ml100k):
     movies = sorted({int(m) for m in df.movie_id})
 
     async def run(pipelined: bool) -> tuple[dict, list, list, np.ndarray]:
-        import orjson
-
         sent: dict[str, float] = {}
-
-        async def send(topic, key, value, headers=None, timestamp=None):
-            rec = orjson.loads(value)
-            sent[rec["event_id"]] = rec["predicted"]
-            f = asyncio.get_running_loop().create_future()
-            f.set_result(None)
-            return f
+        send = _recording_send(sent)
 
         model, _ = load_checkpoint(ckpt)
         client = async_redis(stack.redis)
@@ -234,16 +234,13 @@ def test_pipelined_batches_equal_serial_ones(stack, ckpt, ml100k):
                 await p.finish(prev)
             assert not p._overlay and not p._inflight_movies
             blobs = [s.blob for s in await states.load(users)]
-            rows, glob = await p.movies.load(movies, opk.row_len(opk_side(model)), opk.global_len(opk_side(model)))
+            side = online_movie_side(model)
+            rows, glob = await p.movies.load(movies, opk.row_len(side), opk.global_len(side))
             return sent, blobs, rows, glob
         finally:
             await p.movies.drop()
             await states.drop()
             await client.aclose()
-
-    def opk_side(model):
-        from models.batch import online_movie_side
-        return online_movie_side(model)
 
     torch.set_num_threads(1)
     serial = asyncio.run(run(False))
