@@ -34,6 +34,7 @@ def stream(
     lingers: str = typer.Option("", help="comma-separated micro-batch time bounds (s) to sweep, e.g. 0.01,0.2"),
     partitions: int = typer.Option(4, help="partitions of the bench topics"),
     latency_fraction: float = typer.Option(0.5, help="latency run's rate as a fraction of measured throughput"),
+    latency_rate: float = typer.Option(None, min=1, help="latency run's rate in events/s instead (to compare configs at one load)"),
     logdir: Path = typer.Option(Path("runs/bench/logs"), help="worker logs"),
     checkpoint: Path = typer.Option(None, help="model to serve (default: the worker checkpoint, else an untrained LSTM)"),
     json_path: Path = typer.Option(None, "--json", help="write the figures here"),
@@ -44,7 +45,7 @@ def stream(
 
     res = bench_stream(source=source, events=events, batch_sizes=_ints(batch_sizes),
                        workers=_ints(workers), partitions=partitions,
-                       latency_fraction=latency_fraction, logdir=logdir, checkpoint=checkpoint,
+                       latency_fraction=latency_fraction, latency_rate=latency_rate, logdir=logdir, checkpoint=checkpoint,
                        lingers=[float(x) for x in lingers.split(",") if x.strip()], exactly_once=exactly_once)
     r, cpu = res["ratios"], res["events_per_cpu_s"]
     base = res["baseline_events_per_s"]

@@ -464,7 +464,9 @@ def bench_checkpoint(settings: Settings, path: Path | None) -> Path:
 def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: list[int],
                  partitions: int, latency_fraction: float, logdir: Path,
                  checkpoint: Path | None = None, lingers: list[float] | None = None,
-                 exactly_once: bool = True) -> dict[str, Any]:
+                 exactly_once: bool = True, latency_rate: float | None = None) -> dict[str, Any]:
+    """Every path side by side; latency at ``latency_fraction`` of the full
+    path's rate, or at ``latency_rate`` events/s (one load for every config)."""
     settings = get_settings()
     ckpt = bench_checkpoint(settings, checkpoint)
     os.environ["FBP_WORKER__CHECKPOINT"] = str(ckpt)  # inherited by the worker processes
@@ -492,8 +494,9 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
                       "events_per_cpu_s": r.events_per_cpu_s, "stages_s": r.stages_s})
     _scaling(sweep)
     main = sweep[0]  # first batch size, first worker count, default linger
-    n_lat = min(len(evs), max(2000, int(main["events_per_s"] * latency_fraction * 20)))
-    lat = run_latency(settings, evs[:n_lat], rate=main["events_per_s"] * latency_fraction,
+    rate = latency_rate or main["events_per_s"] * latency_fraction
+    n_lat = min(len(evs), max(2000, int(rate * 20)))
+    lat = run_latency(settings, evs[:n_lat], rate=rate,
                       batch_size=batch_sizes[0], partitions=partitions, logdir=logdir)
     total_stage = sum(main["stages_s"].values())
     full = main["events_per_s"]

@@ -162,13 +162,15 @@ def run_time_split(
 def run_stream_protocol(
     ds: Any, names: list[str], *, protocol: str = "prequential", finetune_every: int = 5000, epochs: int = 2,
     seeds: tuple[int, ...] = (0,), policy: str = "window", river: bool = True, progress: bool = False,
-    device: str = "cpu",
+    device: str = "cpu", batch_events: int = 1024,
 ) -> tuple[dict[str, Any], dict[str, PrequentialResult]]:
     """``prequential`` (whole stream, warm-up fine-tunes) or ``demo`` (offline
     bootstrap on the first 20% by time, then the rest streamed with fine-tunes
     every 10,000 events; River learns the bootstrap once, then
-    predicts-then-learns the rest).  Returns the JSON document and the first
-    seed's results (for the rolling-RMSE plot)."""
+    predicts-then-learns the rest).  ``batch_events`` is the online batch,
+    as a worker's batch cap: the shared movie side learns once per batch.
+    Returns the JSON document and the first seed's results (for the
+    rolling-RMSE plot)."""
     demo = protocol == "demo"
     every = DEMO_FINETUNE_EVERY if demo and finetune_every == 5000 else finetune_every
     boot = int(len(ds.ratings) * DEMO_BOOTSTRAP) if demo else 0
@@ -179,7 +181,7 @@ def run_stream_protocol(
             r = run_prequential(name, ds.ratings, ds.movies, genre_vocab=ds.genre_vocab, finetune_every=every,
                                 epochs=epochs, seed=seed, policy=policy, progress=progress, device=device,
                                 bootstrap_frac=DEMO_BOOTSTRAP if demo else 0.0, bootstrap_epochs=DEMO_EPOCHS,
-                                users=getattr(ds, "users", None))
+                                users=getattr(ds, "users", None), batch_events=batch_events)
             first.setdefault(name, r)
             runs.setdefault(name, []).append(r.to_dict())
             _echo(protocol, name, seed, r.to_dict())
@@ -189,7 +191,7 @@ def run_stream_protocol(
             runs.setdefault(kind, []).append(r.to_dict())
             _echo(protocol, kind, seed, r.to_dict())
     doc = {"protocol": protocol, "dataset": ds.name, "seeds": list(seeds), "models": aggregate(runs),
-           "finetune_every": every, "epochs": epochs, "policy": policy}
+           "finetune_every": every, "epochs": epochs, "policy": policy, "batch_events": batch_events}
     if demo:
         doc.update(bootstrap_frac=DEMO_BOOTSTRAP, bootstrap_epochs=DEMO_EPOCHS)
     return doc, first
@@ -248,6 +250,7 @@ def cli(
     train_epochs: int = typer.Option(20, min=1, help="time-split: max training epochs (early stopping)"),
     train_frac: float = typer.Option(0.8, min=0.05, max=0.99, help="time-split: train fraction by time"),
     policy: str = typer.Option("window", help="prequential state-after-fine-tune policy: window, replay or keep"),
+    batch_events: int = typer.Option(1024, min=1, help="prequential/demo: events per online batch (as a worker's batch cap)"),
     river: bool = typer.Option(True, help="include River's BiasedMF and Baseline"),
     seed: Optional[int] = typer.Option(None, help="first random seed (default: settings.trainer.seed)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda (time-split training)"),
@@ -301,7 +304,8 @@ def cli(
     if protocol in ("prequential", "demo", "both"):
         doc, results = run_stream_protocol(ds, names, protocol="demo" if protocol == "demo" else "prequential",
                                            finetune_every=finetune_every, epochs=epochs, seeds=seed_list,
-                                           policy=policy, river=river, progress=progress)
+                                           policy=policy, river=river, progress=progress,
+                                           batch_events=batch_events)
         docs.append(doc)
     md = "\n".join(table(d) for d in docs)
     typer.echo("\n" + md)
