@@ -9,8 +9,10 @@ The prediction for a candidate movie ``i`` uses the state *before* the event::
 * ``h`` is the hidden state of an LSTM over the user's events.  Input per
   event: the movie's MF factor q_i ⊕ (r - mu) ⊕ (r - mu - b_i) ⊕ (r - MF prediction) ⊕
   log time gap ⊕ 1 ⊕ movie side features (genre multi-hot, normalised year,
-  year-known flag).  ``nn.LSTM`` runs it over sequences; ``step`` uses the same
-  weights through the cell equations.
+  year-known flag).  ``nn.LSTM`` runs it over sequences in training (and on
+  a GPU), a compiled kernel of the same equations at inference on the CPU
+  (:mod:`models.lstm_kernel`); ``step`` uses the same weights through the
+  cell equations.
 
 All user-side projections are bias-free, so a new user (h = 0, p~ = 0) gets
 ``mu + b_i`` and an unknown movie (zero rows) ``mu + b_u + w . h``.
@@ -43,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from models import lstm_kernel
 from models import online as onl
 from models.base import State, StateSpec
 from models.common import lookup, user_item_dot
@@ -360,15 +363,25 @@ class LSTMModel(MFModel):
         x = self._inputs(movie, rating, mf_pred, self._gap_seq(state, ts))
         L = mask.sum(1)
         h0, c0 = state["h"], state["c"]
-        packed = pack_padded_sequence(x, L.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        out, (hn, cn) = self.lstm(packed, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
-        h_before = torch.cat([h0.unsqueeze(1), out[:, :-1]], 1)
+        h_before, hn, cn = self._recurrence(x, L, h0, c0)
         u = self.user_proj(h_before)
         v = self._item_vec(movie)
         pred = mf_pred + self.user_bias_head(h_before)[..., 0] + (u * v).sum(-1)
         if want_state:
             has = (L > 0)[:, None]
-            extra["h"] = torch.where(has, hn[0], h0)
-            extra["c"] = torch.where(has, cn[0], c0)
+            extra["h"] = torch.where(has, hn, h0)
+            extra["c"] = torch.where(has, cn, c0)
         return pred, extra
+
+    def _recurrence(self, x: Tensor, L: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The LSTM over each row's first L steps: (hidden state before each
+        step [B, T, H], final h, final c).  No-grad on the CPU: the compiled
+        kernel (:mod:`models.lstm_kernel`, the worker's hot loop); otherwise
+        ``nn.LSTM`` over the packed sequence (training, GPU)."""
+        if lstm_kernel.usable(self.lstm, x):
+            return lstm_kernel.run(self.lstm, x, L, h0, c0)
+        T = x.shape[1]
+        packed = pack_padded_sequence(x, L.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        out, (hn, cn) = self.lstm(packed, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
+        return torch.cat([h0.unsqueeze(1), out[:, :-1]], 1), hn[0], cn[0]

@@ -16,6 +16,7 @@ from core.settings import Settings, get_settings
 from models.base import RatingModel
 from models.devices import pick_device
 from models.checkpoint import CheckpointError, load_checkpoint
+from stream import heap
 from stream import metrics as m
 from core.repos.models import ModelStore
 from core.repos.movies import MovieSideStore
@@ -49,8 +50,11 @@ def initial_model(settings: Settings, models: ModelStore) -> RatingModel:
 def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: Any,
                    send_many: Any = None) -> Predictor:
     """A worker's Predictor as the settings describe it (device, torch threads,
-    topics, limits); also used by ``fbp bench stream``'s no-Faust reference."""
+    topics, limits); also used by ``fbp bench stream``'s no-Faust reference.
+    Settles the process's heap (:func:`stream.heap.settle`): what is loaded
+    by now lives as long as the process."""
     torch.set_num_threads(s.worker.torch_threads)
+    heap.settle()
     movies = MovieSideStore(store.client, store.prefix) if s.worker.online_movie_side else None
     return Predictor(
         model, store, send, movies=movies,
