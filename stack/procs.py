@@ -165,10 +165,22 @@ class Namespace:
             "FBP_WORKER__WEB_PORT": str(port),
         }
 
-    def create(self) -> None:
+    def create(self, configs: dict[str, dict[str, str]] | None = None) -> None:
+        """Create the namespace's topics; ``configs``: topic-level settings
+        to set on some of them (e.g. a latency run's LogAppendTime)."""
         from core.topics import ensure_topics
 
         ensure_topics(self.scoped())
+        if configs:
+            from kafka.admin import ConfigResource, ConfigResourceType
+
+            from core.kafka_io import make_admin
+
+            admin = make_admin(self.settings)
+            try:
+                admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, t, configs=c) for t, c in configs.items()])
+            finally:
+                admin.close()
 
     def drop(self) -> None:
         from core.kafka_io import make_admin

@@ -71,7 +71,7 @@ from core.events import (
     KafkaRecord, Misrouted, PredictionRecord, RatingEvent, Rejection, classify, decode_limits,
     dlq_record, encode_prediction, internal_error, rating_key,
 )
-from core.repos.movies import Add, MovieSideStore
+from core.repos.movies import Adds, MovieSideStore
 from core.repos.states import Mark, Stored, StateStore
 from core.rolling import RollingError
 from models import online_pack as opk
@@ -132,8 +132,8 @@ class _Predicted:
     kafka_ts: list[float] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
     futs: list[Awaitable[object]] = field(default_factory=list)
-    #: movie-side increments to add once the states are stored
-    adds: list[Add] = field(default_factory=list)
+    #: movie-side increments to add once the states are stored (one per model pass)
+    adds: list[Adds] = field(default_factory=list)
     skipped: int = 0
     rederived: int = 0
     reset: int = 0
@@ -143,6 +143,20 @@ class _Predicted:
     encoded: list[bytes] = field(default_factory=list)
     #: each written user's state as Redis will hold it once stored (the overlay)
     written: dict[int, Stored] = field(default_factory=dict)
+
+
+@dataclass
+class _Bases:
+    """The movie side as a batch read it: rows of ``ids`` (ascending) and the globals."""
+
+    ids: np.ndarray
+    rows: np.ndarray
+    globals: np.ndarray
+
+
+def _f32_sum(base: np.ndarray, inc: np.ndarray) -> np.ndarray:
+    """``base + inc`` summed in double and rounded to float32, as Redis's add script does."""
+    return (np.asarray(base, np.float32).astype(np.float64) + np.asarray(inc, np.float32)).astype(np.float32)
 
 
 @dataclass
@@ -300,8 +314,8 @@ class Predictor:
             await self.acknowledged(b.futs, b.dlq_futs, res)
         with _stage(res, "redis_store"):
             await self.store.store(done.rows)
-            if done.adds:  # after the states: a crash here loses, never repeats, them
-                await self.movies.add(done.adds)
+            for adds in done.adds:  # after the states: a crash here loses, never repeats, them
+                await self.movies.add(adds)
         self._release(b.step, done)
         self._track_offsets(b.batch)
         self._observe(b.batch, res)
@@ -313,37 +327,31 @@ class Predictor:
     def _hold(self, step: int, done: _Predicted) -> None:
         for u, st in done.written.items():
             self._overlay[u] = (step, st)
-        for movie_id, _, _ in done.adds:
-            self._inflight_movies[movie_id] = step
-        self._as_stored(done.adds)
+        for adds in done.adds:
+            for movie_id in adds.keys():
+                self._inflight_movies[movie_id] = step
+            self._as_stored(adds)
         self._unfinished += 1
         self._all_finished.clear()
 
-    def _as_stored(self, adds: list[Add]) -> None:
+    def _as_stored(self, adds: Adds) -> None:
         """The added-to rows in memory exactly as Redis will hold them (its
         script sums base and increment in double and rounds to float32), so
         that a batch reading them from the overlay sees what it would read
         from Redis."""
         ms = self._movie_side()
-        if ms is None or not adds:
+        if ms is None:
             return
-        ids, vals = [], []
-        for movie_id, inc, base in adds:
-            v = (np.asarray(base, np.float32).astype(np.float64)
-                 + np.asarray(inc, np.float32).astype(np.float64)).astype(np.float32)
-            if movie_id is None:
-                opk.set_globals(ms, v)
-            else:
-                ids.append(movie_id)
-                vals.append(v)
-        if ids:
-            opk.set_rows(ms, torch.tensor(ids, device=self.device), np.stack(vals))
+        if len(adds.ids):
+            opk.set_rows(ms, torch.from_numpy(adds.ids).to(self.device), _f32_sum(adds.base, adds.inc))
+        if adds.global_inc is not None:
+            opk.set_globals(ms, _f32_sum(adds.global_base, adds.global_inc))
 
     def _release(self, step: int, done: _Predicted) -> None:
         for u in done.written:
             if self._overlay.get(u, (None,))[0] == step:  # not rewritten by a later batch
                 del self._overlay[u]
-        for movie_id, _, _ in done.adds:
+        for movie_id in (i for adds in done.adds for i in adds.keys()):
             if self._inflight_movies.get(movie_id) == step:
                 del self._inflight_movies[movie_id]
         self._unfinished -= 1
@@ -422,7 +430,8 @@ class Predictor:
         with _stage(res, "model_step"):
             fusers = list(marks)
             state, preds, uidx, inc = self.model_step(fresh, fusers, [stored[users[u]] for u in fusers], out)
-            out.adds = self.movie_adds(inc, bases)
+            adds = self.movie_adds(inc, bases)
+            out.adds = [adds] if adds is not None else []
         with _stage(res, "topk"):
             tops = self.user_top_k(state, len(fusers))
         blobs = self.model.pack_states(state)
@@ -511,47 +520,46 @@ class Predictor:
         """Every row the model has, and the globals, from Redis (start-up and
         after a swap); rows Redis lacks keep the checkpoint's values."""
         if self._movie_side() is not None:
-            await self._read_movies(list(range(self.model.capacity)))
+            await self._read_movies(np.arange(self.model.capacity, dtype=np.int64))
             log.info("online movie side loaded from Redis (%d rows)", self.model.capacity)
         self._movies_loaded = True
 
-    async def load_movies(self, work: Work) -> dict[int | None, np.ndarray]:
+    async def load_movies(self, work: Work) -> _Bases | None:
         """The stored rows of the batch's movies and the globals, written into
-        the model; returns each row's value before the batch (``None``: the
-        globals), the base a missing key starts from when the batch adds to it."""
+        the model; returns their values before the batch, the bases a missing
+        key starts from when the batch adds to it."""
         if self._movie_side() is None or not work:
-            return {}
-        ids = sorted({ev.movie_id for ev, _ in work})
-        self.model.ensure_capacity(ids[-1])
+            return None
+        ids = np.unique(np.fromiter((ev.movie_id for ev, _ in work), np.int64, len(work)))
+        self.model.ensure_capacity(int(ids[-1]))
         return await self._read_movies(ids)
 
-    async def _read_movies(self, ids: list[int]) -> dict[int | None, np.ndarray]:
+    async def _read_movies(self, ids: np.ndarray) -> _Bases:
         ms = self._movie_side()
         # rows an unfinished batch adds to: memory already has its increments,
         # Redis may not when it answers (taken before the read: that batch may
         # finish meanwhile, its add landing after this read on the server)
         held = set(self._inflight_movies)
-        got, glob = await self.movies.load(ids, opk.row_len(ms), opk.global_len(ms))
-        found = [i for i, v in enumerate(got) if v is not None and ids[i] not in held]
-        if found:
-            opk.set_rows(ms, torch.tensor([ids[i] for i in found], device=self.device),
-                         np.stack([got[i] for i in found]))
+        got, found, glob = await self.movies.load(ids.tolist(), opk.row_len(ms), opk.global_len(ms))
+        if held:
+            found &= ~np.isin(ids, np.fromiter((i for i in held if i is not None), np.int64))
+        if found.any():
+            opk.set_rows(ms, torch.from_numpy(ids[found]).to(self.device), got[found])
         if glob is not None and None not in held:
             opk.set_globals(ms, glob)
-        vecs = opk.rows(ms, torch.tensor(ids, dtype=torch.int64, device=self.device))
-        bases: dict[int | None, np.ndarray] = dict(zip(ids, vecs))
-        bases[None] = opk.globals_vec(ms)
-        return bases
+        rows = opk.rows(ms, torch.from_numpy(ids).to(self.device))
+        return _Bases(ids, rows, opk.globals_vec(ms))
 
-    def movie_adds(self, inc: Increments, bases: dict[int | None, np.ndarray]) -> list[Add]:
+    def movie_adds(self, inc: Increments, bases: _Bases | None) -> Adds | None:
         """The batch's increments as store writes, each with its base."""
         ms = self._movie_side()
-        if ms is None or not inc:
-            return []
+        if ms is None or not inc or bases is None:
+            return None
         ids, deltas = opk.row_increments(ms, inc)
-        adds: list[Add] = [(int(i), d, bases[int(i)]) for i, d in zip(ids.tolist(), deltas)]
-        adds.append((None, opk.global_increment(ms, inc), bases[None]))
-        return adds
+        at = np.searchsorted(bases.ids, ids)  # every incremented row is one the batch read
+        if len(ids) and (at.max() >= len(bases.ids) or not np.array_equal(bases.ids[at], ids)):
+            raise ValueError("movie-side increments for rows the batch did not read")
+        return Adds(ids, deltas, bases.rows[at], opk.global_increment(ms, inc), bases.globals)
 
     # -- the model stage ---------------------------------------------------
     def model_step(self, fresh: Work, fusers: list[int], stored: list[Stored], out: _Predicted
@@ -627,15 +635,16 @@ class Predictor:
         batch_ms = round((time.perf_counter() - t0) * 1000.0, 3)
         version = self.model.version
         records: list[tuple[bytes, bytes]] = []
-        for i, (ev, rec) in enumerate(fresh):
+        keys: dict[int, bytes] = {}
+        for (ev, rec), predicted, u in zip(fresh, preds.tolist(), uidx.tolist()):
             pr = PredictionRecord(
                 event_id=ev.event_id,
                 user_id=ev.user_id,
                 movie_id=ev.movie_id,
-                predicted=float(preds[i]),
+                predicted=predicted,
                 actual=float(ev.rating),
                 model_version=version,
-                top_k=tops[uidx[i]],
+                top_k=tops[u],
                 timings={
                     "event_to_prediction_ms": round((produced_at - rec.timestamp) * 1000.0, 3),
                     "batch_ms": batch_ms,
@@ -648,7 +657,10 @@ class Predictor:
             value = encode_prediction(pr)
             if self.keep_outputs:
                 out.encoded.append(value)
-            records.append((rating_key(ev.user_id), value))
+            key = keys.get(ev.user_id)
+            if key is None:
+                key = keys[ev.user_id] = rating_key(ev.user_id)
+            records.append((key, value))
         out.futs += await self.send_many(self.predictions_topic, records)
 
     async def _send_each(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> list[Awaitable[object]]:

@@ -152,15 +152,16 @@ def redis_movie_bias(ns: Namespace, model: RatingModel, movies: Iterable[int]) -
     movies = list(movies)
     ms = model.movie_side()  # type: ignore[attr-defined]
 
-    async def load() -> list:
+    async def load() -> tuple:
         client = async_redis(ns.settings.redis)
         try:
-            rows, _ = await MovieSideStore(client, ns.prefix).load(movies, opk.row_len(ms), opk.global_len(ms))
-            return rows
+            rows, found, _ = await MovieSideStore(client, ns.prefix).load(movies, opk.row_len(ms), opk.global_len(ms))
+            return rows, found
         finally:
             await client.aclose()
 
-    return torch.tensor([float("nan") if r is None else float(r[0]) for r in asyncio.run(load())])
+    rows, found = asyncio.run(load())
+    return torch.tensor(np.where(found, rows[:, 0], np.nan) if len(movies) else [], dtype=torch.float32)
 
 
 def metric(url: str, name: str, **labels: str) -> float:

@@ -36,6 +36,9 @@ def test_bench_stream_json_shape(stack, tmp_path):
                 "no_faust_events_per_s", "no_faust_ratio"):
         assert data[key] > 0, key
     assert set(data["latency_ms"]) == {"p50", "p99"}
+    # read back from the broker's append times: every latency event found, none negative
+    assert 0 < data["latency_ms"]["p50"] <= data["latency_ms"]["p99"] < 60_000
+    assert "LogAppendTime" in data["latency_clock"]
     assert set(data["ratios"]) == {"full_over_bare", "faust_noop_over_bare", "faust_batch_over_bare_batch"}
     assert data["ratios"]["full_over_bare"] == data["ratio"]
     assert data["ratios"]["faust_batch_over_bare_batch"] == data["events_per_s"] / data["no_faust_events_per_s"]

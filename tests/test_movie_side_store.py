@@ -14,9 +14,15 @@ import pytest
 import torch
 
 from core.redis_conn import async_redis
-from core.repos.movies import MovieSideStore
+from core.repos.movies import Adds, MovieSideStore
 
 pytestmark = pytest.mark.integration
+
+
+def _rows(ids, inc, base) -> Adds:
+    """Adds of the same increment and base to each row of ``ids``."""
+    n = len(ids)
+    return Adds(np.array(ids, np.int64), np.tile(inc, (n, 1)), np.tile(base, (n, 1)))
 
 
 def _prefix() -> str:
@@ -45,9 +51,10 @@ def test_rows_longer_than_one_script_chunk_add_exactly(stack):
             incs = rng.normal(size=(3, L)).astype(np.float32)
             want = base.copy()
             for inc in incs:
-                await store.add([(5, inc, base)])
+                await store.add(_rows([5], inc, base))
                 want = (want.astype(np.float64) + inc.astype(np.float64)).astype(np.float32)
-            rows, _ = await store.load([5], L, 1)
+            rows, found, _ = await store.load([5], L, 1)
+            assert found.all()
             np.testing.assert_array_equal(rows[0], want)
             await store.drop()
 
@@ -85,11 +92,14 @@ def _concurrent_adds_lose_nothing(cfg) -> None:
         try:
             async def writer(s: MovieSideStore, w: int) -> None:
                 for i in range(n):
-                    await s.add([(m, incs[w, i], base) for m in (7, 7 + 1024, 8)] + [(None, incs[w, i], base)])
+                    adds = _rows([7, 7 + 1024, 8], incs[w, i], base)
+                    adds.global_inc, adds.global_base = incs[w, i], base
+                    await s.add(adds)
             await asyncio.gather(writer(store, 0), writer(other, 1))
         finally:
             await other_client.aclose()
-        rows, glob = await store.load([7, 7 + 1024, 8], L, L)
+        rows, found, glob = await store.load([7, 7 + 1024, 8], L, L)
+        assert found.all()
         want = base.astype(np.float64) + incs.astype(np.float64).sum((0, 1))
         for row in rows:
             np.testing.assert_allclose(row, want, atol=1e-4)
@@ -108,16 +118,25 @@ def test_missing_key_starts_from_its_base_once(stack):
     inc = np.full(4, 0.5, np.float32)
 
     async def go(store: MovieSideStore, client) -> None:
-        rows, glob = await store.load([3, 4], 4, 4)
-        assert rows == [None, None] and glob is None
-        assert await store.add([(3, inc, base_a)]) == 1  # started from its base
-        assert await store.add([(3, inc, base_b)]) == 0
-        assert await store.add([(5, inc, base_a), (6, inc, base_a), (3, inc, base_b)]) == 2  # fresh keys counted
-        rows, _ = await store.load([3, 4], 4, 4)
+        rows, found, glob = await store.load([3, 4], 4, 4)
+        assert not found.any() and not rows.any() and glob is None
+        assert await store.add(_rows([3], inc, base_a)) == 1  # started from its base
+        assert await store.add(_rows([3], inc, base_b)) == 0
+        mixed = Adds(np.array([5, 6, 3]), np.tile(inc, (3, 1)), np.stack([base_a, base_a, base_b]))
+        assert await store.add(mixed) == 2  # fresh keys counted
+        rows, found, _ = await store.load([3, 4], 4, 4)
         np.testing.assert_array_equal(rows[0], base_a + 3 * inc)
-        assert rows[1] is None
-        wrong, _ = await store.load([3], 5, 4)  # another layout's length reads as missing
-        assert wrong == [None]
+        assert found.tolist() == [True, False] and not rows[1].any()
+        rows, found, _ = await store.load([6, 3], 4, 4)  # rows come back in the order asked
+        np.testing.assert_array_equal(rows, [base_a + inc, base_a + 3 * inc])
+        _, wrong, _ = await store.load([3], 5, 4)  # another layout's length reads as missing
+        assert wrong.tolist() == [False]
+        # the globals: a vector of another length than the rows, in the same batch
+        g_inc, g_base = np.full(7, 0.25, np.float32), np.arange(7, dtype=np.float32)
+        assert await store.add(Adds(np.array([3]), inc[None], base_b[None], g_inc, g_base)) == 1
+        rows, _, glob = await store.load([3], 4, 7)
+        np.testing.assert_array_equal(rows[0], base_a + 4 * inc)
+        np.testing.assert_array_equal(glob, g_base + g_inc)
 
     asyncio.run(_with_store(stack.redis, go))
 
@@ -167,7 +186,7 @@ def test_worker_batches_equal_simulator_and_movie_side_moves(stack, ckpt, ml100k
         try:
             for i in range(0, len(msgs), batch):
                 await p.process(msgs[i:i + batch])
-            _, glob = await p.movies.load([], 0, len(base))
+            _, _, glob = await p.movies.load([], 0, len(base))
             return glob
         finally:
             await p.movies.drop()
@@ -235,7 +254,8 @@ def test_pipelined_batches_equal_serial_ones(stack, ckpt, ml100k):
             assert not p._overlay and not p._inflight_movies
             blobs = [s.blob for s in await states.load(users)]
             side = online_movie_side(model)
-            rows, glob = await p.movies.load(movies, opk.row_len(side), opk.global_len(side))
+            rows, found, glob = await p.movies.load(movies, opk.row_len(side), opk.global_len(side))
+            assert found.all()
             return sent, blobs, rows, glob
         finally:
             await p.movies.drop()

@@ -14,26 +14,30 @@ Layout (names from :mod:`core.repos.keys`): one string per movie row,
 tensors packed in a fixed order (``models.online_pack``).  This module only
 sees float32 vectors.
 
-Writes are one Lua script call per hash slot (all the batch's keys on a
-single Redis; on a Redis Cluster the keys of one slot, since a script may
-only touch one), pipelined: the script adds each increment vector to the
-stored one element by element, atomically.  A missing key -- a movie no
-worker has written yet -- starts from the *base* vector the caller passes
-(its current row, i.e. the checkpoint's), so the first writer's base counts
-once and later writers' bases are ignored.  A stored vector of another length
-(written by a model of another shape) is replaced by base + increment: the
-old one cannot be added to.  Reads are one pipelined GET per key; a vector
-of an unexpected length reads as missing.
+Writes are one Lua script call per hash slot and vector length (the batch's
+movie rows in one call and the globals in another on a single Redis; on a
+Redis Cluster the rows of one slot per call, since a script may only touch
+one), pipelined in one round trip: the script adds each increment vector to
+the stored one element by element, atomically per call.  A missing key -- a
+movie no worker has written yet -- starts from the *base* vector the caller
+passes (its current row, i.e. the checkpoint's), so the first writer's base
+counts once and later writers' bases are ignored.  A stored vector of
+another length (written by a model of another shape) is replaced by base +
+increment: the old one cannot be added to.  Reads are one MGET; a vector of
+an unexpected length reads as missing.
 
-Why whole-batch commands: a batch touches a few hundred movies, and redis-py
-costs ~20-30 us of worker CPU per command it builds and parses; one MGET and
-one script call (per slot) instead of one command per movie took the
-movie side's share of the worker's CPU from about 21 to about 5 us per event
+Why whole-batch commands with packed arguments: a batch touches a few
+hundred movies, and redis-py costs ~20-30 us of worker CPU per command it
+builds and parses, and ~1 us per argument it encodes.  One MGET and one
+script call whose increments and bases travel as two byte strings (one
+argument each, not two per movie), with rows as numpy arrays end to end,
+keep the movie side's share of the worker's CPU small
 (``python -m bench.predictor_cpu``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,12 +46,16 @@ from redis.exceptions import NoScriptError
 from core.redis_conn import by_slot, is_cluster
 from core.repos import keys
 
-# KEYS: movie-side keys of one slot.  ARGV: per key, its float32 increment
-# and its float32 base.  Returns how many keys started from their base.
+# KEYS: movie-side keys of one slot, vectors of one length.  ARGV[1]: their
+# float32 increments concatenated in key order; ARGV[2]: their bases, the
+# same way.  Returns how many keys started from their base.
 _ADD_LUA = """
 local fresh = 0
+local len = #ARGV[1] / #KEYS
 for k = 1, #KEYS do
-  local inc, base = ARGV[2 * k - 1], ARGV[2 * k]
+  local from = (k - 1) * len + 1
+  local inc = string.sub(ARGV[1], from, from + len - 1)
+  local base = string.sub(ARGV[2], from, from + len - 1)
   local cur = redis.call('GET', KEYS[k])
   if (not cur) or #cur ~= #inc then cur = base; fresh = fresh + 1 end
   -- up to 1,024 floats per struct call each way (one call per float costs
@@ -67,8 +75,23 @@ end
 return fresh
 """
 
-#: (movie id or None for the globals, increment, base): one write
-Add = tuple[int | None, np.ndarray, np.ndarray]
+@dataclass
+class Adds:
+    """One batch's movie-side writes: the increments of movie rows ``ids``
+    and of the globals, each with its base (what a missing key starts from)."""
+
+    ids: np.ndarray  #: int64 [n] movie ids, unique
+    inc: np.ndarray  #: float32 [n, row_len]
+    base: np.ndarray  #: float32 [n, row_len]
+    global_inc: np.ndarray | None = None  #: float32 [global_len]; None: the globals are not added to
+    global_base: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids) + (self.global_inc is not None)
+
+    def keys(self) -> list[int | None]:
+        """The movie ids written, and None for the globals."""
+        return self.ids.tolist() + ([None] if self.global_inc is not None else [])
 
 
 def _f32(v: np.ndarray) -> bytes:
@@ -83,20 +106,35 @@ class MovieSideStore:
         self.client = client
         self.prefix = keys.check_prefix(prefix)
         self._add = client.register_script(_ADD_LUA)
+        self._names: dict[int | None, str] = {}  # key names by movie id, built once each
 
     def key(self, movie_id: int | None) -> str:
-        return keys.movie_side_key(self.prefix, movie_id)
+        name = self._names.get(movie_id)
+        if name is None:
+            name = self._names[movie_id] = keys.movie_side_key(self.prefix, movie_id)
+        return name
 
     async def load(self, movie_ids: Sequence[int], row_len: int, global_len: int
-                   ) -> tuple[list[np.ndarray | None], np.ndarray | None]:
-        """The stored rows of ``movie_ids`` and the globals, one pipelined
-        round trip; None where missing or of another length."""
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The stored rows of ``movie_ids`` and the globals in one round trip:
+        (rows [n, row_len] float32, found [n] bool -- False where missing or
+        of another length, its row zeros --, globals or None)."""
         names = [self.key(i) for i in movie_ids] + [self.key(None)]
         # one MGET on a single Redis; the cluster client splits it by slot
         mget = self.client.mget_nonatomic if is_cluster(self.client) else self.client.mget
         got = await mget(names)
-        rows = [self._vec(b, row_len) for b in got[:-1]]
-        return rows, self._vec(got[-1], global_len)
+        glob = self._vec(got.pop(), global_len)
+        size = 4 * row_len
+        if all(b is not None and len(b) == size for b in got):  # the usual case: one copy
+            rows = np.frombuffer(b"".join(got), dtype="<f4").astype(np.float32).reshape(len(got), row_len)
+            return rows, np.ones(len(got), bool), glob
+        rows = np.zeros((len(got), row_len), np.float32)
+        found = np.zeros(len(got), bool)
+        for i, b in enumerate(got):
+            v = self._vec(b, row_len)
+            if v is not None:
+                rows[i], found[i] = v, True
+        return rows, found, glob
 
     @staticmethod
     def _vec(raw: bytes | None, n: int) -> np.ndarray | None:
@@ -104,38 +142,45 @@ class MovieSideStore:
             return None
         return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
-    async def add(self, adds: Sequence[Add]) -> int:
+    async def add(self, adds: Adds) -> int:
         """Add each increment to its key (missing keys start from their base),
         pipelined; returns how many keys started from their base."""
-        if not adds:
+        calls = self._calls(adds)
+        if not calls:
             return 0
-        groups = self._by_slot(adds)
-        replies = await self._send(groups)
+        replies = await self._send(calls)
         if any(isinstance(x, NoScriptError) for x in replies):
             # a restarted or promoted node has no script cache.  Only the calls
             # refused for that are sent again: the others were applied, and an
             # increment must count once.
             await self.client.script_load(_ADD_LUA)
             again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
-            for i, x in zip(again, await self._send([groups[i] for i in again])):
+            for i, x in zip(again, await self._send([calls[i] for i in again])):
                 replies[i] = x
         for x in replies:
             if isinstance(x, Exception):
                 raise x
         return sum(int(x) for x in replies)
 
-    def _by_slot(self, adds: Sequence[Add]) -> list[list[tuple[str, Add]]]:
-        return by_slot(self.client, [(self.key(a[0]), a) for a in adds])
+    def _calls(self, adds: Adds) -> list[tuple[list[str], bytes, bytes]]:
+        """(key names, increments, bases) per script call: the rows by slot, then the globals."""
+        calls = []
+        if len(adds.ids):
+            inc, base = np.ascontiguousarray(adds.inc, "<f4"), np.ascontiguousarray(adds.base, "<f4")
+            names = [(self.key(i), n) for n, i in enumerate(adds.ids.tolist())]
+            for group in by_slot(self.client, names):
+                at = [n for _, n in group]
+                calls.append(([name for name, _ in group], inc[at].tobytes(), base[at].tobytes()))
+        if adds.global_inc is not None:
+            calls.append(([self.key(None)], _f32(adds.global_inc), _f32(adds.global_base)))
+        return calls
 
-    async def _send(self, groups: Sequence[Sequence[tuple[str, Add]]]) -> list[Any]:
+    async def _send(self, calls: Sequence[tuple[list[str], bytes, bytes]]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         sha = self._add.sha
-        for group in groups:
-            args: list[bytes] = []
-            for _, (_, inc, base) in group:
-                args += (_f32(inc), _f32(base))
+        for names, inc, base in calls:
             # execute_command: the cluster pipeline routes EVALSHA by its declared keys
-            pipe.execute_command("EVALSHA", sha, len(group), *(name for name, _ in group), *args)
+            pipe.execute_command("EVALSHA", sha, len(names), *names, inc, base)
         return await pipe.execute(raise_on_error=False)
 
     async def drop(self) -> int:
