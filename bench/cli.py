@@ -29,7 +29,7 @@ def _ints(s: str) -> list[int]:
 def stream(
     source: str = typer.Option("ml-100k", help="dataset whose events are streamed"),
     events: int = typer.Option(30_000, help="events per measured run"),
-    batch_sizes: str = typer.Option("512", help="comma-separated worker batch sizes to sweep"),
+    batch_sizes: str = typer.Option(None, help="comma-separated worker batch sizes to sweep (default: the worker's batch_size)"),
     workers: str = typer.Option("1", help="comma-separated worker counts to compare, e.g. 1,2"),
     lingers: str = typer.Option("", help="comma-separated micro-batch time bounds (s) to sweep, e.g. 0.01,0.2"),
     partitions: int = typer.Option(4, help="partitions of the bench topics"),
@@ -43,6 +43,10 @@ def stream(
     """Full path vs a bare aiokafka consume-and-produce loop over the same events."""
     from bench.stream_bench import bench_stream
 
+    if batch_sizes is None:
+        from core.settings import get_settings
+
+        batch_sizes = str(get_settings().worker.batch_size)
     res = bench_stream(source=source, events=events, batch_sizes=_ints(batch_sizes),
                        workers=_ints(workers), partitions=partitions,
                        latency_fraction=latency_fraction, latency_rate=latency_rate, logdir=logdir, checkpoint=checkpoint,
@@ -67,7 +71,8 @@ def stream(
     typer.echo(f"ratios: full/bare {r['full_over_bare']:.2f}   faust no-op/bare {r['faust_noop_over_bare']:.2f}   "
                f"full/batch-code-on-bare-loop {r['faust_batch_over_bare_batch']:.2f}")
     typer.echo(f"latency at {res['latency_rate_events_per_s']:.0f} ev/s : "
-               f"p50 {res['latency_ms']['p50']:.1f} ms   p99 {res['latency_ms']['p99']:.1f} ms")
+               f"p50 {res['latency_ms']['p50']:.1f} ms   p99 {res['latency_ms']['p99']:.1f} ms   "
+               f"(sent -> appended to the predictions log; sender {res['latency_sender_cpu_us_per_event']:.1f} us CPU/event)")
     typer.echo("sweep:")
     for s in res["sweep"]:
         eff = s.get("scaling_efficiency")
