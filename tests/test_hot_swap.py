@@ -82,12 +82,35 @@ def _rmse(p: np.ndarray, y: np.ndarray) -> float:
 
 
 # -- 1: continuous fine-tuning over a replay ------------------------------------------
-def test_replay_with_finetuning_promotes_and_beats_the_frozen_model(stack, ns, ckpt, ml100k, tmp_path):
+YOUNG_EVENTS = 2_000
+
+
+@pytest.fixture(scope="module")
+def young_ckpt(ml100k, tmp_path_factory) -> Path:
+    """A bootstrap that has seen only the first 2,000 events, so the stream has
+    something to teach it.  Why not the shared 10,000-event one: since the
+    online user/movie side, fine-tuning that one on the next 2,500-20,000
+    events (1 epoch, the trainer's split, 51 windows offline,
+    ``python -m bench.finetune_windows``) is a coin toss on
+    the holdout (55% of windows gain, median +0.0000 RMSE, -0.0106..+0.0037), so
+    a test asserting promotions from it passes or fails with where the
+    trainer's triggers happen to fall; from this one 96% of windows gain
+    (median +0.0037, -0.0007..+0.0136)."""
+    from tests.streamkit import checkpoint
+
+    return checkpoint(tmp_path_factory.mktemp("young"), ml100k.ratings.iloc[:YOUNG_EVENTS],
+                      ml100k.movies, ml100k.genre_vocab)
+
+
+def test_replay_with_finetuning_promotes_and_beats_the_frozen_model(stack, ns, young_ckpt, ml100k,
+                                                                     tmp_path):
     """ML-100K events 10 000..30 000 (20 000, paced at 400/s) through a worker
-    and a trainer fine-tuning every 2500 events: at least one promotion, one
-    record per event id, and a lower online RMSE than the same events through
-    the frozen bootstrap model (the worker equals the in-process simulator,
-    test_stream_e2e checks that, so the frozen figure comes from it)."""
+    and a trainer fine-tuning every 2500 events, from a young bootstrap: at
+    least one promotion, one record per event id, and a lower online RMSE than
+    the same events through the frozen bootstrap model (the worker equals the
+    in-process simulator, test_stream_e2e checks that, so the frozen figure
+    comes from it)."""
+    ckpt = young_ckpt
     df = ml100k.ratings.iloc[BOOT:BOOT + 20_000]
     store, boot = _publish_bootstrap(stack, ns, ckpt)
     wport, tport = free_port(), free_port()
