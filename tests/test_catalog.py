@@ -6,6 +6,7 @@ Cluster, Kafka) are at the end."""
 
 from __future__ import annotations
 
+import httpx
 import orjson
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
@@ -262,3 +263,32 @@ def test_follow_reads_the_movies_topic_and_dead_letters_bad_records(stack, ns):
     c.close()
     mine = sorted((d["source"]["offset"], d["reason"]) for d in letters if d["source"]["topic"] == t)
     assert mine == [(1, "bad_encoding"), (2, "wrong_type")]
+
+
+@pytest.mark.integration
+def test_top_k_api_returns_ml100k_titles(stack, ns, ckpt, ml100k, tmp_path):
+    """A real worker on ML-100K: each top-K movie the catalog knows comes
+    with its ML-100K title; the others (odd ids, left out of the catalog
+    here) have none, and ``top`` keeps its [[id, score], ...] shape."""
+    from stack import procs
+    from stream.catalog import load_into_redis
+    from stream.replay import replay
+    from tests.streamkit import read_topic
+    from tests.test_live_page import free_port
+
+    movies = ml100k.movies
+    titles = dict(zip(movies["movie_id"].tolist(), movies["title"].tolist()))
+    assert load_into_redis(ns.scoped(), movies[movies["movie_id"] % 2 == 0]) == 841
+    port = free_port()
+    worker = procs.start_worker(port, tmp_path, {**ns.env(512, port), "FBP_WORKER__CHECKPOINT": str(ckpt)})
+    try:
+        replay(ns.scoped(), ml100k.ratings.iloc[:2000], progress=False)
+        read_topic(stack, ns.predictions, until=2000, timeout=120)
+        user = int(ml100k.ratings.iloc[0]["user_id"])
+        top = httpx.get(f"{worker.url}/api/v1/users/{user}/top?k=30", timeout=10).json()
+    finally:
+        worker.stop()
+    assert top["known_user"] and len(top["top"]) == 30 and all(len(e) == 2 for e in top["top"])
+    ids = [int(i) for i, _ in top["top"]]
+    assert top["titles"] == {str(i): titles[i] for i in ids if i % 2 == 0}
+    assert 0 < len(top["titles"]) < len(ids)  # both kinds were in the answer

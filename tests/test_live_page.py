@@ -412,6 +412,13 @@ def test_live_page_moves_while_events_flow(stack, tmp_path):
     with worker_with_traffic(stack, tmp_path, port, rate=100.0,
                              extra_env={"FBP_WORKER__READ_TOKEN": token}) as w:
         proc, feeder = w.proc, w.feeder
+        # ML-100K's titles of the even ids only: odd ids must show as ids
+        from core.datasets import load_movies
+        from stream.catalog import load_into_redis
+
+        movies = load_movies("ml-100k")
+        ml_titles = dict(zip(movies["movie_id"].tolist(), movies["title"].tolist()))
+        load_into_redis(w.settings, movies[movies["movie_id"] % 2 == 0])
         r = httpx.get(f"{proc.url}/live", timeout=10)
         assert r.status_code == 200, (
             f"/live answered {r.status_code}: stream/app.py must end with `from stream import live`")
@@ -449,6 +456,17 @@ def test_live_page_moves_while_events_flow(stack, tmp_path):
         assert dom_number(dom2, "events-rejected") > 0  # the feeder sends some malformed events
         assert dom2.count("<tr><td>ops-") == 20  # the last 20 predictions, by event id
         assert dom2.count("<polyline") >= 3
+        # movies by title (id on hover) where the catalog knows them, by id where not
+        cells = movie_cells(dom2)
+        known = {int(i): c for i, c in cells.items() if int(i) % 2 == 0 and int(i) in ml_titles}
+        unknown = {int(i): c for i, c in cells.items() if int(i) not in known}
+        assert known and unknown, cells
+        assert known == {i: (ml_titles[i], f"movie {i}") for i in known}
+        assert unknown == {i: (str(i), None) for i in unknown}
+        # nothing published: the versions table describes the local checkpoint served
+        rows = version_table(dom2)
+        assert rows[-1][:2] == ["0", "baseline"] and rows[-1][3] == "local checkpoint baseline.safetensors"
+        assert re.fullmatch(r"[0-9a-f]{12}", rows[-1][4]), rows
 
         data = httpx.get(f"{proc.url}/api/v1/live?points=5", headers=auth, timeout=10).json()
         assert len(data["history"]) <= 5 and data["model"]["ready"] is True
