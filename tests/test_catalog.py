@@ -292,3 +292,19 @@ def test_top_k_api_returns_ml100k_titles(stack, ns, ckpt, ml100k, tmp_path):
     ids = [int(i) for i, _ in top["top"]]
     assert top["titles"] == {str(i): titles[i] for i in ids if i % 2 == 0}
     assert 0 < len(top["titles"]) < len(ids)  # both kinds were in the answer
+
+
+@pytest.mark.integration
+def test_movies_topic_is_compacted_with_one_partition(stack, ns):
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    from core.kafka_io import make_admin
+
+    admin = make_admin(stack)
+    try:
+        got = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, ns.movies)])
+        parts = {t["name"]: len(t["partitions"]) for t in admin.describe_topics([ns.movies, ns.ratings])}
+    finally:
+        admin.close()
+    assert got["topic"][ns.movies]["cleanup.policy"]["value"] == "compact"
+    assert parts == {ns.movies: 1, ns.ratings: ns.partitions}
