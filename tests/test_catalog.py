@@ -264,6 +264,12 @@ def test_follow_reads_the_movies_topic_and_dead_letters_bad_records(stack, ns):
     mine = sorted((d["source"]["offset"], d["reason"]) for d in letters if d["source"]["topic"] == t)
     assert mine == [(1, "bad_encoding"), (2, "wrong_type")]
 
+    # `fbp dlq replay` republishes ratings only: the catalog's dead letters are skipped
+    from stream.dlq.replay import replay as dlq_replay
+
+    report = dlq_replay(s)
+    assert report.replayed == 0 and report.skipped == {"movies_topic": 2}
+
 
 @pytest.mark.integration
 def test_top_k_api_returns_ml100k_titles(stack, ns, ckpt, ml100k, tmp_path):
