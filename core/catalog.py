@@ -10,7 +10,8 @@ and the catalog's values in Redis (:mod:`core.repos.catalog`)::
 
     {"movie_id": 50, "title": "Star Wars", "year": 1977, "genres": ["Action", "Sci-Fi"]}
 
-``year`` and ``genres`` are optional.  :func:`decode_movie` trusts nothing:
+``year`` and ``genres`` are optional (``core/schemas/movie.schema.json`` says
+the same for other languages).  :func:`decode_movie` trusts nothing:
 any bytes give a :class:`Movie` or a :class:`core.events.Rejection` with one
 of the stable reject codes, so a bad catalog record is dead-lettered like a
 bad rating and the reader goes on.
@@ -61,6 +62,16 @@ def parse_movie_key(key: bytes | None) -> int | None:
     return v if v < MAX_MOVIE_ID else None
 
 
+def _whole(v: Any) -> int | None:
+    """An exact integer from a JSON integer or an integral float (as the
+    JSON schema reads "integer"); None otherwise, bools included."""
+    if type(v) is int:
+        return v
+    if type(v) is float and v.is_integer():
+        return int(v)
+    return None
+
+
 def _reject(reason: str, detail: str, raw: bytes | None) -> Rejection:
     return Rejection(reason, detail, raw)
 
@@ -88,17 +99,20 @@ def decode_movie(raw: bytes, key: bytes | None = None) -> Movie | Rejection:
     for name in ("movie_id", "title"):
         if name not in obj:
             return _reject("missing_field", f"{name} is required", raw)
-    mid, title = obj["movie_id"], obj["title"]
-    if type(mid) is not int:
+    mid, title = _whole(obj["movie_id"]), obj["title"]
+    if mid is None:
         return _reject("wrong_type", "movie_id must be an integer", raw)
     if not 0 <= mid < MAX_MOVIE_ID:
         return _reject("id_out_of_range", f"movie_id {mid} outside [0, {MAX_MOVIE_ID})", raw)
     if not isinstance(title, str) or not title.strip() or len(title) > MAX_TITLE_CHARS:
         return _reject("wrong_type", f"title must be a non-empty string of at most {MAX_TITLE_CHARS} chars", raw)
     year = obj.get("year")
-    if year is not None and (type(year) is not int or not 0 < year < 10_000):
-        return _reject("wrong_type", "year must be an integer year or null", raw)
-    genres = obj.get("genres") or []
+    if year is not None:
+        year = _whole(year)
+        if year is None or not 0 < year < 10_000:
+            return _reject("wrong_type", "year must be an integer year or null", raw)
+    genres = obj.get("genres")
+    genres = [] if genres is None else genres
     if (not isinstance(genres, list) or len(genres) > MAX_GENRES
             or not all(isinstance(g, str) and 0 < len(g) <= MAX_GENRE_CHARS for g in genres)):
         return _reject("wrong_type", f"genres must be a list of at most {MAX_GENRES} short strings", raw)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import orjson
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import example, given, settings as hsettings, strategies as st
 
 from core.catalog import Movie, decode_movie, encode_movie, movie_key, movies_from_frame
 from core.events import REJECT_REASONS, KafkaRecord, Rejection
@@ -96,6 +96,48 @@ def test_bad_movie_records_get_a_reason(raw, key, reason):
 def test_any_bytes_decode_to_a_movie_or_a_known_reason(raw, key):
     got = decode_movie(raw, key)
     assert isinstance(got, Movie) or (isinstance(got, Rejection) and got.reason in REJECT_REASONS)
+
+
+_VALUES = (st.none() | st.booleans() | st.integers(-5, 2_000_000) | st.sampled_from([1.0, 50.5, 1977.0, -1.0])
+           | st.text(max_size=5) | st.sampled_from(["", " ", "\t\n", "x" * 301, "Star Wars"])
+           | st.lists(st.text(max_size=3), max_size=3) | st.sampled_from([["x" * 65], ["a"] * 33, [1], {}]))
+
+
+def example_each(cases):
+    """Hypothesis ``@example`` for each of ``cases`` (keyword dicts): the boundaries, always tried."""
+    def wrap(fn):
+        for kw in reversed(cases):
+            fn = example(**kw)(fn)
+        return fn
+    return wrap
+
+
+_FIELD_NAMES = st.sampled_from(["movie_id", "title", "year", "genres", "rating"])
+
+
+_BOUNDS = [{"movie_id": 999_999}, {"movie_id": 1_000_000}, {"movie_id": 0}, {"movie_id": -1},
+           {"title": "x" * 300}, {"title": "x" * 301}, {"title": " "}, {"year": 9999}, {"year": 10_000},
+           {"year": 0}, {"year": None}, {"genres": ["a"] * 32}, {"genres": ["a"] * 33}, {"genres": ["x" * 64]},
+           {"genres": ["x" * 65]}, {"genres": [""]}, {"genres": None}, {"genres": 0}, {"movie_id": 50.0},
+           {"movie_id": True}, {"year": 1977.5}]
+
+
+@hsettings(max_examples=600, deadline=None)
+@given(changes=st.dictionaries(_FIELD_NAMES, _VALUES, max_size=2), drop=st.sets(_FIELD_NAMES, max_size=1))
+@example_each([{"changes": c, "drop": set()} for c in _BOUNDS])
+def test_movie_schema_agrees_with_decode_movie(changes, drop):
+    """core/schemas/movie.schema.json accepts exactly what decode_movie
+    accepts (a valid movie with one or two fields changed, or one dropped)."""
+    obj = {"movie_id": 50, "title": "Star Wars", "year": 1977, "genres": ["Sci-Fi"], **changes}
+    for name in drop:
+        obj.pop(name, None)
+    from pathlib import Path
+
+    from jsonschema import Draft202012Validator
+
+    schema = orjson.loads((Path(__file__).resolve().parents[1] / "core/schemas/movie.schema.json").read_bytes())
+    valid = Draft202012Validator(schema).is_valid(obj)
+    assert isinstance(decode_movie(orjson.dumps(obj)), Movie) == valid, obj
 
 
 # ----------------------------------------------------------------- the feed
