@@ -9,7 +9,7 @@ Who writes: ``fbp catalog load`` and ``fbp replay`` (a data set's movie file),
 ``fbp catalog follow`` (the ``movies`` topic).  Who reads: only what people
 look at -- the live page, the query API's top-K, ``fbp tail`` -- through a
 :class:`TitleCache`, so a page refresh costs at most one HMGET of the ids not
-seen in the last minute and the worker's batch path never reads it.
+seen in the last 30 s and the worker's batch path never reads it.
 """
 
 from __future__ import annotations
