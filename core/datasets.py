@@ -110,6 +110,21 @@ def load_dataset(source: str | Path) -> Dataset:
     return _load_path(path)
 
 
+def load_movies(source: str | Path) -> pd.DataFrame:
+    """The movie metadata (movie_id, title, year, genres) of a source: what
+    :func:`load_dataset` understands, or a movie file itself -- ML-100K's
+    ``u.item``, ``movies.dat`` (ML-1M/10M) or ``movies.csv`` (ML-20M/25M,
+    ml-latest) -- or a folder holding one.  An empty frame when the source
+    has no movie file."""
+    movie_files = (("u.item", _u_item), ("movies.dat", _movies_dat), ("movies.csv", _movies_csv))
+    path = Path(source).expanduser()
+    for name, parse in movie_files:
+        f = path / name if path.is_dir() else path
+        if f.name == name and f.is_file():
+            return _finish(name, pd.DataFrame(columns=list(RATING_COLUMNS)), parse(f)).movies
+    return load_dataset(source).movies
+
+
 def synthetic_stream(
     n_events: int,
     n_users: int = 1000,

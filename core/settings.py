@@ -54,6 +54,8 @@ class KafkaSettings(BaseModel):
     """Dead-letter topic for malformed events, with a reason."""
     model_updates_topic: str = "model-updates"
     """Announcements of promoted models."""
+    movies_topic: str = "movies"
+    """Optional movie catalog feed (compacted, keyed by movie id): titles for people-facing outputs, read by `fbp catalog follow`."""
     partitions: int = Field(4, ge=1, le=1024)
     """Partitions of ratings/predictions/DLQ: the most workers that can share the load."""
     replication_factor: int = Field(1, ge=1)

@@ -26,7 +26,8 @@ def repartition_topic(settings: Settings) -> str:
 
 def topic_specs(settings: Settings) -> dict[str, int]:
     """Topic name -> partition count.  model-updates has one partition: it is a
-    totally ordered log of model versions."""
+    totally ordered log of model versions; so has the (small, compacted)
+    movies catalog feed."""
     k = settings.kafka
     return {
         k.ratings_topic: k.partitions,
@@ -34,26 +35,31 @@ def topic_specs(settings: Settings) -> dict[str, int]:
         k.predictions_topic: k.partitions,
         k.dlq_topic: k.partitions,
         k.model_updates_topic: 1,
+        k.movies_topic: 1,
     }
 
 
-def _topic_configs(settings: Settings) -> dict[str, str]:
-    """Per-topic configs from settings (min.insync.replicas on a replicated cluster)."""
+def _topic_configs(settings: Settings, topic: str) -> dict[str, str]:
+    """Per-topic configs: min.insync.replicas on a replicated cluster; the
+    movies catalog feed is compacted (the last record per movie id stays)."""
     m = settings.kafka.min_insync_replicas
-    return {} if m is None else {"min.insync.replicas": str(m)}
+    configs = {} if m is None else {"min.insync.replicas": str(m)}
+    if topic == settings.kafka.movies_topic:
+        configs["cleanup.policy"] = "compact"
+    return configs
 
 
 def _create(admin, settings: Settings, specs: dict[str, int], timeout_s: float) -> list[str]:
     """Create the missing topics, retrying while a just-deleted one is still going away."""
     rf = settings.kafka.replication_factor
-    configs = _topic_configs(settings)
     created: list[str] = []
     deadline = time.monotonic() + timeout_s
     existing = set(admin.list_topics())
     todo = {t: p for t, p in specs.items() if t not in existing}
     while todo:
         res = admin.create_topics(
-            {t: {"num_partitions": p, "replication_factor": rf, "configs": configs} for t, p in todo.items()},
+            {t: {"num_partitions": p, "replication_factor": rf, "configs": _topic_configs(settings, t)}
+             for t, p in todo.items()},
             timeout_ms=int(timeout_s * 1000),
             raise_errors=False,
         )

@@ -46,6 +46,7 @@ def cli(
     from core.repos.keys import drop_namespace
     from core.repos.models import ModelStore
     from core.redis_conn import sync_redis
+    from stream.catalog import load_into_redis
     from stream.replay import replay
     from core.topics import reset_topics
     from core.datasets import load_dataset
@@ -61,6 +62,7 @@ def cli(
 
     ds = load_dataset("ml-100k")
     df = ds.ratings
+    _say(f"movie catalog: {load_into_redis(s, ds.movies)} ML-100K titles stored (for the live page, API, fbp tail)")
     cut = int(len(df) * bootstrap_frac)
     _say(f"training the bootstrap LSTM on the first {cut} of {len(df)} ML-100K ratings")
     model = make_model("lstm", ds.movies, ds.genre_vocab, int(df["movie_id"].max()))

@@ -141,6 +141,10 @@ class Namespace:
     def model_updates(self) -> str:
         return f"{self.prefix}-model-updates"
 
+    @property
+    def movies(self) -> str:
+        return f"{self.prefix}-movies"
+
     def scoped(self) -> Settings:
         """Settings as a process in this namespace sees them."""
         s = self.settings
@@ -148,8 +152,9 @@ class Namespace:
             "kafka": s.kafka.model_copy(update={
                 "ratings_topic": self.ratings, "predictions_topic": self.predictions,
                 "dlq_topic": self.dlq, "model_updates_topic": self.model_updates,
-                "partitions": self.partitions}),
+                "movies_topic": self.movies, "partitions": self.partitions}),
             "redis": s.redis.model_copy(update={"key_prefix": self.prefix}),
+            "worker": s.worker.model_copy(update={"app_id": self.prefix}),
         })
 
     def env(self, batch_size: int, port: int) -> dict[str, str]:
@@ -158,6 +163,7 @@ class Namespace:
             "FBP_KAFKA__PREDICTIONS_TOPIC": self.predictions,
             "FBP_KAFKA__DLQ_TOPIC": self.dlq,
             "FBP_KAFKA__MODEL_UPDATES_TOPIC": self.model_updates,
+            "FBP_KAFKA__MOVIES_TOPIC": self.movies,
             "FBP_KAFKA__PARTITIONS": str(self.partitions),
             "FBP_REDIS__KEY_PREFIX": self.prefix,
             "FBP_WORKER__APP_ID": self.prefix,
@@ -188,7 +194,7 @@ class Namespace:
         admin = make_admin(self.settings)
         try:
             admin.delete_topics([self.ratings, f"{self.ratings}-repartition", self.predictions, self.dlq,
-                                 self.model_updates])
+                                 self.model_updates, self.movies])
         except Exception:  # noqa: BLE001 - best-effort clean-up
             pass
         finally:

@@ -4,7 +4,8 @@ Read endpoints (JSON):
   GET  /health
   GET  /api/v1/model                        serving model, version history
   GET  /api/v1/users/{user_id}/scores?movies=1,2,3
-  GET  /api/v1/users/{user_id}/top?k=10
+  GET  /api/v1/users/{user_id}/top?k=10        "top": [[movie_id, score], ...] and
+                                            "titles": {"<movie_id>": title} of the known ones
   GET  /api/v1/users/{user_id}/profile
   GET  /metrics                             Prometheus exposition
 Admin endpoints (need ``Authorization: Bearer <FBP_WORKER__ADMIN_TOKEN>``):
@@ -35,6 +36,7 @@ from stream import metrics as m
 from stream.app import app
 from stream.topk import top_k
 from stream.runtime import runtime
+from stream.titles import titles
 
 log = logging.getLogger(__name__)
 MAX_ID = 2**53
@@ -171,8 +173,10 @@ class Top(View):
             model, st, known = await _user_state(uid)
             with torch.inference_mode():
                 ids, scores = top_k(model, st, k)
+            names = await titles(ids[0])
             return {"user_id": uid, "known_user": known, "model_version": model.version,
-                    "top": [[a, b] for a, b in zip(ids[0], scores[0])]}
+                    "top": [[a, b] for a, b in zip(ids[0], scores[0])],
+                    "titles": {str(i): t for i, t in names.items()}}
         return await guarded(self, run)
 
 

@@ -5,7 +5,10 @@ Routes (registered on the Faust ``app``):
                       no external resources); it polls the JSON below every second.
   GET /api/v1/live    JSON: events processed, events/s, latency p50/p99 of recent
                       predictions, online RMSE/MAE, a per-second history of those
-                      (bounded), the model version history and the last 20 predictions.
+                      (bounded), the model version history and the last 20 predictions;
+                      ``titles`` ({"<movie id>": title}) of the movies those show that
+                      the movie catalog knows, and ``versions``: one row per model
+                      version (family, version, when, why, checkpoint sha256 prefix).
 
 The agent feeds it: after each micro-batch, ``stats.observe(result)`` with the
 ``BatchResult`` from ``Predictor.process``.  A 1 s timer samples the running
@@ -35,6 +38,7 @@ from stream.api import ApiError, guarded, require_read
 from stream.app import app
 from stream.faults import INFRASTRUCTURE
 from stream.runtime import runtime
+from stream.titles import titles
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +256,61 @@ def _serving_model() -> dict[str, Any]:
     return {"ready": True, "name": model.name, "version": model.version, "device": str(model.device)}
 
 
+def _why(h: dict[str, Any]) -> str:
+    """Why a version serves: its reason (a promotion's names the challenger's
+    and the champion's holdout RMSE), with the validation RMSE of an offline fit."""
+    reason = str(h.get("reason") or "")
+    metrics = h.get("metrics") or {}
+    ch, cp = metrics.get("challenger_rmse"), metrics.get("champion_rmse")
+    if ch is not None and cp is not None and "RMSE" not in reason:
+        return f"{reason}: challenger RMSE {ch:.4f} vs champion {cp:.4f}"
+    valid = metrics.get("best_valid_rmse")
+    if valid is not None and "RMSE" not in reason:
+        return f"{reason} (validation RMSE {valid:.4f})"
+    return reason
+
+
+def version_rows(model_history: list[dict[str, Any]], versions_seen: list[dict[str, Any]],
+                 origin: dict[str, Any], serving: dict[str, Any]) -> list[dict[str, Any]]:
+    """The versions table, newest first: the published history when there is
+    one, else the versions this worker served (a local checkpoint described
+    by ``origin``, what ``initial_model`` said of it)."""
+    def row(version: Any, family: Any, when: Any, why: str, sha: Any) -> dict[str, Any]:
+        return {"version": version, "family": family, "when": when, "why": why,
+                "sha256": str(sha)[:12] if sha else None}
+
+    if model_history:
+        return [row(h.get("version"), h.get("model"), h.get("published_at"), _why(h), h.get("sha256"))
+                for h in model_history]
+    rows = []
+    for seen in reversed(versions_seen):
+        v = seen["version"]
+        if origin and origin.get("version") == v:
+            rows.append(row(v, origin.get("model"), seen["t"], _why(origin), origin.get("sha256")))
+        else:
+            family = serving.get("name") if serving.get("version") == v else None
+            rows.append(row(v, family, seen["t"], "first served here", None))
+    return rows
+
+
+def _shown_movies(recent: list[dict[str, Any]]) -> list[int]:
+    """The movie ids the page shows: each prediction's movie and top picks."""
+    ids = [r["movie_id"] for r in recent]
+    ids += [m for r in recent for m, _ in r["top_k"]]
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+async def live_data(history_points: int | None) -> dict[str, Any]:
+    """/api/v1/live's body: the snapshot, the movies' titles and the versions table."""
+    serving = _serving_model()
+    hist = await _model_history()
+    snap = stats.snapshot(model=serving, model_history=hist, history_points=history_points)
+    names = await titles(_shown_movies(snap["recent"]))
+    snap["titles"] = {str(i): t for i, t in names.items()}
+    snap["versions"] = version_rows(hist, snap["versions_seen"], runtime.origin, serving)
+    return snap
+
+
 @app.timer(interval=1.0)
 async def sample_live_stats() -> None:
     """Once a second: events/s, latency percentiles, RMSE/MAE into the history."""
@@ -279,6 +338,5 @@ class LiveData(View):
                 n = max(1, min(int(points), 3600)) if points else None
             except ValueError:
                 raise ApiError(400, "bad_parameter", "points must be an integer") from None
-            return stats.snapshot(model=_serving_model(), model_history=await _model_history(),
-                                  history_points=n)
+            return await live_data(n)
         return await guarded(self, run, headers={"Cache-Control": "no-store"})

@@ -123,13 +123,17 @@ def cli(
     offset: int = typer.Option(0, help="Skip the first N events of the time-ordered data set."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the summary here as JSON."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    catalog: bool = typer.Option(True, help="Also load the data set's titles into the movie catalog."),
 ) -> None:
     """Publish a rating data set to Kafka in timestamp order, keyed by user id."""
     from core.topics import ensure_topics
+    from stream.catalog import load_into_redis
 
     settings = get_settings()
     ds = load_dataset(source)
     ensure_topics(settings)
+    if catalog and not ds.movies.empty:
+        typer.echo(f"catalog: {load_into_redis(settings, ds.movies)} movies of {ds.name} stored")
     summary = replay(settings, ds, rate=rate, start=offset, limit=limit, progress=progress)
     typer.echo(
         f"replayed {summary.events} events from {summary.source} to {summary.topic} "

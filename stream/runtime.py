@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,21 +31,25 @@ from core.topics import repartition_topic
 log = logging.getLogger(__name__)
 
 
-def initial_model(settings: Settings, models: ModelStore) -> RatingModel:
-    """The published current model if there is one, else the local checkpoint."""
+def initial_model(settings: Settings, models: ModelStore) -> tuple[RatingModel, dict[str, Any]]:
+    """The published current model if there is one, else the local
+    checkpoint; with where it came from (the live page's versions table:
+    family, version, when, why, checkpoint sha256)."""
     cur = models.current()
     if cur is not None:
-        return models.load(cur.version)
+        return models.load(cur.version), dict(cur.meta, source="published")
     path = settings.worker.checkpoint
     try:
-        model, _ = load_checkpoint(path)
+        model, meta = load_checkpoint(path)
     except CheckpointError as exc:
         raise RuntimeError(
             f"no model to serve: nothing is published in Redis (prefix {settings.redis.key_prefix!r}) "
             f"and the local checkpoint is unusable: {exc}. Publish one with `fbp model publish PATH` "
             "or point FBP_WORKER__CHECKPOINT at a checkpoint written by `fbp train`"
         ) from None
-    return model
+    return model, {"source": "checkpoint", "version": model.version, "model": model.name,
+                   "sha256": meta.get("sha256"), "created": meta.get("created"),
+                   "metrics": meta.get("metrics") or {}, "reason": f"local checkpoint {Path(path).name}"}
 
 
 def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: Any,
@@ -75,6 +80,8 @@ class Runtime:
         self.refused: dict[int, str] = {}
         self.store: StateStore | None = None
         self.models: ModelStore | None = None
+        #: where the first model served came from (``initial_model``)
+        self.origin: dict[str, Any] = {}
         s = self.settings
         #: exactly-once mode's transactional producers (None: at least once, Faust's producer)
         self.transactions: Transactions | None = (
@@ -88,7 +95,7 @@ class Runtime:
                 s = self.settings
                 self.models = ModelStore(sync_redis(s.redis), s.redis.key_prefix)
                 self.store = StateStore.from_settings(async_redis(s.redis), s.redis)
-                model = initial_model(s, self.models)
+                model, self.origin = initial_model(s, self.models)
 
                 async def faust_send(topic: str, key: bytes | None, value: bytes,
                                      headers: Any = None, timestamp: float | None = None) -> Any:

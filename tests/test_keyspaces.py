@@ -16,12 +16,12 @@ OWNERS = ROOT / "core" / "repos"
 HAND_BUILT = [
     ("a key from a prefix in an f-string", re.compile(r"""f["'][^"'\n]*\{[^}\n]*prefix[^}\n]*\}:""")),
     ("a user-state key", re.compile(r"""[}"']:u:""")),
-    ("a keyspace segment after an interpolation", re.compile(r"""\}:(model|trainer|meta)\b""")),
+    ("a keyspace segment after an interpolation", re.compile(r"""\}:(model|trainer|meta|catalog)\b""")),
     ("a trainer key", re.compile(r""":trainer:(recent|reservoir|seq|offsets|requests|state|decisions)\b""")),
     ("a model key", re.compile(r""":model:(seq|current|history|v)\b""")),
     ("a users counter key", re.compile(r""":meta:users\b""")),
     ("a store's client or key prefix used from outside",
-     re.compile(r"""\b(store|models|buffer|control)\.(r|p|_r|_prefix)\b""")),
+     re.compile(r"""\b(store|models|buffer|control|catalog)\.(r|p|_r|_prefix|_key)\b""")),
 ]
 
 
@@ -62,6 +62,8 @@ def test_the_check_finds_each_kind_of_hand_built_key():
         'await asyncio.to_thread(runtime.models.r.rpush, key, b"x")',
         'store.r.set(f"{store.p}:seq", 1)',
         'self.users_key = "x:meta:users"',
+        'r.hget(f"{{{p}}}:catalog:movies", "50")',
+        'catalog._r.hmget(catalog._key, ids)',
     ]:
         assert hand_built(line), f"not caught: {line}"
     for line in ['store = StateStore.from_settings(client, s.redis)', 'keys.drop_namespace(r, prefix)',

@@ -15,6 +15,7 @@ attribute so the DOM dump can be read back.
 from __future__ import annotations
 
 import contextlib
+import html
 import http.server
 import math
 import re
@@ -201,7 +202,7 @@ def serve_snapshot(snapshot: dict) -> Iterator[str]:
 
 @needs_chromium
 def test_page_renders_a_snapshot_in_chromium(tmp_path):
-    from stream.live import LiveStats
+    from stream.live import LiveStats, version_rows
 
     now = [1_700_000_000.0]
     s = LiveStats(clock=lambda: now[0])
@@ -212,6 +213,7 @@ def test_page_renders_a_snapshot_in_chromium(tmp_path):
     snap = s.snapshot(model={"ready": True, "name": "lstm", "version": 3, "device": "cpu"},
                       model_history=[{"version": 3, "published_at": now[0] - 60, "reason": "promote",
                                       "model": "lstm"}])
+    snap["versions"] = version_rows(snap["model_history"], snap["versions_seen"], {}, snap["model"])
     with serve_snapshot(snap) as base:
         dom = dump_dom(base + "/live", tmp_path)
     assert dom_number(dom, "events-processed") == 600
@@ -224,6 +226,54 @@ def test_page_renders_a_snapshot_in_chromium(tmp_path):
     assert dom.count("<polyline") >= 5  # throughput, p50, p99, RMSE, MAE
     assert dom.count("<tr><td>e") == 20  # the last 20 predictions
     assert "e599" in dom and "promote" in dom
+
+
+def movie_cells(dom: str) -> dict[str, tuple[str, str | None]]:
+    """The page's movie cells: data-movie-id -> (text shown, hover title or None)."""
+    out = {}
+    for m in re.finditer(r'<span class="movie" data-movie-id="(\d+)"(?: title="([^"]*)")?>([^<]*)</span>', dom):
+        out[m.group(1)] = (html.unescape(m.group(3)), m.group(2))
+    return out
+
+
+def version_table(dom: str) -> list[list[str]]:
+    """The rows of the versions table, cell texts."""
+    body = re.search(r'<table id="versions">.*?<tbody>(.*?)</tbody>', dom, re.S).group(1)
+    return [[html.unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+            for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+
+
+@needs_chromium
+def test_page_shows_titles_with_the_id_on_hover_and_a_filled_versions_table(tmp_path):
+    """A movie the catalog knows shows its title (its id on hover), one it
+    does not shows its id; the versions table says family, when, why, sha."""
+    from stream.live import LiveStats, version_rows
+
+    s = LiveStats(clock=lambda: 1_700_000_000.0)
+    rec = types.SimpleNamespace(
+        event_id="e1", user_id=7, movie_id=50, predicted=4.2, actual=5.0, model_version=2,
+        top_k=[[172, 4.6], [424242, 4.5]], timings={"event_to_prediction_ms": 9.0}, produced_at=0.0)
+    s.observe(types.SimpleNamespace(predictions=[rec], rejected=[], skipped=0))
+    s.sample()
+    hist = [{"version": 2, "model": "lstm", "published_at": 1_700_000_000.0 - 30, "sha256": "0123456789abcdef" * 4,
+             "reason": "promoted by trainer (events): holdout RMSE 0.9700 vs champion v1 0.9747",
+             "metrics": {"challenger_rmse": 0.97, "champion_rmse": 0.9747}},
+            {"version": 1, "model": "lstm", "published_at": 1_700_000_000.0 - 90, "sha256": "fedcba9876543210" * 4,
+             "reason": "bootstrap", "metrics": {"best_valid_rmse": 1.0123}}]
+    snap = s.snapshot(model={"ready": True, "name": "lstm", "version": 2, "device": "cpu"}, model_history=hist)
+    snap["titles"] = {"50": "Star Wars", "172": "Empire Strikes Back, The <1980> & co"}
+    snap["versions"] = version_rows(hist, snap["versions_seen"], {}, snap["model"])
+    with serve_snapshot(snap) as base:
+        dom = dump_dom(base + "/live", tmp_path)
+    cells = movie_cells(dom)
+    assert cells["50"] == ("Star Wars", "movie 50")
+    assert cells["172"] == ("Empire Strikes Back, The <1980> & co", "movie 172")  # escaped, not markup
+    assert cells["424242"] == ("424242", None)  # unknown: the id, no hover
+    rows = version_table(dom)
+    assert [r[:2] for r in rows] == [["2", "lstm"], ["1", "lstm"]]
+    assert rows[0][2] == "2023-11-14 22:12:50" and "0.9700" in rows[0][3] and "0.9747" in rows[0][3]
+    assert rows[1][3] == "bootstrap (validation RMSE 1.0123)"
+    assert [r[4] for r in rows] == ["0123456789ab", "fedcba987654"]
 
 
 @needs_chromium
@@ -362,6 +412,13 @@ def test_live_page_moves_while_events_flow(stack, tmp_path):
     with worker_with_traffic(stack, tmp_path, port, rate=100.0,
                              extra_env={"FBP_WORKER__READ_TOKEN": token}) as w:
         proc, feeder = w.proc, w.feeder
+        # ML-100K's titles of the even ids only: odd ids must show as ids
+        from core.datasets import load_movies
+        from stream.catalog import load_into_redis
+
+        movies = load_movies("ml-100k")
+        ml_titles = dict(zip(movies["movie_id"].tolist(), movies["title"].tolist()))
+        load_into_redis(w.settings, movies[movies["movie_id"] % 2 == 0])
         r = httpx.get(f"{proc.url}/live", timeout=10)
         assert r.status_code == 200, (
             f"/live answered {r.status_code}: stream/app.py must end with `from stream import live`")
@@ -399,6 +456,17 @@ def test_live_page_moves_while_events_flow(stack, tmp_path):
         assert dom_number(dom2, "events-rejected") > 0  # the feeder sends some malformed events
         assert dom2.count("<tr><td>ops-") == 20  # the last 20 predictions, by event id
         assert dom2.count("<polyline") >= 3
+        # movies by title (id on hover) where the catalog knows them, by id where not
+        cells = movie_cells(dom2)
+        known = {int(i): c for i, c in cells.items() if int(i) % 2 == 0 and int(i) in ml_titles}
+        unknown = {int(i): c for i, c in cells.items() if int(i) not in known}
+        assert known and unknown, cells
+        assert known == {i: (ml_titles[i], f"movie {i}") for i in known}
+        assert unknown == {i: (str(i), None) for i in unknown}
+        # nothing published: the versions table describes the local checkpoint served
+        rows = version_table(dom2)
+        assert rows[-1][:2] == ["0", "baseline"] and rows[-1][3] == "local checkpoint baseline.safetensors"
+        assert re.fullmatch(r"[0-9a-f]{12}", rows[-1][4]), rows
 
         data = httpx.get(f"{proc.url}/api/v1/live?points=5", headers=auth, timeout=10).json()
         assert len(data["history"]) <= 5 and data["model"]["ready"] is True

@@ -17,6 +17,9 @@ a cluster as on a single Redis:
 * the online movie side (:mod:`core.repos.movies`): one key per movie row
   ``{<prefix>:ms:<b>}:m:<movie_id>`` with ``b = movie_id mod STATE_BUCKETS``
   (spread over the slots like user states), and the globals ``{<prefix>:ms}:g``.
+* the movie catalog (:mod:`core.repos.catalog`): one hash
+  ``{<prefix>:catalog}:movies`` (field: movie id, value: the movie's JSON),
+  so one slot; it is read in small HMGETs where people look, never per event.
 
 Keys of the unversioned layout before this one (``<prefix>:u:<id>``,
 ``<prefix>:model:...``, ``<prefix>:trainer:...``, ``<prefix>:meta:users``)
@@ -79,6 +82,11 @@ def movie_side_key(prefix: str, movie_id: int | None) -> str:
     if movie_id is None:
         return f"{{{prefix}:ms}}:g"
     return f"{{{prefix}:ms:{int(movie_id) % STATE_BUCKETS}}}:m:{int(movie_id)}"
+
+
+def catalog_key(prefix: str, *parts: object) -> str:
+    """A key of the movie catalog (titles, years, genres by movie id)."""
+    return ":".join([f"{{{prefix}:catalog}}", *map(str, parts)])
 
 
 def movie_side_patterns(prefix: str) -> list[str]:

@@ -308,6 +308,12 @@ def replay(
     ledger = ReplayLedger(sync_redis(settings.redis), settings.redis.key_prefix)
 
     skipped: Counter[str] = Counter()
+    # dead letters of the movie catalog feed (`fbp catalog follow`) are not
+    # ratings: republishing them to the ratings topic would only refuse them again
+    catalog = [dl for dl in letters if dl.source.topic == k.movies_topic]
+    if catalog:
+        skipped["movies_topic"] = len(catalog)
+        letters = [dl for dl in letters if dl.source.topic != k.movies_topic]
     if not again:
         done = ledger.replayed([position(k.dlq_topic, dl) for dl in letters])
         skipped["already_replayed"] = sum(done)
