@@ -238,6 +238,11 @@ class LSTMModel(MFModel):
         finally:
             self._net_only = old
 
+    @property
+    def network_weight(self) -> float:
+        """The network's share of the served prediction (0: nothing to train or run)."""
+        return 1.0 - self.online_weight if self.online else 1.0
+
     def _blend(self, net: Tensor, on: Tensor) -> Tensor:
         a = self.online_weight
         return (1.0 - a) * net + a * on

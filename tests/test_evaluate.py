@@ -140,3 +140,25 @@ def test_ablations_table(tmp_path):
     assert doc["n"] == 1000 and doc["protocol"] == "ablations"
     assert set(doc["models"]) == {"river-biasedmf", "river-baseline"} | {v[0].strip() for v in VARIANTS}
     assert all(np.isfinite(r["rmse"]) for r in doc["models"].values())
+
+
+def test_online_is_the_served_models_online_half(data, tmp_path):
+    """``online`` predicts exactly what the served lstm's online half predicts
+    on the same events (so ``--models lstm,online`` measures the network's
+    share), without fine-tunes; the CLI writes it as ``models.online``."""
+    from trainer.evaluate import cli
+
+    df = data.ratings.iloc[:1500]
+    kw = dict(genre_vocab=data.genre_vocab, finetune_every=500, epochs=1, warmup=0, batch_events=256)
+    served = run_prequential("lstm", df, data.movies, **kw)
+    alone = run_prequential("online", df, data.movies, **kw)
+    assert served.finetunes == 2 and alone.finetunes == 0
+    assert np.array_equal(alone.predictions, served.extra["online"])
+    assert not np.allclose(alone.predictions, served.predictions, atol=1e-3)
+    app = typer.Typer()
+    app.command()(cli)
+    out = tmp_path / "o.json"
+    res = CliRunner().invoke(app, ["--data", "synthetic:1500", "--models", "online", "--seeds", "1", "--no-river",
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(out.read_text())["models"]) == {"online"}

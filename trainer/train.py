@@ -39,6 +39,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "lstm": {"lr": 1e-2, "l2": 1e-3},
+    "online": {"lr": 1e-2, "l2": 1e-3},
     "cnn": {"lr": 3e-3, "l2": 1e-3},
     "mf": {"lr": 1e-2, "l2": 1e-3},
     "baseline": {"lr": 3e-2, "l2": 0.0},
@@ -57,7 +58,7 @@ def make_model(
     ids (and, for the online ``lstm``, the width of the user side features)."""
     hp: dict[str, Any] = dict(MODEL_DEFAULTS.get(name, {}))
     hp.update(hparams)
-    if name == "lstm" and users is not None and len(users):
+    if name in ("lstm", "online") and users is not None and len(users):
         from models.online import user_feature_matrix
 
         hp.setdefault("n_user_features", int(user_feature_matrix(users, 0)[0].shape[1]))
