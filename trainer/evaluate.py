@@ -24,6 +24,10 @@ standard deviation over seeds.  River's ``BiasedMF`` (its docs' settings) and
 ``Baseline`` (biases, SGD 0.025) run in the same command on the same events;
 their predictions are clamped to [1, 5] like ours.
 
+``--models`` may also name ``online-hedge`` (prequential and demo only, not a
+served family): the mixture of online learners of :mod:`trainer.hedge`.  It
+is deterministic, so it runs once and every seed reports that run (spread 0).
+
 JSON written by ``--json`` (one protocol)::
 
     {"protocol": "prequential", "dataset": "ml-100k", "seeds": [0, 1, 2],
@@ -80,8 +84,13 @@ import torch
 import typer
 
 from trainer.prequential import (RIVER_MODELS, PrequentialResult, river_baseline, river_biasedmf, run_prequential,
-                                 run_river_prequential, stream_order)
+                                 run_river_prequential, stream_order, stretch_cuts)
 from trainer.train import evaluate_rmse, fit, make_model
+
+from trainer.hedge import run_hedge_prequential
+
+#: simulator-only models (no served family): :mod:`trainer.hedge`
+SIMULATED = ("online-hedge",)
 
 PROTOCOLS = ("time-split", "prequential", "demo", "both")
 RIVER = "river-biasedmf"
@@ -177,7 +186,7 @@ def run_stream_protocol(
     runs: dict[str, list[dict[str, Any]]] = {}
     first: dict[str, PrequentialResult] = {}
     for seed in seeds:
-        for name in names:
+        for name in [n for n in names if n not in SIMULATED]:
             r = run_prequential(name, ds.ratings, ds.movies, genre_vocab=ds.genre_vocab, finetune_every=every,
                                 epochs=epochs, seed=seed, policy=policy, progress=progress, device=device,
                                 bootstrap_frac=DEMO_BOOTSTRAP if demo else 0.0, bootstrap_epochs=DEMO_EPOCHS,
@@ -185,6 +194,12 @@ def run_stream_protocol(
             first.setdefault(name, r)
             runs.setdefault(name, []).append(r.to_dict())
             _echo(protocol, name, seed, r.to_dict())
+        for kind in [n for n in names if n in SIMULATED]:
+            r = first.get(kind) or run_hedge_prequential(ds, bootstrap=boot, batch_events=batch_events,
+                                                         cuts=stretch_cuts(len(ds.ratings), every, boot))
+            first.setdefault(kind, r)
+            runs.setdefault(kind, []).append(r.to_dict())
+            _echo(protocol, kind, seed, r.to_dict())
         for kind in RIVER_MODELS if river else ():
             r = run_river_prequential(ds.ratings, seed=river_seed(seed), kind=kind, bootstrap=boot)
             first.setdefault(kind, r)
@@ -269,9 +284,11 @@ def cli(
     names = [m.strip() for m in models.split(",") if m.strip()]
     from models.registry import MODELS
 
-    bad = [m for m in names if m not in MODELS]
+    bad = [m for m in names if m not in MODELS and m not in SIMULATED]
     if bad:
-        raise typer.BadParameter(f"unknown model(s) {bad}; choose from {', '.join(MODELS)}")
+        raise typer.BadParameter(f"unknown model(s) {bad}; choose from {', '.join([*MODELS, *SIMULATED])}")
+    if protocol in ("time-split", "both") and any(m in SIMULATED for m in names):
+        raise typer.BadParameter(f"{', '.join(SIMULATED)} run(s) in the prequential and demo protocols only")
     if seed is None:
         from core.settings import get_settings
 

@@ -85,6 +85,15 @@ def finetune_points(n: int, every: int, warmup: int = 3) -> list[int]:
     return [p for p in early + list(range(every, n, every)) if 0 < p < n]
 
 
+def stretch_cuts(n: int, every: int, bootstrap: int = 0, warmup: int = 3) -> list[int]:
+    """The fine-tune points of :func:`run_prequential` (after a ``bootstrap``:
+    every ``every`` events after it, no warm-up points).  The online batches
+    restart at each, so a peer that wants the same batches cuts there too."""
+    if bootstrap > 0:
+        return [bootstrap + p for p in range(every, n - bootstrap, every)] if every else []
+    return finetune_points(n, every, warmup)
+
+
 def rolling_rmse(err: np.ndarray, window: int) -> np.ndarray:
     sq = np.asarray(err, dtype=np.float64) ** 2
     c = np.cumsum(np.r_[0.0, sq])
@@ -340,10 +349,10 @@ def run_prequential(
     pos = 0
     # without a network the points only cut the stream into the same stretches
     # (the online batches restart at each), so ``online`` equals the lstm's online half
-    points = finetune_points(n, finetune_every, warmup)
+    points = stretch_cuts(n, finetune_every, 0, warmup)
     if bootstrap_frac > 0:
         pos = int(n * bootstrap_frac)
-        points = [pos + p for p in range(finetune_every, n - pos, finetune_every)] if finetune_every else []
+        points = stretch_cuts(n, finetune_every, pos, warmup)
         boot = df.iloc[:pos]
         if online:  # the online part learns the bootstrap once, as River does
             online_events(model, states, uidx[:pos], movie[:pos], rating[:pos], ts[:pos], batch_events)
