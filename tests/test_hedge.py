@@ -89,3 +89,22 @@ def test_evaluate_cli_runs_online_hedge_in_stream_protocols_only(tmp_path):
     assert h["n"] == 1500 and h["rmse_std"] == 0.0 and len(h["per_seed"]) == 2 and "river-biasedmf" in doc["models"]
     res = CliRunner().invoke(app, ["--data", "synthetic:1500", "--models", "online-hedge", "--protocol", "time-split"])
     assert res.exit_code != 0 and "prequential and demo" in res.output
+
+
+def test_lstm_hedge_is_the_network_blended_with_the_mixture(tmp_path):
+    """``lstm-hedge`` = 0.2 x the lstm's network + 0.8 x ``online-hedge``, on
+    the same events, the lstm run once per seed whether listed or not."""
+    from core.datasets import load_dataset
+    from trainer.evaluate import run_stream_protocol
+    from trainer.prequential import run_prequential
+
+    ds = load_dataset("synthetic:1200")
+    doc, first = run_stream_protocol(ds, ["lstm-hedge", "online-hedge"], finetune_every=500, epochs=1, river=False)
+    assert set(doc["models"]) == {"lstm-hedge", "online-hedge"}
+    y = first["online-hedge"].extra["ratings"].astype(np.float64)
+    lh = first["lstm-hedge"].predictions.astype(np.float64)
+    net = (lh - 0.8 * first["online-hedge"].predictions) / 0.2
+    assert np.allclose(doc["models"]["lstm-hedge"]["rmse"], np.sqrt(np.mean((lh - y) ** 2)), atol=1e-6)
+    lstm = run_prequential("lstm", ds.ratings, ds.movies, genre_vocab=ds.genre_vocab, finetune_every=500, epochs=1,
+                           seed=0)
+    assert np.allclose(net, lstm.extra["network"], atol=1e-4)

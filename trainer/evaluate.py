@@ -27,6 +27,8 @@ their predictions are clamped to [1, 5] like ours.
 ``--models`` may also name ``online-hedge`` (prequential and demo only, not a
 served family): the mixture of online learners of :mod:`trainer.hedge`.  It
 is deterministic, so it runs once and every seed reports that run (spread 0).
+``lstm-hedge`` is the served lstm's network (each seed's run) blended with
+that mixture at the served weight 0.8, in place of its single online learner.
 
 JSON written by ``--json`` (one protocol)::
 
@@ -89,8 +91,9 @@ from trainer.train import evaluate_rmse, fit, make_model
 
 from trainer.hedge import run_hedge_prequential
 
-#: simulator-only models (no served family): :mod:`trainer.hedge`
-SIMULATED = ("online-hedge",)
+#: simulator-only models (no served family): :mod:`trainer.hedge`, and the
+#: served lstm's network on top of it
+SIMULATED = ("online-hedge", "lstm-hedge")
 
 PROTOCOLS = ("time-split", "prequential", "demo", "both")
 RIVER = "river-biasedmf"
@@ -185,18 +188,25 @@ def run_stream_protocol(
     boot = int(len(ds.ratings) * DEMO_BOOTSTRAP) if demo else 0
     runs: dict[str, list[dict[str, Any]]] = {}
     first: dict[str, PrequentialResult] = {}
+    hedge: PrequentialResult | None = None
     for seed in seeds:
-        for name in [n for n in names if n not in SIMULATED]:
+        served: PrequentialResult | None = None
+        nets = [n for n in names if n not in SIMULATED]
+        for name in nets + (["lstm"] if "lstm-hedge" in names and "lstm" not in nets else []):
             r = run_prequential(name, ds.ratings, ds.movies, genre_vocab=ds.genre_vocab, finetune_every=every,
                                 epochs=epochs, seed=seed, policy=policy, progress=progress, device=device,
                                 bootstrap_frac=DEMO_BOOTSTRAP if demo else 0.0, bootstrap_epochs=DEMO_EPOCHS,
                                 users=getattr(ds, "users", None), batch_events=batch_events)
+            served = r if name == "lstm" else served
+            if name not in nets:  # run only for lstm-hedge's network
+                continue
             first.setdefault(name, r)
             runs.setdefault(name, []).append(r.to_dict())
             _echo(protocol, name, seed, r.to_dict())
         for kind in [n for n in names if n in SIMULATED]:
-            r = first.get(kind) or run_hedge_prequential(ds, bootstrap=boot, batch_events=batch_events,
-                                                         cuts=stretch_cuts(len(ds.ratings), every, boot))
+            hedge = hedge or run_hedge_prequential(ds, bootstrap=boot, batch_events=batch_events,
+                                                   cuts=stretch_cuts(len(ds.ratings), every, boot))
+            r = hedge if kind == "online-hedge" else network_on_hedge(served, hedge)
             first.setdefault(kind, r)
             runs.setdefault(kind, []).append(r.to_dict())
             _echo(protocol, kind, seed, r.to_dict())
@@ -210,6 +220,19 @@ def run_stream_protocol(
     if demo:
         doc.update(bootstrap_frac=DEMO_BOOTSTRAP, bootstrap_epochs=DEMO_EPOCHS)
     return doc, first
+
+
+def network_on_hedge(served: PrequentialResult, hedge: PrequentialResult) -> PrequentialResult:
+    """``lstm-hedge``: the served lstm's network (this seed's run, fine-tunes
+    and all) blended with ``online-hedge`` in place of its single online
+    learner, at the served weight (:data:`models.lstm.ONLINE_WEIGHT`)."""
+    from models.lstm import ONLINE_WEIGHT
+    from trainer.prequential import _result
+
+    a = ONLINE_WEIGHT
+    p = (1.0 - a) * served.extra["network"] + a * hedge.predictions
+    return _result("lstm-hedge", hedge.extra["ratings"], p.astype(np.float32), 2000, seconds=served.seconds + hedge.seconds,
+                   finetunes=served.finetunes, policy=served.policy)
 
 
 def table(doc: dict[str, Any]) -> str:

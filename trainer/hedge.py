@@ -189,7 +189,7 @@ def run_hedge_prequential(ds: Any, ratings: pd.DataFrame | None = None, *, hc: H
                 seconds=time.perf_counter() - t0, policy="online")
     each = [_rmse(P[bootstrap:, k], y[bootstrap:]) for k in range(len(cfgs))]
     best = int(np.argmin(each))
-    r.extra.update(members=P[bootstrap:], member_rmse=each,
+    r.extra.update(members=P[bootstrap:], member_rmse=each, ratings=y[bootstrap:].astype(np.float32),
                    best_member={"tau_s": cfgs[best].tau_s, "rate_scale": cfgs[best].lr_bias / OnlineConfig().lr_bias,
                                 "rmse": each[best]})
     return r
