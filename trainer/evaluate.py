@@ -231,7 +231,8 @@ def network_on_hedge(served: PrequentialResult, hedge: PrequentialResult) -> Pre
 
     a = ONLINE_WEIGHT
     p = (1.0 - a) * served.extra["network"] + a * hedge.predictions
-    return _result("lstm-hedge", hedge.extra["ratings"], p.astype(np.float32), 2000, seconds=served.seconds + hedge.seconds,
+    return _result("lstm-hedge", hedge.extra["ratings"], p.astype(np.float32), 2000,
+                   seconds=served.seconds + hedge.seconds,
                    finetunes=served.finetunes, policy=served.policy)
 
 
@@ -281,7 +282,8 @@ def plot(path: Path, results: dict[str, PrequentialResult] | None, docs: list[di
 def cli(
     data: str = typer.Option("ml-100k", help="ml-100k, synthetic:<n>[:<seed>] or a path to MovieLens files"),
     protocol: str = typer.Option("prequential", help="prequential, demo, time-split or both (time-split + prequential)"),
-    models: str = typer.Option("lstm,cnn,mf,baseline", help="comma-separated model names"),
+    models: str = typer.Option("lstm,cnn,mf,baseline", help="comma-separated model names (registered families; "
+                               "online-hedge, lstm-hedge: prequential/demo only)"),
     seeds: int = typer.Option(3, min=1, help="number of seeds (seed, seed+1, ...); mean and std are reported"),
     finetune_every: int = typer.Option(5000, min=0, help="prequential: fine-tune every N events (0: never); demo: 10000"),
     epochs: int = typer.Option(2, min=1, help="prequential/demo: epochs per fine-tune"),

@@ -217,8 +217,9 @@ def tune(data: str = "ml-100k", frac: float = 0.5, finetune_every: int = 5000, b
         return {"rmse": r, **hc.to_dict()}
 
     return {"data": data, "slice": f"first {frac:.0%} by time", "n": len(df), "chosen": best.to_dict(),
-            "rmse": rows[0][0], "members": {f"tau {c.tau_s:g} x rates {c.lr_bias / OnlineConfig().lr_bias:g}": _rmse(P[:, k], y)
-                                           for k, c in enumerate(cfgs)},
+            "rmse": rows[0][0],
+            "members": {f"tau {c.tau_s:g} x rates {c.lr_bias / OnlineConfig().lr_bias:g}": _rmse(P[:, k], y)
+                        for k, c in enumerate(cfgs)},
             "global weights only": best_where(lambda hc: hc.eta_u == 0),
             "top 5": [{"rmse": r, **hc.to_dict()} for r, hc in rows[:5]]}
 
