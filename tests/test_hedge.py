@@ -99,8 +99,10 @@ def test_lstm_hedge_is_the_network_blended_with_the_mixture(tmp_path):
     from trainer.prequential import run_prequential
 
     ds = load_dataset("synthetic:1200")
-    doc, first = run_stream_protocol(ds, ["lstm-hedge", "online-hedge"], finetune_every=500, epochs=1, river=False)
-    assert set(doc["models"]) == {"lstm-hedge", "online-hedge"}
+    doc, first = run_stream_protocol(ds, ["lstm-hedge", "online-hedge", "lstm-hedge-learned"], finetune_every=500,
+                                     epochs=1, river=False)
+    assert set(doc["models"]) == {"lstm-hedge", "online-hedge", "lstm-hedge-learned"}
+    assert 0.0 <= doc["models"]["lstm-hedge-learned"]["per_seed"][0]["final_network_weight"] <= 1.0
     y = first["online-hedge"].extra["ratings"].astype(np.float64)
     lh = first["lstm-hedge"].predictions.astype(np.float64)
     net = (lh - 0.8 * first["online-hedge"].predictions) / 0.2
@@ -108,3 +110,21 @@ def test_lstm_hedge_is_the_network_blended_with_the_mixture(tmp_path):
     lstm = run_prequential("lstm", ds.ratings, ds.movies, genre_vocab=ds.genre_vocab, finetune_every=500, epochs=1,
                            seed=0)
     assert np.allclose(net, lstm.extra["network"], atol=1e-4)
+
+
+def test_learned_blend_weights_a_network_only_where_it_helps():
+    """A network that knows the answers earns a share (its error falls
+    below the base's); one that is noise keeps its share near 0 and costs
+    almost nothing, where a fixed 0.2 would cost a lot."""
+    rng = np.random.default_rng(0)
+    y = rng.choice([1.0, 2.0, 3.0, 4.0, 5.0], 20_000)
+    base = np.clip(y + rng.normal(0, 0.9, len(y)), 1, 5).astype(np.float32)
+    starts = H.batch_starts(len(y), 1024)
+    good = np.clip(y + rng.normal(0, 0.5, len(y)), 1, 5).astype(np.float32)
+    p, w = H.learned_blend(good, base, y, starts)
+    assert w[-1] > 0.3 and H._rmse(p, y) < H._rmse(base, y) - 0.05
+    noise = rng.uniform(1, 5, len(y)).astype(np.float32)
+    p, w = H.learned_blend(noise, base, y, starts)
+    fixed = 0.8 * base + 0.2 * noise
+    assert w[-1] < 0.1 and H._rmse(p, y) < H._rmse(base, y) + 0.005 < H._rmse(fixed, y)
+    assert w[0] == 0.0 and np.all((w >= 0) & (w <= 1))
