@@ -30,7 +30,10 @@ online updates learned.  :meth:`online_step` is ``step`` plus the movie-side
 *increments* of the batch (sums, mergeable by any number of workers);
 ``step`` alone leaves the movie side as it is.  ``forward_sequence`` equals
 ``step`` event by event (the movie side is fixed during a call); in training
-mode it returns the network alone, which is what ``fit`` trains.
+mode it returns the network alone, which is what ``fit`` trains.  The online
+part alone is the evaluable family ``online`` (:mod:`models.online_model`,
+``network_weight`` 0), so ``fbp evaluate --models lstm,online`` measures the
+network's share.
 
 State bytes per user (defaults hidden=32, k=4, W=32): 1060 (1038 payload + 22 header)
 without the online part.
@@ -237,6 +240,11 @@ class LSTMModel(MFModel):
             yield self
         finally:
             self._net_only = old
+
+    @property
+    def network_weight(self) -> float:
+        """The network's share of the served prediction (0: nothing to train or run)."""
+        return 1.0 - self.online_weight if self.online else 1.0
 
     def _blend(self, net: Tensor, on: Tensor) -> Tensor:
         a = self.online_weight

@@ -16,6 +16,7 @@ from models.base import RatingModel
 #: name (as stored in checkpoints and state blobs) -> "module.Class"
 MODELS: dict[str, str] = {
     "lstm": "models.lstm.LSTMModel",
+    "online": "models.online_model.OnlineModel",
     "cnn": "models.cnn.CNNModel",
     "mf": "models.mf.MFModel",
     "baseline": "models.baseline.BaselineModel",

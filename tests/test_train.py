@@ -79,3 +79,30 @@ def test_train_cli_writes_checkpoint(tmp_path):
     doc = json.loads((tmp_path / "r.json").read_text())
     assert model.name == "mf" and doc["sha256"] == meta["sha256"]
     assert 0 < meta["metrics"]["test_rmse"] < 2
+
+
+def test_fit_validates_on_ratings_the_online_side_has_not_learned(data, monkeypatch):
+    """Early stopping scores the last 10% by time: when it does, the fresh
+    online movie side has learned the training events only (one count per
+    event in its running mean), and the validation ratings reach no movie row;
+    the checkpoint then ships all the events."""
+    import trainer.train as T
+
+    df = data.ratings.iloc[:2000]
+    n_valid = int(round(len(df) * 0.1))
+    valid = df.iloc[T._time_order(df)[len(df) - n_valid:]]
+    seen = []
+    score = T._score
+
+    def spy(model, seqs, device, *a, **kw):
+        seen.append((float(model.online_mu[1]), model.online_b.clone()))
+        return score(model, seqs, device, *a, **kw)
+
+    monkeypatch.setattr(T, "_score", spy)
+    m = make_model("lstm", data.movies, data.genre_vocab)
+    fit(m, df, epochs=2, batch_users=32, device="cpu", valid_frac=0.1, seed=0, progress=False)
+    assert [c for c, _ in seen] == [len(df) - n_valid] * 2
+    # a movie rated only in the validation slice has no learned bias yet
+    only_valid = np.setdiff1d(valid["movie_id"].unique(), df.drop(valid.index)["movie_id"].unique())
+    assert len(only_valid) and all(float(b[only_valid].abs().max()) == 0.0 for _, b in seen)
+    assert float(m.online_mu[1]) == len(df) and float(m.online_b[only_valid].abs().max()) > 0

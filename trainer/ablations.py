@@ -57,17 +57,23 @@ VARIANTS: list[tuple[str, dict[str, Any], int]] = [
 ]
 
 
-def run_online(ds: Any, df: pd.DataFrame, cfg: OnlineConfig, merge_every: int = 0,
-               batch_events: int = 1024) -> dict[str, float]:
-    t0 = time.perf_counter()
+def learner_inputs(ds: Any, df: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(movie feature table, user feature table, each event's user row) for
+    :class:`models.online.OnlineLearner` over ``df``."""
     years = pd.to_numeric(ds.movies["year"], errors="coerce").dropna() if len(ds.movies) else pd.Series([])
     lo, hi = (float(years.min()), float(years.max())) if len(years) else (1920.0, 2000.0)
     mfeat = movie_feature_matrix(ds.movies if len(ds.movies) else None, ds.genre_vocab, lo, hi,
                                  int(df["movie_id"].max()) + 1)
     ufeat, _ = user_feature_matrix(getattr(ds, "users", None), int(df["user_id"].max()))
     users = df["user_id"].to_numpy(np.int64)
-    uniq = np.unique(users)
-    uidx = np.searchsorted(uniq, users)
+    return mfeat, ufeat, np.searchsorted(np.unique(users), users)
+
+
+def run_online(ds: Any, df: pd.DataFrame, cfg: OnlineConfig, merge_every: int = 0,
+               batch_events: int = 1024) -> dict[str, float]:
+    t0 = time.perf_counter()
+    mfeat, ufeat, uidx = learner_inputs(ds, df)
+    uniq = np.unique(uidx)
     learner = OnlineLearner(cfg, mfeat, ufeat, len(uniq), merge_every=merge_every)
     col = {c: torch.from_numpy(df[c].to_numpy(np.int64).copy()) for c in ("user_id", "movie_id", "ts")}
     y = torch.from_numpy(df["rating"].to_numpy(np.float32).copy())

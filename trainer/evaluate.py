@@ -24,6 +24,13 @@ standard deviation over seeds.  River's ``BiasedMF`` (its docs' settings) and
 ``Baseline`` (biases, SGD 0.025) run in the same command on the same events;
 their predictions are clamped to [1, 5] like ours.
 
+``--models`` may also name ``online-hedge`` (prequential and demo only, not a
+served family): the mixture of online learners of :mod:`trainer.hedge`.  It
+is deterministic, so it runs once and every seed reports that run (spread 0).
+``lstm-hedge`` is the served lstm's network (each seed's run) blended with
+that mixture at the served weight 0.8, in place of its single online learner;
+``lstm-hedge-learned`` learns the network's share on the stream instead.
+
 JSON written by ``--json`` (one protocol)::
 
     {"protocol": "prequential", "dataset": "ml-100k", "seeds": [0, 1, 2],
@@ -80,8 +87,14 @@ import torch
 import typer
 
 from trainer.prequential import (RIVER_MODELS, PrequentialResult, river_baseline, river_biasedmf, run_prequential,
-                                 run_river_prequential, stream_order)
+                                 run_river_prequential, stream_order, stretch_cuts)
 from trainer.train import evaluate_rmse, fit, make_model
+
+from trainer.hedge import run_hedge_prequential
+
+#: simulator-only models (no served family): :mod:`trainer.hedge`, and the
+#: served lstm's network on top of it
+SIMULATED = ("online-hedge", "lstm-hedge", "lstm-hedge-learned")
 
 PROTOCOLS = ("time-split", "prequential", "demo", "both")
 RIVER = "river-biasedmf"
@@ -124,7 +137,8 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
         out[name] = {"rmse": float(rm.mean()), "mae": float(ma.mean()), "rmse_std": float(rm.std()),
                      "mae_std": float(ma.std()), "n": int(rs[0]["n"]),
                      "seconds": round(float(np.mean([r.get("seconds", 0.0) for r in rs])), 2),
-                     "per_seed": [{"rmse": r["rmse"], "mae": r["mae"]} for r in rs]}
+                     "per_seed": [{"rmse": r["rmse"], "mae": r["mae"],
+                                   **{k: r[k] for k in ("final_network_weight",) if k in r}} for r in rs]}
     return out
 
 
@@ -176,15 +190,30 @@ def run_stream_protocol(
     boot = int(len(ds.ratings) * DEMO_BOOTSTRAP) if demo else 0
     runs: dict[str, list[dict[str, Any]]] = {}
     first: dict[str, PrequentialResult] = {}
+    hedge: PrequentialResult | None = None
     for seed in seeds:
-        for name in names:
+        served: PrequentialResult | None = None
+        nets = [n for n in names if n not in SIMULATED]
+        needs_net = any(n.startswith("lstm-hedge") for n in names)
+        for name in nets + (["lstm"] if needs_net and "lstm" not in nets else []):
             r = run_prequential(name, ds.ratings, ds.movies, genre_vocab=ds.genre_vocab, finetune_every=every,
                                 epochs=epochs, seed=seed, policy=policy, progress=progress, device=device,
                                 bootstrap_frac=DEMO_BOOTSTRAP if demo else 0.0, bootstrap_epochs=DEMO_EPOCHS,
                                 users=getattr(ds, "users", None), batch_events=batch_events)
+            served = r if name == "lstm" else served
+            if name not in nets:  # run only for lstm-hedge's network
+                continue
             first.setdefault(name, r)
             runs.setdefault(name, []).append(r.to_dict())
             _echo(protocol, name, seed, r.to_dict())
+        for kind in [n for n in names if n in SIMULATED]:
+            hedge = hedge or run_hedge_prequential(ds, bootstrap=boot, batch_events=batch_events,
+                                                   cuts=stretch_cuts(len(ds.ratings), every, boot))
+            r = hedge if kind == "online-hedge" else network_on_hedge(served, hedge, kind)
+            first.setdefault(kind, r)
+            runs.setdefault(kind, []).append({**r.to_dict(), **{k: v for k, v in r.extra.items()
+                                                                if k == "final_network_weight"}})
+            _echo(protocol, kind, seed, r.to_dict())
         for kind in RIVER_MODELS if river else ():
             r = run_river_prequential(ds.ratings, seed=river_seed(seed), kind=kind, bootstrap=boot)
             first.setdefault(kind, r)
@@ -195,6 +224,31 @@ def run_stream_protocol(
     if demo:
         doc.update(bootstrap_frac=DEMO_BOOTSTRAP, bootstrap_epochs=DEMO_EPOCHS)
     return doc, first
+
+
+def network_on_hedge(served: PrequentialResult, hedge: PrequentialResult, name: str = "lstm-hedge"
+                     ) -> PrequentialResult:
+    """``lstm-hedge``: the served lstm's network (this seed's run, fine-tunes
+    and all) blended with ``online-hedge`` in place of its single online
+    learner, at the served weight (:data:`models.lstm.ONLINE_WEIGHT`);
+    ``lstm-hedge-learned``: with the network's share learned on the stream
+    (:func:`trainer.hedge.learned_blend`) instead."""
+    from models.lstm import ONLINE_WEIGHT
+    from trainer.hedge import learned_blend
+    from trainer.prequential import _result
+
+    y, net = hedge.extra["ratings"], served.extra["network"]
+    extra: dict[str, Any] = {}
+    if name == "lstm-hedge-learned":
+        p, w = learned_blend(net, hedge.predictions, y, hedge.extra["starts"])
+        extra["final_network_weight"] = float(w[-1]) if len(w) else 0.0
+    else:
+        a = ONLINE_WEIGHT
+        p = (1.0 - a) * net + a * hedge.predictions
+    r = _result(name, y, p.astype(np.float32), 2000, seconds=served.seconds + hedge.seconds,
+                finetunes=served.finetunes, policy=served.policy)
+    r.extra.update(extra)
+    return r
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -243,7 +297,8 @@ def plot(path: Path, results: dict[str, PrequentialResult] | None, docs: list[di
 def cli(
     data: str = typer.Option("ml-100k", help="ml-100k, synthetic:<n>[:<seed>] or a path to MovieLens files"),
     protocol: str = typer.Option("prequential", help="prequential, demo, time-split or both (time-split + prequential)"),
-    models: str = typer.Option("lstm,cnn,mf,baseline", help="comma-separated model names"),
+    models: str = typer.Option("lstm,cnn,mf,baseline", help="comma-separated model names (registered families; "
+                               "online-hedge, lstm-hedge[-learned]: prequential/demo only)"),
     seeds: int = typer.Option(3, min=1, help="number of seeds (seed, seed+1, ...); mean and std are reported"),
     finetune_every: int = typer.Option(5000, min=0, help="prequential: fine-tune every N events (0: never); demo: 10000"),
     epochs: int = typer.Option(2, min=1, help="prequential/demo: epochs per fine-tune"),
@@ -269,9 +324,11 @@ def cli(
     names = [m.strip() for m in models.split(",") if m.strip()]
     from models.registry import MODELS
 
-    bad = [m for m in names if m not in MODELS]
+    bad = [m for m in names if m not in MODELS and m not in SIMULATED]
     if bad:
-        raise typer.BadParameter(f"unknown model(s) {bad}; choose from {', '.join(MODELS)}")
+        raise typer.BadParameter(f"unknown model(s) {bad}; choose from {', '.join([*MODELS, *SIMULATED])}")
+    if protocol in ("time-split", "both") and any(m in SIMULATED for m in names):
+        raise typer.BadParameter(f"{', '.join(SIMULATED)} run(s) in the prequential and demo protocols only")
     if seed is None:
         from core.settings import get_settings
 

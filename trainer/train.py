@@ -39,6 +39,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "lstm": {"lr": 1e-2, "l2": 1e-3},
+    "online": {"lr": 1e-2, "l2": 1e-3},
     "cnn": {"lr": 3e-3, "l2": 1e-3},
     "mf": {"lr": 1e-2, "l2": 1e-3},
     "baseline": {"lr": 3e-2, "l2": 0.0},
@@ -57,7 +58,7 @@ def make_model(
     ids (and, for the online ``lstm``, the width of the user side features)."""
     hp: dict[str, Any] = dict(MODEL_DEFAULTS.get(name, {}))
     hp.update(hparams)
-    if name == "lstm" and users is not None and len(users):
+    if name in ("lstm", "online") and users is not None and len(users):
         from models.online import user_feature_matrix
 
         hp.setdefault("n_user_features", int(user_feature_matrix(users, 0)[0].shape[1]))
@@ -143,13 +144,18 @@ def fit(
     model.ensure_capacity(int(ratings_df["movie_id"].max()))
     model.to(dev)
     model.init_from_data(float(ratings_df["rating"].mean()))
-    if getattr(model, "online", False) and float(model.online_mu[1]) == 0:  # type: ignore[attr-defined]
-        learn_online_once(model, ratings_df)
     n = len(ratings_df)
     n_valid = int(round(n * valid_frac)) if valid_frac > 0 else 0
     is_valid = np.zeros(n, dtype=bool)
     if n_valid > 0:
         is_valid[_time_order(ratings_df)[n - n_valid :]] = True
+    # a fresh online movie side learns the training events only, so early
+    # stopping never scores ratings it has already learned; the validation
+    # events follow after training, so the checkpoint ships all of them
+    online_pass = None
+    if getattr(model, "online", False) and float(model.online_mu[1]) == 0:  # type: ignore[attr-defined]
+        online_pass = OnlinePass(model, ratings_df)
+        online_pass.learn(n - n_valid)
     train_seqs = build_sequences(ratings_df[~is_valid]) if n_valid else build_sequences(ratings_df)
     valid_seqs = build_sequences(ratings_df, flag=is_valid) if n_valid else None
     if n_valid:
@@ -201,6 +207,8 @@ def fit(
         model.load_state_dict(best_sd)
         rep.best_valid_rmse = best
     model.eval()
+    if online_pass is not None:
+        online_pass.learn(n)
     rep.seconds = time.perf_counter() - t0
     return rep
 
@@ -210,15 +218,48 @@ def learn_online_once(model: RatingModel, ratings_df: pd.DataFrame, batch_events
     scratch) gets one predict-then-learn pass over the data in time order,
     as the stream would have given it, so a bootstrap checkpoint ships a
     learned movie side.  Fine-tunes skip this: their movie side is live."""
-    from trainer.prequential import online_events, stream_order  # lazy: prequential imports this module
+    OnlinePass(model, ratings_df, batch_events).learn(len(ratings_df))
 
-    df = stream_order(ratings_df)
-    users = df["user_id"].to_numpy(np.int64)
-    uniq = np.unique(users)
-    model.eval()
-    states = model.init_state(len(uniq), model.device)
-    online_events(model, states, np.searchsorted(uniq, users), df["movie_id"].to_numpy(np.int64),
-                  df["rating"].to_numpy(np.float32), df["ts"].to_numpy(np.int64), batch_events)
+
+class OnlinePass:
+    """One predict-then-learn pass of a model's online part over ``ratings_df``
+    in stream order, run in stretches: :meth:`learn` ``(upto)`` advances it to
+    the first ``upto`` events.  Why stretches: ``fit`` learns the training
+    events before training and the validation events (the last ones by time)
+    only after early stopping has scored them."""
+
+    def __init__(self, model: RatingModel, ratings_df: pd.DataFrame, batch_events: int = 1024) -> None:
+        from trainer.prequential import stream_order  # lazy: prequential imports this module
+
+        df = stream_order(ratings_df)
+        self.model, self.batch_events, self.pos = model, int(batch_events), 0
+        users = df["user_id"].to_numpy(np.int64)
+        uniq = np.unique(users)
+        self.uidx = np.searchsorted(uniq, users)
+        self.movie = df["movie_id"].to_numpy(np.int64)
+        self.rating = df["rating"].to_numpy(np.float32)
+        self.ts = df["ts"].to_numpy(np.int64)
+        model.eval()
+        self.states = model.init_state(len(uniq), model.device)
+
+    def learn(self, upto: int) -> None:
+        from trainer.prequential import online_events
+
+        lo, hi = self.pos, min(int(upto), len(self.uidx))
+        if hi <= lo:
+            return
+        self.model.eval()
+        u = self.uidx[lo:hi]
+        online_events(self.model, self.states, u, self.movie[lo:hi], self.rating[lo:hi], self.ts[lo:hi],
+                      self.batch_events)
+        # online_events leaves last_ts/count to the caller: advance them for the next stretch
+        dev = self.states["count"].device
+        rows = torch.from_numpy(u).to(dev)
+        self.states["count"].index_add_(0, rows, torch.ones(len(u), dtype=self.states["count"].dtype, device=dev))
+        last = pd.Series(self.ts[lo:hi]).groupby(u).last()
+        who = torch.tensor(last.index.to_numpy(np.int64), device=dev)
+        self.states["last_ts"][who] = torch.tensor(last.to_numpy(np.int64), device=dev).to(self.states["last_ts"].dtype)
+        self.pos = hi
 
 
 def _subset_users(seqs: UserSequences, keep: np.ndarray) -> UserSequences:
