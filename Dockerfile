@@ -7,7 +7,7 @@
 #                    debootstrap image, tests/docker/base-image.sh)
 #   TORCH_INDEX_URL  where torch comes from.  Default: PyTorch's CPU-only wheels
 #                    (~200 MB).  For NVIDIA GPUs use a CUDA index, e.g.
-#                    https://download.pytorch.org/whl/cu124, or PyPI itself
+#                    https://download.pytorch.org/whl/cu126, or PyPI itself
 #                    (https://pypi.org/simple: CUDA wheels, ~4 GB with the
 #                    nvidia-* libraries), and run with `docker run --gpus all`
 #                    (NVIDIA Container Toolkit) and FBP_TRAINER__DEVICE=cuda.
@@ -64,6 +64,8 @@ RUN pip install --no-deps . \
  && mkdir -p /opt/fbp/runs \
  && chown -R fbp /opt/fbp
 
+# Local state (the worker's Faust tables) beside the code, not in site-packages.
+ENV FBP_STACK__DATA_DIR=/opt/fbp/state
 USER fbp
 EXPOSE 6066 6068
 # GET /health on the web port of the process this container runs: the
