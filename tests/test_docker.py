@@ -11,6 +11,7 @@ volume behind.  Host ports are free ones picked per run (published on
 
 Heavy (cold: a ~4 GB image build): run by `make test-docker` (FBP_TEST_DOCKER=1),
 which .ci/run calls after `make test`; `make test` skips it.
+FBP_TEST_DOCKER_KEEP=1 leaves a failed run's containers up for a look.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ REPLAYED = 80_000  # ML-100K after the 20,000 the bootstrap model trained on
 COMPOSE_FILES = ["-f", str(REPO_ROOT / "docker-compose.yml"), "-f", str(dk.DOCKER_DIR / "compose.test.yml")]
 
 
-class Stack:
+class ComposeProject:
     """One compose project on free loopback ports."""
 
     def __init__(self) -> None:
@@ -111,45 +112,45 @@ def _finetune_decisions(log: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def stack():
+def project():
     dk.ensure_engine()
     took = dk.build_images()
-    st = Stack()
-    st("down", "-v", "--remove-orphans", timeout=300, check=False)  # a crashed earlier run
+    proj = ComposeProject()
+    proj("down", "-v", "--remove-orphans", timeout=300, check=False)  # a crashed earlier run
     t0 = time.monotonic()
-    st("build", timeout=3600)
+    proj("build", timeout=3600)
     took["project image"] = time.monotonic() - t0
     size = dk.run(["docker", "image", "inspect", "-f", "{{.Size}}", "feedback-predictor:latest"]).stdout
     print(f"\nbuild seconds: { {k: round(v, 1) for k, v in took.items()} }, "
           f"feedback-predictor:latest {int(size) / 1e9:.2f} GB")
     try:
-        yield st
+        yield proj
     finally:
         if os.environ.get("FBP_TEST_DOCKER_KEEP") != "1":
-            st("down", "-v", "--remove-orphans", timeout=300, check=False)
+            proj("down", "-v", "--remove-orphans", timeout=300, check=False)
 
 
-def test_compose_up_runs_the_main_job_and_down_leaves_nothing(stack):
+def test_compose_up_runs_the_main_job_and_down_leaves_nothing(project):
     t_up = time.time()
-    up = stack("up", "-d", timeout=1200, check=False)
-    assert up.returncode == 0, _diagnose(stack, up.stdout + up.stderr)
+    up = project("up", "-d", timeout=1200, check=False)
+    assert up.returncode == 0, _diagnose(project, up.stdout + up.stderr)
     try:
-        _check_main_job(stack, t_up)
+        _check_main_job(project, t_up)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{_diagnose(stack, '')}") from None
+        raise AssertionError(f"{exc}\n{_diagnose(project, '')}") from None
 
-    down = stack("down", "-v", timeout=300)
+    down = project("down", "-v", timeout=300)
     assert down.returncode == 0
     assert dk.project_leftovers(PROJECT) == {"containers": [], "volumes": [], "networks": []}
 
 
-def _check_main_job(stack: Stack, t_up: float) -> None:
-    ports = stack.ports
-    # The producer replays all of ML-100K once the worker and trainer are healthy.
-    _wait("the producer to finish", lambda: stack.state("producer")[0] == "exited", timeout=900)
-    assert stack.state("producer") == ("exited", 0), stack.logs("producer")[-3000:]
-    assert stack.state("bootstrap") == ("exited", 0)
-    assert stack.state("init-topics") == ("exited", 0)
+def _check_main_job(project: ComposeProject, t_up: float) -> None:
+    ports = project.ports
+    # The producer replays the 80,000 later ML-100K events once the worker and trainer are healthy.
+    _wait("the producer to finish", lambda: project.state("producer")[0] == "exited", timeout=900)
+    assert project.state("producer") == ("exited", 0), project.logs("producer")[-3000:]
+    assert project.state("bootstrap") == ("exited", 0)
+    assert project.state("init-topics") == ("exited", 0)
 
     ratings = {rec["event_id"] for rec, _ in _read_topic(ports["kafka"], "ratings", None, timeout=300)}
     assert len(ratings) == REPLAYED
@@ -171,12 +172,12 @@ def _check_main_job(stack: Stack, t_up: float) -> None:
     _wait("Prometheus to report the worker and trainer targets up", fbp_targets_up, timeout=120)
 
     def finetuned():  # a fine-tune that trained and was judged ("skipped" = too little data)
-        return [d for d in _finetune_decisions(stack.logs("trainer")) if d["outcome"] in ("promoted", "rejected")]
+        return [d for d in _finetune_decisions(project.logs("trainer")) if d["outcome"] in ("promoted", "rejected")]
     decisions = _wait("the trainer to log a fine-tune that was promoted or rejected", finetuned, timeout=600, every=5)
     print(f"fine-tune decisions: {[(d['outcome'], d.get('new_version')) for d in decisions]}")
 
 
-def _diagnose(stack: Stack, out: str) -> str:
-    tails = "\n".join(f"--- {svc} ---\n{stack.logs(svc)[-1500:]}"
+def _diagnose(project: ComposeProject, out: str) -> str:
+    tails = "\n".join(f"--- {svc} ---\n{project.logs(svc)[-1500:]}"
                       for svc in ("kafka", "redis", "init-topics", "bootstrap", "worker", "trainer", "producer"))
-    return f"{out[-3000:]}\n{stack('ps', check=False).stdout}\n{tails}"
+    return f"{out[-3000:]}\n{project('ps', check=False).stdout}\n{tails}"
