@@ -59,6 +59,21 @@ class ComposeProject:
         out = dk.run(["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", cid]).stdout.split()
         return out[0], int(out[1])
 
+    def timeline(self, t0: float) -> dict[str, list[float]]:
+        """[started, finished] seconds after ``t0`` of each service (finished: one-shots only)."""
+        from datetime import datetime
+
+        def secs(stamp: str) -> float | None:
+            if stamp.startswith("0001-"):
+                return None
+            return round(datetime.fromisoformat(stamp[:26].rstrip("Z") + "+00:00").timestamp() - t0, 1)
+        out = {}
+        for svc in ("kafka", "redis", "init-topics", "bootstrap", "worker", "trainer", "producer"):
+            fmt = "{{.State.StartedAt}} {{.State.FinishedAt}}"
+            started, finished = dk.run(["docker", "inspect", "-f", fmt, self.container(svc)]).stdout.split()
+            out[svc] = [secs(started), secs(finished)]
+        return out
+
     def logs(self, service: str) -> str:
         return self("logs", "--no-color", service, check=False).stdout
 
@@ -159,7 +174,7 @@ def _check_main_job(project: ComposeProject, t_up: float) -> None:
     assert ratings - predicted == set(), f"{len(ratings - predicted)} replayed events without a prediction"
     first = min(ts for _, ts in preds) / 1000.0
     print(f"\nup -> first prediction: {first - t_up:.1f} s; up -> all {len(predicted)} predicted: "
-          f"{max(ts for _, ts in preds) / 1000.0 - t_up:.1f} s")
+          f"{max(ts for _, ts in preds) / 1000.0 - t_up:.1f} s; seconds after up: {project.timeline(t_up)}")
 
     health = _get_json(f"http://127.0.0.1:{ports['worker']}/health")
     assert health["status"] == "ok" and health["model_version"] is not None, health
