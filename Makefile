@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 FBP    := $(PY) -m fbp.cli
 PYTEST_ARGS ?=
 
-.PHONY: help system-deps venv stack-deps stack-up stack-down stack-status test test-fast test-cluster demo clean-stack
+.PHONY: help system-deps venv stack-deps stack-up stack-down stack-status test test-fast test-cluster test-docker demo clean-stack
 
 help:
 	@echo "make system-deps install the Debian packages the stack and tests need (root; else prints the command)"
@@ -16,6 +16,7 @@ help:
 	@echo "make stack-down  stop them"
 	@echo "make test        run the whole test suite (starts the stack itself)"
 	@echo "make test-cluster the end-to-end tests on a 3-broker Kafka + 3+3 Redis Cluster (WAIT 1)"
+	@echo "make test-docker docker compose up on a real Docker engine (root: installs and starts one)"
 	@echo "make demo        the whole pipeline: stack, bootstrap model, worker, trainer, replay, summary"
 
 # Debian packages (redis-server, prometheus, Java, Maven, ...): installed when
@@ -65,6 +66,12 @@ CLUSTER_TESTS := test_stream_e2e test_exactly_once test_keys test_poison_pill te
 test-cluster: system-deps venv
 	$(FBP) stack up --kafka-brokers 3 --redis-cluster
 	$(CLUSTER_ENV) $(PY) -m pytest -q $(patsubst %,tests/%.py,$(CLUSTER_TESTS)) $(PYTEST_ARGS)
+
+# docker-compose.yml's main job on a real engine (tests/test_docker.py): as root
+# it installs docker.io + debootstrap and starts dockerd when none runs; cold,
+# it builds a ~4 GB image (torch from PyPI), warm it reuses the layers.
+test-docker: system-deps venv
+	FBP_TEST_DOCKER=1 $(PY) -m pytest -q -s tests/test_docker.py $(PYTEST_ARGS)
 
 # Unit tests only (no Kafka/Redis/Prometheus needed).
 test-fast: venv

@@ -34,6 +34,8 @@ want openssl       openssl          # deploy/security/make_certs.py
 want ss            iproute2         # "port taken by ..." messages
 want chromium      chromium         # tests/test_live_page.py renders the live page
 want docker-compose docker-compose  # tests/test_compose.py validates docker-compose.yml
+want dockerd       docker.io        # tests/test_docker.py: a real engine (make test-docker)
+want debootstrap   debootstrap      # tests/docker/base-image.sh: the local Debian base image
 # The venv: Debian splits ensurepip out of python3.11.
 py=$(command -v python3.11 || command -v python3 || true)
 if [ -z "$py" ]; then
