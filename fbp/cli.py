@@ -32,6 +32,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("fbp.demo", "cli", "command"),
     "config": ("fbp.config_cmd", "app", "group"),
     "dlq": ("stream.dlq", "app", "group"),
+    "user": ("fbp.user_cmd", "app", "group"),
 }
 
 

@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from core.settings import ConfigError, load_settings
+from core.settings import ConfigError, Settings, load_settings
 
 
 def cli(
@@ -31,6 +31,7 @@ def cli(
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    refuse_evicting_redis(settings)
     from stream.app import app
 
     sys.argv = [
@@ -40,3 +41,18 @@ def cli(
         "--with-web",
     ]
     app.main()
+
+
+def refuse_evicting_redis(settings: Settings) -> None:
+    """Exit 2 when Redis may evict states (warn instead with state.allow_eviction);
+    see :func:`stream.faults.evicting_redis`."""
+    from stream.faults import evicting_redis
+
+    problem = evicting_redis(settings)
+    if problem is None:
+        return
+    if settings.state.allow_eviction:
+        typer.echo(f"WARNING: {problem} (FBP_STATE__ALLOW_EVICTION is set: starting anyway)", err=True)
+        return
+    typer.echo(f"refusing to start: {problem}", err=True)
+    raise typer.Exit(2)
