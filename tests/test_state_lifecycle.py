@@ -178,3 +178,28 @@ def test_packed_buffer_events_carry_the_user_where_forget_looks():
     rec = np.zeros(1, dtype=REC)
     rec["user"] = 123456789
     assert rec.tobytes()[8:16] == np.int64(123456789).astype("<i8").tobytes()
+
+
+def test_bench_state_measures_bytes_per_user_and_projects(stack, tmp_path):
+    """``fbp bench state --json``: bytes per user per family from real Redis
+    (at least the state blob itself), and 1M/10M/100M projections."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    out = tmp_path / "state.json"
+    res = CliRunner().invoke(app, ["state", "--users", "50", "--events-per-user", "2",
+                                   "--families", "lstm,baseline", "--shards", "4", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    got = orjson.loads(out.read_bytes())
+    assert set(got["bytes_per_user"]) == {"lstm", "baseline", "lstm+exactly_once"}
+    for run in got["runs"]:
+        assert run["used_memory_per_user"] > run["state_blob_bytes"] > 100
+        assert 0 < run["idle_ttl_ms"] <= got["idle_ttl_s"] * 1000
+    assert got["bytes_per_user"]["lstm+exactly_once"] > got["bytes_per_user"]["lstm"]
+    assert got["bytes_per_movie"]["lstm"] > 0
+    rows = got["projection"]["lstm"]
+    assert [r["users"] for r in rows] == [1_000_000, 10_000_000, 100_000_000]
+    per = got["bytes_per_user"]["lstm"]
+    assert rows[1]["single_redis_bytes"] == pytest.approx(10_000_000 * per, rel=0.01)
+    assert rows[1]["per_master_4_shards_bytes"] == pytest.approx(rows[1]["single_redis_bytes"] / 4)
