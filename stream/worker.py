@@ -32,6 +32,7 @@ def cli(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     refuse_evicting_redis(settings)
+    warn_if_kafka_outlives_expiry(settings)
     from stream.app import app
 
     sys.argv = [
@@ -56,3 +57,18 @@ def refuse_evicting_redis(settings: Settings) -> None:
         return
     typer.echo(f"refusing to start: {problem}", err=True)
     raise typer.Exit(2)
+
+
+def warn_if_kafka_outlives_expiry(settings: Settings) -> None:
+    """Warn when the ratings topics keep events longer than users' states live
+    (:func:`core.topics.expiry_outlives_kafka`); a broker that cannot be asked
+    is not a reason to refuse (the worker itself will wait for it)."""
+    from core.topics import expiry_outlives_kafka, retention_windows
+
+    try:
+        problem = expiry_outlives_kafka(settings.state.idle_ttl_s, retention_windows(settings))
+    except Exception as exc:  # noqa: BLE001 - a check, not a dependency
+        typer.echo(f"note: topic retention not checked against state.idle_ttl_s ({exc})", err=True)
+        return
+    if problem is not None:
+        typer.echo(f"WARNING: {problem}", err=True)

@@ -203,3 +203,23 @@ def test_bench_state_measures_bytes_per_user_and_projects(stack, tmp_path):
     per = got["bytes_per_user"]["lstm"]
     assert rows[1]["single_redis_bytes"] == pytest.approx(10_000_000 * per, rel=0.01)
     assert rows[1]["per_master_4_shards_bytes"] == pytest.approx(rows[1]["single_redis_bytes"] / 4)
+
+
+def test_the_worker_warns_when_kafka_keeps_ratings_longer_than_states_live():
+    from core.topics import expiry_outlives_kafka
+
+    day = 86400.0
+    assert expiry_outlives_kafka(90 * 86400, {"ratings": 14 * day, "ratings-repartition": 14 * day}) is None
+    assert expiry_outlives_kafka(0, {"ratings": None}) is None  # nothing expires
+    msg = expiry_outlives_kafka(7 * 86400, {"ratings": 14 * day, "ratings-repartition": 1 * day})
+    assert msg is not None and "ratings: 14.0 days" in msg and "repartition" not in msg
+    assert "FBP_STATE__IDLE_TTL_S" in msg
+    assert "forever" in expiry_outlives_kafka(90 * 86400, {"ratings": None})
+
+
+def test_retention_windows_read_from_the_broker(stack):
+    from core.topics import repartition_topic, retention_windows
+
+    got = retention_windows(stack)
+    assert set(got) == {stack.kafka.ratings_topic, repartition_topic(stack)}
+    assert all(w is None or w > 0 for w in got.values())
