@@ -126,3 +126,39 @@ def test_an_eviction_policy_loses_states_and_watermarks(small_redis):
     forgotten = asyncio.run(go())
     print(f"\nallkeys-lru at ~1 MB: {forgotten} of 5000 stored users lost state and watermark")
     assert forgotten > 0
+
+
+def test_a_refused_movie_side_increment_counts_once(small_redis):
+    """The movie side's increments are not idempotent: on a full Redis only
+    the refused calls are sent again, so each increment lands exactly once."""
+    import numpy as np
+
+    from core.repos.movies import Adds, MovieSideStore
+
+    client, port = small_redis
+    cfg = load_settings().redis.model_copy(update={"url": f"redis://127.0.0.1:{port}/0"})
+    ids = np.arange(1, 41, dtype=np.int64)
+    base = np.ones((40, 3), np.float32)
+
+    def adds(step: float) -> Adds:
+        return Adds(ids, np.full((40, 3), step, np.float32), base,
+                    np.full(2, step, np.float32), np.zeros(2, np.float32))
+
+    async def go() -> tuple[np.ndarray, np.ndarray | None]:
+        store = MovieSideStore(async_redis(cfg), "t", on_full=FullRedisPause(max_s=0.1))
+        await store.add(adds(0.5))
+        _fill(client)
+        task = asyncio.ensure_future(store.add(adds(0.25)))
+        deadline = time.monotonic() + 10
+        while (m.REGISTRY.get_sample_value("fbp_redis_full") or 0.0) != 1.0:
+            assert time.monotonic() < deadline and not task.done(), "no pause while Redis was full"
+            await asyncio.sleep(0.02)
+        client.config_set("maxmemory", "0")
+        await asyncio.wait_for(task, 10)
+        rows, found, glob = await store.load(ids.tolist(), 3, 2)
+        assert found.all()
+        await store.client.aclose()
+        return rows, glob
+
+    rows, glob = asyncio.run(go())
+    assert np.allclose(rows, 1.75) and np.allclose(glob, 0.75)
