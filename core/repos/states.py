@@ -70,7 +70,6 @@ from typing import Any, Sequence
 
 from redis.exceptions import NoScriptError
 
-
 from core.redis_conn import OnFull, by_slot, first_full, is_cluster, queue_wait
 from core.repos import keys
 from fbp_errors import InfrastructureError, StateMismatch
