@@ -43,10 +43,15 @@ def _produced(sc) -> int:
         c.close()
 
 
-def test_a_full_redis_pauses_the_worker_and_loses_nothing(scenario):
+@pytest.mark.parametrize("online", [False, True], ids=["frozen", "online_movie_side"])
+def test_a_full_redis_pauses_the_worker_and_loses_nothing(scenario, online):
+    """Also with the online movie side (the default), whose refused
+    increments are resent once each: then the online oracle (network states
+    exact, online RMSE within 0.002 of the undisturbed run)."""
     from tests.streamkit import read_topic
 
-    sc = scenario("redis_full", port=6201, seed=5)
+    sc = scenario("redis_full" + ("_online" if online else ""), port=6203 if online else 6201, seed=5,
+                  online_movie_side=online)
     r = redis.Redis.from_url(sc.settings.redis.url)
     workers = [sc.start_worker()]
     sc.feed(rate=800)
@@ -68,7 +73,10 @@ def test_a_full_redis_pauses_the_worker_and_loses_nothing(scenario):
               f"{keys_then} keys")
         r.config_set("maxmemory", "0")
         sc.join_feed()
-        sc.verify(workers, timeout=360)
+        if online:
+            sc.verify_online(workers, timeout=360)
+        else:
+            sc.verify(workers, timeout=360)
         text = log.read_text(errors="replace")
         assert "resumed after" in text and "exiting (75)" not in text
         recs = read_topic(sc.settings, sc.ns.predictions, until=len(sc.df), timeout=60)
