@@ -212,3 +212,36 @@ def soak(
     _write_json(json_path, res)
     if not res["ok"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def state(
+    users: int = typer.Option(1000, min=10, help="users per family measured"),
+    events_per_user: int = typer.Option(10, min=1, help="events streamed per user"),
+    families: str = typer.Option("", help="comma-separated model families (default: every registered one)"),
+    shards: str = typer.Option("3,10", help="comma-separated cluster sizes (masters) to project for"),
+    movies: int = typer.Option(100_000, min=1, help="movies in the projection's catalogue"),
+    json_path: Path = typer.Option(None, "--json", help="write the figures here"),
+) -> None:
+    """Bytes per user (per model family) and per movie in Redis, and a projection for 1M/10M/100M users."""
+    from bench.state_bench import bench_state
+    from core.settings import get_settings
+
+    res = bench_state(get_settings(), users=users, events_per_user=events_per_user,
+                      families=[f for f in families.split(",") if f.strip()] or None,
+                      shards=_ints(shards), movies=movies)
+    typer.echo(f"Redis: {res['redis']}, idle TTL {res['idle_ttl_s']} s, top_k {res['top_k']}")
+    typer.echo(f"{'family':22s} {'B/user':>8s} {'MEMORY USAGE':>13s} {'state blob':>11s} {'B/movie':>8s}")
+    for r in res["runs"]:
+        name = r["family"] + ("+exactly_once" if r["exactly_once"] else "")
+        typer.echo(f"{name:22s} {r['used_memory_per_user']:8.0f} {r['memory_usage_per_user']:13.0f} "
+                   f"{r['state_blob_bytes']:11.0f} {r['used_memory_per_movie']:8.0f}")
+    ks = res["shards"]
+    typer.echo(f"\nprojection ({res['movies_projected']:,} movies), GiB: one Redis"
+               + "".join(f" | per master of {k}" for k in ks))
+    for name, rows in res["projection"].items():
+        cells = "; ".join(f"{row['users'] // 1_000_000}M: {row['single_redis_bytes'] / 2**30:.2f}"
+                          + "".join(f" / {row[f'per_master_{k}_shards_bytes'] / 2**30:.2f}" for k in ks)
+                          for row in rows)
+        typer.echo(f"{name:22s} {cells}")
+    _write_json(json_path, res)

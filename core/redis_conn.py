@@ -10,7 +10,7 @@ client (no slot routing here).
 
 from __future__ import annotations
 
-from typing import Any, Sequence, TypeVar
+from typing import Any, Protocol, Sequence, TypeVar
 
 import redis
 import redis.asyncio as aioredis
@@ -20,6 +20,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import OutOfMemoryError
 from redis.retry import Retry
 
 from core.settings import RedisSettings
@@ -99,3 +100,45 @@ def queue_wait(client: Any, pipe: Any, replicas: int, timeout_ms: int) -> int:
     for node in masters:
         pipe.execute_command("WAIT", replicas, timeout_ms, target_nodes=node)
     return len(masters)
+
+
+class OnFull(Protocol):
+    """What a repository does when Redis refuses a write because it is full
+    (``maxmemory`` reached under ``noeviction``): ``refused`` is awaited
+    before each resend (it pauses; it may raise to give up), ``resumed`` is
+    called once the write went through after ``refusals`` refusals.  The
+    worker's policy is :class:`stream.faults.FullRedisPause`."""
+
+    async def refused(self, exc: OutOfMemoryError, refusals: int) -> None: ...
+
+    def resumed(self, refusals: int) -> None: ...
+
+
+def first_full(replies: Sequence[Any]) -> OutOfMemoryError | None:
+    """The first reply of a pipeline that is Redis refusing a write as full."""
+    return next((x for x in replies if isinstance(x, OutOfMemoryError)), None)
+
+
+#: maxmemory policies that never delete a key on their own
+SAFE_POLICIES = frozenset({"noeviction"})
+
+
+def eviction_policies(client: Any) -> dict[str, tuple[str, int]]:
+    """(maxmemory-policy, maxmemory bytes) of every master, by node name (sync
+    client).  Read from INFO memory, which managed Redis services that hide
+    CONFIG still answer."""
+    if is_cluster(client):
+        infos = client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+    else:
+        infos = {"redis": client.info("memory")}
+    return {str(node): (str(i.get("maxmemory_policy", "noeviction")), int(i.get("maxmemory", 0)))
+            for node, i in infos.items()}
+
+
+async def amemory(client: Any) -> dict[str, tuple[int, int]]:
+    """(used_memory, maxmemory) bytes of every master, by node name (asyncio client)."""
+    if is_cluster(client):
+        infos = await client.info("memory", target_nodes=AsyncRedisCluster.PRIMARIES)
+    else:
+        infos = {"redis": await client.info("memory")}
+    return {str(node): (int(i.get("used_memory", 0)), int(i.get("maxmemory", 0))) for node, i in infos.items()}

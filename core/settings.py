@@ -259,6 +259,18 @@ class WorkerSettings(BaseModel):
     """Bearer token for read endpoints (unset = open)."""
 
 
+class StateSettings(BaseModel):
+    """Lifecycle of what the stream keeps per user in Redis (``core.repos.states``)."""
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    idle_ttl_s: int = Field(90 * 24 * 3600, ge=0)
+    """A user's state and watermarks expire this long after their last stored event (set and refreshed by the same atomic write); a returning user then starts cold. 0 = never. Default 90 days: a season of a movie service's occasional viewers keeps its taste, and it is far above Kafka's retention (7 d + a 7 d segment), so no event of an expired user can still be redelivered (README, State lifecycle)."""
+    allow_eviction: bool = False
+    """Start the worker even when Redis runs an eviction policy (allkeys-*, volatile-*) that can evict states and watermarks (then users silently reset and redelivered events apply twice); off: refuse to start."""
+    full_retry_max_s: float = Field(5.0, gt=0, le=300)
+    """Longest pause between retries of a write Redis refused as full (maxmemory, noeviction): the worker stops consuming and retries with backoff up to this, and resumes by itself once memory is freed."""
+
+
 class TrainerSettings(BaseModel):
     """Offline training defaults and the continuous fine-tuning service."""
     model_config = ConfigDict(use_attribute_docstrings=True)
@@ -312,6 +324,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     stack: StackSettings = StackSettings()
     worker: WorkerSettings = WorkerSettings()
+    state: StateSettings = StateSettings()
     trainer: TrainerSettings = TrainerSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

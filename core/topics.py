@@ -139,3 +139,42 @@ def topic_counts(settings: Settings, topics: list[str] | None = None) -> dict[st
         return out
     finally:
         consumer.close()
+
+
+def retention_windows(settings: Settings) -> dict[str, float | None]:
+    """How long the ratings topics keep a record at most, in seconds:
+    ``retention.ms`` + ``segment.ms`` (a segment is deleted only once its
+    newest record is past retention); None where retention is infinite or the
+    topic is compacted (kept until overwritten)."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    names = [settings.kafka.ratings_topic, repartition_topic(settings)]
+    wanted = {"retention.ms": None, "segment.ms": None, "cleanup.policy": None}
+    admin = make_admin(settings)
+    try:
+        got = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t, configs=dict(wanted))
+                                      for t in names], config_filter="all")
+    finally:
+        admin.close()
+    out: dict[str, float | None] = {}
+    for topic, cfg in got.get("topic", {}).items():
+        value = {k: v.get("value") for k, v in cfg.items()}
+        retention = int(value.get("retention.ms") or -1)
+        compact = "compact" in str(value.get("cleanup.policy") or "")
+        out[topic] = None if retention < 0 or compact else (retention + int(value.get("segment.ms") or 0)) / 1000
+    return out
+
+
+def expiry_outlives_kafka(idle_ttl_s: int, windows: dict[str, float | None]) -> str | None:
+    """None when every event still in Kafka is younger than the idle TTL (no
+    expired user's event can be delivered again), else why not."""
+    if idle_ttl_s <= 0:
+        return None
+    short = {t: w for t, w in windows.items() if w is None or w >= idle_ttl_s}
+    if not short:
+        return None
+    kept = ", ".join(f"{t}: {'forever' if w is None else f'{w / 86400:.1f} days'}" for t, w in sorted(short.items()))
+    return (f"state.idle_ttl_s ({idle_ttl_s / 86400:.1f} days) is not above how long Kafka keeps ratings "
+            f"(retention.ms + segment.ms; {kept}): after a consumer-group rewind past the TTL, an expired "
+            "user's retained events are applied and predicted again (README, State lifecycle). Raise "
+            "FBP_STATE__IDLE_TTL_S or shorten the topics' retention")

@@ -33,6 +33,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "config": ("fbp.config_cmd", "app", "group"),
     "dlq": ("stream.dlq", "app", "group"),
     "catalog": ("stream.catalog", "app", "group"),
+    "user": ("fbp.user_cmd", "app", "group"),
 }
 
 

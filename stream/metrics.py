@@ -64,6 +64,25 @@ USERS = Gauge("fbp_users_in_state", "Users with a state in Redis", registry=REGI
 STATE_BYTES = Gauge(
     "fbp_state_bytes_per_user", "Size of one user's packed state", registry=REGISTRY
 )
+REDIS_FULL = Gauge(
+    "fbp_redis_full", "1 while this worker is paused because Redis refuses writes as full (maxmemory)",
+    registry=REGISTRY,
+)
+REDIS_FULL_PAUSES = Counter(
+    "fbp_redis_full_pauses_total", "Times this worker paused because Redis was full", registry=REGISTRY,
+)
+REDIS_USED_MEMORY = Gauge(
+    "fbp_redis_used_memory_bytes", "used_memory of each Redis master (INFO memory)", ["node"],
+    registry=REGISTRY,
+)
+REDIS_MAXMEMORY = Gauge(
+    "fbp_redis_maxmemory_bytes", "maxmemory of each Redis master (INFO memory; 0: no limit)", ["node"],
+    registry=REGISTRY,
+)
+USERS_FORGOTTEN = Gauge(
+    "fbp_users_forgotten", "Users erased with `fbp user forget` since the deployment began (kept in Redis)",
+    registry=REGISTRY,
+)
 MODEL_VERSION = Gauge("fbp_model_version", "Version of the serving model", registry=REGISTRY)
 MODEL_INFO = Gauge(
     "fbp_model_info", "The serving model (value 1)", ["model", "device"], registry=REGISTRY

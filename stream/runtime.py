@@ -21,10 +21,12 @@ from stream import heap
 from stream import metrics as m
 from core.repos.models import ModelStore
 from core.repos.movies import MovieSideStore
+from stream.faults import FullRedisPause
 from stream.outbox import send_records
 from stream.predictor import Predictor
 from stream.transactions import Transactions
-from core.redis_conn import async_redis, sync_redis
+from core.redis_conn import amemory, async_redis, sync_redis
+from core.repos.erasure import ErasureLog
 from core.repos.states import StateStore
 from core.topics import repartition_topic
 
@@ -60,7 +62,8 @@ def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: Any
     by now lives as long as the process."""
     torch.set_num_threads(s.worker.torch_threads)
     heap.settle()
-    movies = MovieSideStore(store.client, store.prefix) if s.worker.online_movie_side else None
+    movies = (MovieSideStore(store.client, store.prefix, on_full=store.on_full)
+              if s.worker.online_movie_side else None)
     return Predictor(
         model, store, send, movies=movies,
         predictions_topic=s.kafka.predictions_topic, dlq_topic=s.kafka.dlq_topic,
@@ -82,6 +85,7 @@ class Runtime:
         self.models: ModelStore | None = None
         #: where the first model served came from (``initial_model``)
         self.origin: dict[str, Any] = {}
+        self.erasures: ErasureLog | None = None
         s = self.settings
         #: exactly-once mode's transactional producers (None: at least once, Faust's producer)
         self.transactions: Transactions | None = (
@@ -94,7 +98,9 @@ class Runtime:
             if self._predictor is None:
                 s = self.settings
                 self.models = ModelStore(sync_redis(s.redis), s.redis.key_prefix)
-                self.store = StateStore.from_settings(async_redis(s.redis), s.redis)
+                self.store = StateStore.from_settings(async_redis(s.redis), s.redis, s.state,
+                                                      on_full=FullRedisPause(s.state.full_retry_max_s))
+                self.erasures = ErasureLog(sync_redis(s.redis), s.redis.key_prefix)
                 model, self.origin = initial_model(s, self.models)
 
                 async def faust_send(topic: str, key: bytes | None, value: bytes,
@@ -143,6 +149,11 @@ class Runtime:
     async def refresh_gauges(self, app: Any) -> None:
         if self.store is not None:
             m.USERS.set(await self.store.users())
+            for node, (used, most) in (await amemory(self.store.client)).items():
+                m.REDIS_USED_MEMORY.labels(node).set(used)
+                m.REDIS_MAXMEMORY.labels(node).set(most)
+        if self.erasures is not None:
+            m.USERS_FORGOTTEN.set(await asyncio.to_thread(self.erasures.count))
         p = self._predictor
         if p is None:
             return

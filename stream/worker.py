@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from core.settings import ConfigError, load_settings
+from core.settings import ConfigError, Settings, load_settings
 
 
 def cli(
@@ -31,6 +31,8 @@ def cli(
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    refuse_evicting_redis(settings)
+    warn_if_kafka_outlives_expiry(settings)
     from stream.app import app
 
     sys.argv = [
@@ -40,3 +42,33 @@ def cli(
         "--with-web",
     ]
     app.main()
+
+
+def refuse_evicting_redis(settings: Settings) -> None:
+    """Exit 2 when Redis may evict states (warn instead with state.allow_eviction);
+    see :func:`stream.faults.evicting_redis`."""
+    from stream.faults import evicting_redis
+
+    problem = evicting_redis(settings)
+    if problem is None:
+        return
+    if settings.state.allow_eviction:
+        typer.echo(f"WARNING: {problem} (FBP_STATE__ALLOW_EVICTION is set: starting anyway)", err=True)
+        return
+    typer.echo(f"refusing to start: {problem}", err=True)
+    raise typer.Exit(2)
+
+
+def warn_if_kafka_outlives_expiry(settings: Settings) -> None:
+    """Warn when the ratings topics keep events longer than users' states live
+    (:func:`core.topics.expiry_outlives_kafka`); a broker that cannot be asked
+    is not a reason to refuse (the worker itself will wait for it)."""
+    from core.topics import expiry_outlives_kafka, retention_windows
+
+    try:
+        problem = expiry_outlives_kafka(settings.state.idle_ttl_s, retention_windows(settings))
+    except Exception as exc:  # noqa: BLE001 - a check, not a dependency
+        typer.echo(f"note: topic retention not checked against state.idle_ttl_s ({exc})", err=True)
+        return
+    if problem is not None:
+        typer.echo(f"WARNING: {problem}", err=True)

@@ -25,6 +25,12 @@ consumer group's partitions all go to it).
 
 A packed event is 44 bytes: seq i8, user i8, movie i8, rating f4, ts i8,
 kts f8 (Kafka timestamp, seconds).
+
+Lifecycle: none needed -- the buffer is bounded by construction
+(``buffer_events`` + ``reservoir_events`` events, ~44 bytes each plus Redis
+overhead) and must outlive idle periods to replay older data.  Erasure:
+:meth:`EventBuffer.forget` removes a user's events from both, atomically with
+the trainer's appends (one script on the buffer's slot).
 """
 
 from __future__ import annotations
@@ -84,6 +90,36 @@ def to_frame(recs: np.ndarray) -> pd.DataFrame:
         "seq": recs["seq"].astype(np.int64),
         "kts": recs["kts"].astype(np.float64),
     })
+
+
+# Remove the events of some users from the buffer.  KEYS: recent list,
+# reservoir hash.  ARGV: the users as 8-byte little-endian ids (bytes 9..16 of
+# a packed event).  The recent list is rewritten without them (RPUSH in
+# chunks: Lua's unpack has a C-stack bound); their reservoir slots are
+# emptied (Algorithm R refills a slot when a later event draws it).
+# Returns {recent events removed, reservoir events removed}.
+_FORGET_LUA = """
+local gone = {}
+for i = 1, #ARGV do gone[ARGV[i]] = true end
+local kept, n = {}, 0
+for _, rec in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if gone[string.sub(rec, 9, 16)] then n = n + 1 else kept[#kept + 1] = rec end
+end
+if n > 0 then
+  redis.call('DEL', KEYS[1])
+  for i = 1, #kept, 1000 do
+    redis.call('RPUSH', KEYS[1], unpack(kept, i, math.min(i + 999, #kept)))
+  end
+end
+local res, drop = redis.call('HGETALL', KEYS[2]), {}
+for i = 1, #res, 2 do
+  if gone[string.sub(res[i + 1], 9, 16)] then drop[#drop + 1] = res[i] end
+end
+for i = 1, #drop, 1000 do
+  redis.call('HDEL', KEYS[2], unpack(drop, i, math.min(i + 999, #drop)))
+end
+return {n, #drop}
+"""
 
 
 class EventBuffer:
@@ -170,6 +206,20 @@ class EventBuffer:
         recent, res = pipe.execute()
         res = _unpack(list(res))
         return _unpack(recent), res[np.argsort(res["seq"], kind="stable")]
+
+    def forget(self, user_ids: Sequence[int]) -> tuple[int, int]:
+        """Remove every event of ``user_ids`` from the recent window and the
+        reservoir (one atomic script); returns (recent, reservoir) events removed."""
+        if not user_ids:
+            return 0, 0
+        ids = [np.int64(u).astype("<i8").tobytes() for u in set(user_ids)]
+        n, m = self._r.eval(_FORGET_LUA, 2, self.k_recent, self.k_res, *ids)
+        return int(n), int(m)
+
+    @classmethod
+    def forget_in(cls, client: Any, prefix: str, user_ids: Sequence[int]) -> tuple[int, int]:
+        """:meth:`forget` without opening the buffer (no capacity needed)."""
+        return cls(client, prefix, capacity=1).forget(user_ids)
 
     def clear(self) -> None:
         self._r.delete(self.k_recent, self.k_res, self.k_seq, self.k_off)

@@ -14,6 +14,7 @@ a cluster as on a single Redis:
 * the trainer's buffer and requests (:mod:`core.repos.buffer`,
   :mod:`core.repos.trainer`): ``{<prefix>:trainer}:...``
 * dead letters already replayed (:mod:`core.repos.replays`): ``{<prefix>:dlq}:...``
+* the erasure count (:mod:`core.repos.erasure`): ``{<prefix>:erasure}:...``
 * the online movie side (:mod:`core.repos.movies`): one key per movie row
   ``{<prefix>:ms:<b>}:m:<movie_id>`` with ``b = movie_id mod STATE_BUCKETS``
   (spread over the slots like user states), and the globals ``{<prefix>:ms}:g``.
@@ -75,6 +76,10 @@ def trainer_key(prefix: str, *parts: object) -> str:
 
 def dlq_key(prefix: str, *parts: object) -> str:
     return ":".join([f"{{{prefix}:dlq}}", *map(str, parts)])
+
+
+def erasure_key(prefix: str, *parts: object) -> str:
+    return ":".join([f"{{{prefix}:erasure}}", *map(str, parts)])
 
 
 def movie_side_key(prefix: str, movie_id: int | None) -> str:

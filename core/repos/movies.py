@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, OutOfMemoryError
 
-from core.redis_conn import by_slot, is_cluster
+from core.redis_conn import OnFull, by_slot, is_cluster
 from core.repos import keys
 
 # KEYS: movie-side keys of one slot, vectors of one length.  ARGV[1]: their
@@ -102,9 +102,11 @@ class MovieSideStore:
     """Async access to one deployment's movie side (``client``: asyncio Redis
     or RedisCluster)."""
 
-    def __init__(self, client: Any, prefix: str = "fbp") -> None:
+    def __init__(self, client: Any, prefix: str = "fbp", *, on_full: OnFull | None = None) -> None:
         self.client = client
         self.prefix = keys.check_prefix(prefix)
+        #: what to do when Redis refuses an increment as full (None: raise)
+        self.on_full = on_full
         self._add = client.register_script(_ADD_LUA)
         self._names: dict[int | None, str] = {}  # key names by movie id, built once each
 
@@ -144,23 +146,41 @@ class MovieSideStore:
 
     async def add(self, adds: Adds) -> int:
         """Add each increment to its key (missing keys start from their base),
-        pipelined; returns how many keys started from their base."""
+        pipelined; returns how many keys started from their base.
+
+        Calls Redis refused are sent again, and only those: the others were
+        applied, and an increment must count once.  Refused means a node
+        without the script cache (a restarted or promoted one), or -- with an
+        ``on_full`` policy -- a full Redis (a script is refused whole at its
+        first write, so a refused call added nothing)."""
         calls = self._calls(adds)
         if not calls:
             return 0
         replies = await self._send(calls)
-        if any(isinstance(x, NoScriptError) for x in replies):
-            # a restarted or promoted node has no script cache.  Only the calls
-            # refused for that are sent again: the others were applied, and an
-            # increment must count once.
-            await self.client.script_load(_ADD_LUA)
-            again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
-            for i, x in zip(again, await self._send([calls[i] for i in again])):
-                replies[i] = x
+        refusals = 0
+        while True:
+            if any(isinstance(x, NoScriptError) for x in replies):
+                await self.client.script_load(_ADD_LUA)
+                await self._resend(calls, replies, NoScriptError)
+            full = next((x for x in replies if isinstance(x, OutOfMemoryError)), None)
+            if full is None or self.on_full is None:
+                break
+            refusals += 1
+            await self.on_full.refused(full, refusals)
+            await self._resend(calls, replies, OutOfMemoryError)
+        if refusals and self.on_full is not None:
+            self.on_full.resumed(refusals)
         for x in replies:
             if isinstance(x, Exception):
                 raise x
         return sum(int(x) for x in replies)
+
+    async def _resend(self, calls: list[tuple[list[str], bytes, bytes]], replies: list[Any],
+                      refused: type[Exception]) -> None:
+        """Send again the calls whose reply is a ``refused`` error; their new replies replace those."""
+        again = [i for i, x in enumerate(replies) if isinstance(x, refused)]
+        for i, x in zip(again, await self._send([calls[i] for i in again])):
+            replies[i] = x
 
     def _calls(self, adds: Adds) -> list[tuple[list[str], bytes, bytes]]:
         """(key names, increments, bases) per script call: the rows by slot, then the globals."""

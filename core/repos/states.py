@@ -41,6 +41,22 @@ master it wrote to and fails (:class:`StateNotDurable`) unless that many
 replicas acknowledged; the worker then exits without committing offsets, so
 a failover cannot lose a write whose events Kafka already counts as consumed.
 
+Lifecycle: with ``idle_ttl_ms`` > 0 every write that lands sets the hash's
+expiry to that long from now (``PEXPIRE`` in the same script call, so state,
+watermarks and expiry change together); a user idle that long disappears
+whole and is next served as a new user (cold start).  The watermarks go with
+the state, so an event of that user redelivered *after* the expiry would be
+applied again: the default TTL (``state.idle_ttl_s``, 90 days) is far longer
+than any event stays in Kafka, which is what rules that out (README, "State
+lifecycle").  The bucket counters count states *created*: a user whose state
+expired and who returns is counted again (:meth:`StateStore.users` is an upper
+bound of the live users then).  :meth:`StateStore.forget` erases users.
+
+A full Redis (``maxmemory`` with ``noeviction``) refuses the script with an
+``OutOfMemoryError``; with an ``on_full`` policy (:class:`core.redis_conn.OnFull`)
+the store waits on it and sends the batch again (every write is conditional,
+so resending is harmless) until Redis takes it, instead of raising.
+
 Hashes written before per-source watermarks (fields ``p``/``o``) are read as
 a watermark for partition ``p`` of any topic (what they meant then) and lose
 those fields on their next write.
@@ -54,7 +70,7 @@ from typing import Any, Sequence
 
 from redis.exceptions import NoScriptError
 
-from core.redis_conn import by_slot, is_cluster, queue_wait
+from core.redis_conn import OnFull, by_slot, first_full, is_cluster, queue_wait
 from core.repos import keys
 from fbp_errors import InfrastructureError, StateMismatch
 
@@ -66,7 +82,7 @@ Mark = tuple[str, int, int]
 # per user: redis-py spends ~16 us of client CPU per pipelined command (packing,
 # reply parsing), ~12 us per event at batch 512 -- a third of the worker's CPU.
 # KEYS: per user, its hash and its bucket's users counter (same hash tag).
-# ARGV: layout, then per user: blob, n, and n (field, value) pairs -- its
+# ARGV: layout, idle TTL in ms (0: none), then per user: blob, n, and n (field, value) pairs -- its
 # watermarks and, in exactly-once mode, (outputs field, packed outputs).
 # A user's write lands when its key is new or some source's offset moved
 # forward; each watermark only ever grows, so a zombie worker replaying old
@@ -74,8 +90,9 @@ Mark = tuple[str, int, int]
 # layout is replaced whole.  Returns (written, created) per user, flat.
 _STORE_LUA = """
 local layout = ARGV[1]
+local ttl = tonumber(ARGV[2])
 local out = {}
-local a = 2
+local a = 3
 for i = 1, #KEYS, 2 do
   local key = KEYS[i]
   local blob, n = ARGV[a], tonumber(ARGV[a + 1])
@@ -105,6 +122,7 @@ for i = 1, #KEYS, 2 do
   if newer then
     redis.call('HSET', key, 's', blob, 'l', layout, unpack(sets))
     redis.call('HDEL', key, 'p', 'o')
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
     written = 1
     if new and not foreign then
       redis.call('INCR', KEYS[i + 1])
@@ -115,6 +133,19 @@ for i = 1, #KEYS, 2 do
   out[#out + 1] = created
 end
 return out
+"""
+
+# Erase a group of users that share a slot.  KEYS: per user, its hash and its
+# bucket's users counter.  A deleted hash is uncounted.  Returns the hashes deleted.
+_FORGET_LUA = """
+local n = 0
+for i = 1, #KEYS, 2 do
+  if redis.call('DEL', KEYS[i]) == 1 then
+    n = n + 1
+    if tonumber(redis.call('GET', KEYS[i + 1]) or '0') > 0 then redis.call('DECR', KEYS[i + 1]) end
+  end
+end
+return n
 """
 
 # The hashes of a group of users that share a slot, in KEYS order (for the
@@ -229,19 +260,27 @@ class StateStore:
     ``client`` is an asyncio Redis or RedisCluster client."""
 
     def __init__(self, client: Any, prefix: str = "fbp", *,
-                 wait_replicas: int = 0, wait_timeout_ms: int = 1000) -> None:
+                 wait_replicas: int = 0, wait_timeout_ms: int = 1000,
+                 idle_ttl_ms: int = 0, on_full: OnFull | None = None) -> None:
         self.client = client
         self.prefix = keys.check_prefix(prefix)
         self.wait_replicas = int(wait_replicas)
         self.wait_timeout_ms = int(wait_timeout_ms)
+        self.idle_ttl_ms = int(idle_ttl_ms)
+        self.on_full = on_full
         self._store = client.register_script(_STORE_LUA)
         self._load = client.register_script(_LOAD_LUA)
+        self._forget = client.register_script(_FORGET_LUA)
 
     @classmethod
-    def from_settings(cls, client: Any, redis_settings: Any) -> StateStore:
-        """The store as ``RedisSettings`` configure it (prefix, WAIT)."""
+    def from_settings(cls, client: Any, redis_settings: Any, state_settings: Any = None,
+                      on_full: OnFull | None = None) -> StateStore:
+        """The store as ``RedisSettings`` (prefix, WAIT) and ``StateSettings``
+        (idle TTL; none when not given) configure it."""
         r = redis_settings
-        return cls(client, r.key_prefix, wait_replicas=r.wait_replicas, wait_timeout_ms=r.wait_timeout_ms)
+        ttl_ms = 0 if state_settings is None else int(state_settings.idle_ttl_s) * 1000
+        return cls(client, r.key_prefix, wait_replicas=r.wait_replicas, wait_timeout_ms=r.wait_timeout_ms,
+                   idle_ttl_ms=ttl_ms, on_full=on_full)
 
     def key(self, user_id: int) -> str:
         return keys.state_key(self.prefix, user_id)
@@ -283,11 +322,21 @@ class StateStore:
             return 0, 0
         groups = by_slot(self.client, [(self.key(row[0]), row) for row in rows])
         replies = await self._send(groups)
-        if any(isinstance(x, NoScriptError) for x in replies):
-            # a restarted or promoted node has no script cache; the writes are
-            # conditional, so sending them all again is harmless
-            await self.client.script_load(_STORE_LUA)
+        refusals = 0
+        while True:
+            if any(isinstance(x, NoScriptError) for x in replies):
+                # a restarted or promoted node has no script cache; the writes are
+                # conditional, so sending them all again is harmless
+                await self.client.script_load(_STORE_LUA)
+                replies = await self._send(groups)
+            full = first_full(replies)
+            if full is None or self.on_full is None:
+                break
+            refusals += 1  # Redis is full: wait on the policy, then send it all again (same reason)
+            await self.on_full.refused(full, refusals)
             replies = await self._send(groups)
+        if refusals and self.on_full is not None:
+            self.on_full.resumed(refusals)
         for x in replies:
             if isinstance(x, Exception):
                 raise x
@@ -301,7 +350,7 @@ class StateStore:
         layout, sha, prefix = keys.LAYOUT, self._store.sha, self.prefix
         for group in groups:
             names: list[str] = []
-            args: list[bytes | str | int] = [layout]
+            args: list[bytes | str | int] = [layout, self.idle_ttl_ms]
             for name, row in group:
                 u, blob, marks = row[0], row[1], row[2]
                 names += (name, keys.users_key(prefix, keys.state_bucket(u)))
@@ -338,6 +387,34 @@ class StateStore:
         # (MGET across slots is refused) and pipelines the parts per node
         mget = self.client.mget_nonatomic if is_cluster(self.client) else self.client.mget
         return sum(int(v or 0) for v in await mget(names))
+
+    async def forget(self, user_ids: Sequence[int]) -> int:
+        """Delete the states (with their watermarks and outputs) of ``user_ids``
+        and uncount them: one script call per slot group, pipelined.  Returns
+        how many had a state."""
+        if not user_ids:
+            return 0
+        groups = by_slot(self.client, [(self.key(u), u) for u in set(user_ids)])
+
+        async def send() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for group in groups:
+                names = [n for name, u in group for n in (name, keys.users_key(self.prefix, keys.state_bucket(u)))]
+                pipe.execute_command("EVALSHA", self._forget.sha, len(names), *names)
+            return await pipe.execute(raise_on_error=False)
+
+        replies = await send()
+        if any(isinstance(x, NoScriptError) for x in replies):
+            await self.client.script_load(_FORGET_LUA)
+            replies = await send()
+        for x in replies:
+            if isinstance(x, Exception):
+                raise x
+        return sum(int(x) for x in replies)
+
+    async def ttl_ms(self, user_id: int) -> int:
+        """Milliseconds until the user's state expires (-1: never, -2: no state)."""
+        return int(await self.client.pttl(self.key(user_id)))
 
     async def get(self, user_id: int) -> Stored:
         """One user's state (a state of another layout: blob None, ``foreign`` set)."""

@@ -271,3 +271,56 @@ def restart_if_exited(sc: Scenario, worker: procs.Proc) -> list[procs.Proc]:
     print(f"  worker exited ({code}) during the failover; restarting")
     assert code == 75, f"worker exited with {code}, not the fail-stop 75:\n{worker.tail()}"
     return [sc.start_worker()]
+
+
+# -- Redis: every master at maxmemory -------------------------------------------------
+def test_a_full_redis_cluster_pauses_the_worker_and_loses_nothing(cluster_scenario):
+    """Every master's maxmemory set 512 KB below its use at 30% of the replay
+    (noeviction): the worker pauses with the full-Redis message, the masters
+    gain no key while more events arrive, and once maxmemory is lifted it goes
+    on by itself: 0 missing, state exact, no repeat, no exit."""
+    from tests.faults.test_redis_full import _produced
+    from tests.streamkit import read_topic
+
+    sc = cluster_scenario("redis_cluster_full", port=6293, seed=13)
+    s = sc.settings
+    nodes = [_node(p) for p in rcluster.ports(s)]
+    masters = [n for n in nodes if n.info("replication")["role"] == "master"]
+
+    def keys_now() -> int:
+        return sum(int(n.dbsize()) for n in masters)
+
+    worker = sc.start_worker()
+    sc.feed(rate=RATE)
+    try:
+        sc.wait_fraction(0.3)
+        for n in masters:
+            n.config_set("maxmemory-policy", "noeviction")
+            n.config_set("maxmemory", str(int(n.info("memory")["used_memory"]) - 512 * 1024))
+        sc.faults += 1
+        deadline = time.monotonic() + 120
+        while "Redis is full" not in worker.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline and worker.alive(), worker.tail()
+            time.sleep(0.2)
+        keys_then, produced_then = keys_now(), _produced(sc)
+        while _produced(sc) <= produced_then + 300:
+            assert time.monotonic() < deadline + 120, "the replay stalled"
+            time.sleep(0.2)
+        assert keys_now() == keys_then and worker.alive()
+        print(f"  cluster full at {sc.progress} predicted; {keys_then} keys while events "
+              f"{produced_then} -> {_produced(sc)} arrived")
+        for n in masters:
+            n.config_set("maxmemory", "0")
+        sc.join_feed()
+        assert worker.alive(), worker.tail()
+        sc.verify([worker], timeout=300)
+        recs = read_topic(s, sc.ns.predictions, until=len(sc.df), timeout=60)
+        assert len(recs) == len({r["event_id"] for r in recs}), "a pause must not redeliver anything"
+        assert "resumed after" in worker.log.read_text(errors="replace")
+    finally:
+        for n in nodes:
+            try:
+                n.config_set("maxmemory", "0")
+            except redis.RedisError:
+                pass
+        worker.kill()
