@@ -119,6 +119,23 @@ def first_full(replies: Sequence[Any]) -> OutOfMemoryError | None:
     return next((x for x in replies if isinstance(x, OutOfMemoryError)), None)
 
 
+async def resend_refused(send: Any, calls: Sequence[Any], replies: list[Any],
+                         refused: type[Exception]) -> list[Any]:
+    """Send again the calls whose reply is a ``refused`` error, and only those:
+    the others were applied, and a write that is not idempotent (a delete's
+    count, an increment) must count once.  Their new replies replace the old
+    ones in ``replies``; returns what ``send`` answered past them (WAIT acks).
+
+    ``send(calls)`` pipelines one script call per item and returns their
+    replies first.  Refused means a node without the script cache (restarted
+    or promoted) or a full Redis: either refuses a script before it writes."""
+    again = [i for i, x in enumerate(replies) if isinstance(x, refused)]
+    out = await send([calls[i] for i in again])
+    for i, x in zip(again, out):
+        replies[i] = x
+    return out[len(again):]
+
+
 #: maxmemory policies that never delete a key on their own
 SAFE_POLICIES = frozenset({"noeviction"})
 

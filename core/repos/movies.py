@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 from redis.exceptions import NoScriptError, OutOfMemoryError
 
-from core.redis_conn import OnFull, by_slot, is_cluster
+from core.redis_conn import OnFull, by_slot, is_cluster, resend_refused
 from core.repos import keys
 
 # KEYS: movie-side keys of one slot, vectors of one length.  ARGV[1]: their
@@ -161,26 +161,19 @@ class MovieSideStore:
         while True:
             if any(isinstance(x, NoScriptError) for x in replies):
                 await self.client.script_load(_ADD_LUA)
-                await self._resend(calls, replies, NoScriptError)
+                await resend_refused(self._send, calls, replies, NoScriptError)
             full = next((x for x in replies if isinstance(x, OutOfMemoryError)), None)
             if full is None or self.on_full is None:
                 break
             refusals += 1
             await self.on_full.refused(full, refusals)
-            await self._resend(calls, replies, OutOfMemoryError)
+            await resend_refused(self._send, calls, replies, OutOfMemoryError)
         if refusals and self.on_full is not None:
             self.on_full.resumed(refusals)
         for x in replies:
             if isinstance(x, Exception):
                 raise x
         return sum(int(x) for x in replies)
-
-    async def _resend(self, calls: list[tuple[list[str], bytes, bytes]], replies: list[Any],
-                      refused: type[Exception]) -> None:
-        """Send again the calls whose reply is a ``refused`` error; their new replies replace those."""
-        again = [i for i, x in enumerate(replies) if isinstance(x, refused)]
-        for i, x in zip(again, await self._send([calls[i] for i in again])):
-            replies[i] = x
 
     def _calls(self, adds: Adds) -> list[tuple[list[str], bytes, bytes]]:
         """(key names, increments, bases) per script call: the rows by slot, then the globals."""

@@ -68,9 +68,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, OutOfMemoryError
 
-from core.redis_conn import OnFull, by_slot, first_full, is_cluster, queue_wait
+from core.redis_conn import OnFull, by_slot, first_full, is_cluster, queue_wait, resend_refused
 from core.repos import keys
 from fbp_errors import InfrastructureError, StateMismatch
 
@@ -322,26 +322,27 @@ class StateStore:
             return 0, 0
         groups = by_slot(self.client, [(self.key(row[0]), row) for row in rows])
         replies = await self._send(groups)
+        acks = replies[len(groups):]
+        del replies[len(groups):]
         refusals = 0
         while True:
             if any(isinstance(x, NoScriptError) for x in replies):
-                # a restarted or promoted node has no script cache; the writes are
-                # conditional, so sending them all again is harmless
+                # a restarted or promoted node has no script cache
                 await self.client.script_load(_STORE_LUA)
-                replies = await self._send(groups)
+                acks += await resend_refused(self._send, groups, replies, NoScriptError)
             full = first_full(replies)
             if full is None or self.on_full is None:
                 break
-            refusals += 1  # Redis is full: wait on the policy, then send it all again (same reason)
+            refusals += 1  # Redis is full: wait on the policy, then send the refused writes again
             await self.on_full.refused(full, refusals)
-            replies = await self._send(groups)
+            acks += await resend_refused(self._send, groups, replies, OutOfMemoryError)
         if refusals and self.on_full is not None:
             self.on_full.resumed(refusals)
-        for x in replies:
+        for x in (*replies, *acks):
             if isinstance(x, Exception):
                 raise x
-        flags = [int(v) for reply in replies[:len(groups)] for v in reply]
-        self._check_acks(replies[len(groups):])
+        flags = [int(v) for reply in replies for v in reply]
+        self._check_acks(acks)
         return sum(flags[0::2]), sum(flags[1::2])
 
     async def _send(self, groups: Sequence[Sequence[tuple[str, tuple[Any, ...]]]]) -> list[Any]:
@@ -396,17 +397,18 @@ class StateStore:
             return 0
         groups = by_slot(self.client, [(self.key(u), u) for u in set(user_ids)])
 
-        async def send() -> list[Any]:
+        async def send(groups: Sequence[Sequence[tuple[str, int]]]) -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             for group in groups:
                 names = [n for name, u in group for n in (name, keys.users_key(self.prefix, keys.state_bucket(u)))]
                 pipe.execute_command("EVALSHA", self._forget.sha, len(names), *names)
             return await pipe.execute(raise_on_error=False)
 
-        replies = await send()
+        replies = await send(groups)
         if any(isinstance(x, NoScriptError) for x in replies):
             await self.client.script_load(_FORGET_LUA)
-            replies = await send()
+            # only the refused calls: the others already deleted (and counted) theirs
+            await resend_refused(send, groups, replies, NoScriptError)
         for x in replies:
             if isinstance(x, Exception):
                 raise x
