@@ -27,7 +27,9 @@ import typer
 
 from models.base import RatingModel, State
 from models.devices import pick_device
-from models.registry import build
+from models import online_pack as opk
+from models.registry import build, model_class
+from trainer.stream_order import step_online_events, stream_order
 from trainer.sequences import UserSequences, build_sequences, iterate, pad, batch_indices
 
 #: per-model defaults found on ML-100K (see trainer/evaluate.py's docstring for figures)
@@ -54,13 +56,11 @@ def make_model(
     **hparams: Any,
 ) -> RatingModel:
     """Build ``name`` with the data set's genre vocabulary, year range and movie
-    ids (and, for the online ``lstm``, the width of the user side features)."""
+    ids (and what the family derives from the users: ``RatingModel.hparams_from_users``)."""
     hp: dict[str, Any] = dict(MODEL_DEFAULTS.get(name, {}))
     hp.update(hparams)
-    if name == "lstm" and users is not None and len(users):
-        from models.online import user_feature_matrix
-
-        hp.setdefault("n_user_features", int(user_feature_matrix(users, 0)[0].shape[1]))
+    for key, value in model_class(name).hparams_from_users(users).items():
+        hp.setdefault(key, value)
     hp.setdefault("genre_vocab", list(genre_vocab or []))
     if movies is not None and len(movies):
         years = pd.to_numeric(movies["year"], errors="coerce").dropna()
@@ -143,7 +143,8 @@ def fit(
     model.ensure_capacity(int(ratings_df["movie_id"].max()))
     model.to(dev)
     model.init_from_data(float(ratings_df["rating"].mean()))
-    if getattr(model, "online", False) and float(model.online_mu[1]) == 0:  # type: ignore[attr-defined]
+    side = model.movie_side()
+    if side is not None and opk.is_blank(side):
         learn_online_once(model, ratings_df)
     n = len(ratings_df)
     n_valid = int(round(n * valid_frac)) if valid_frac > 0 else 0
@@ -210,15 +211,16 @@ def learn_online_once(model: RatingModel, ratings_df: pd.DataFrame, batch_events
     scratch) gets one predict-then-learn pass over the data in time order,
     as the stream would have given it, so a bootstrap checkpoint ships a
     learned movie side.  Fine-tunes skip this: their movie side is live."""
-    from trainer.prequential import online_events, stream_order  # lazy: prequential imports this module
-
     df = stream_order(ratings_df)
     users = df["user_id"].to_numpy(np.int64)
     uniq = np.unique(users)
+    uidx = np.searchsorted(uniq, users)
+    movie, rating, ts = (df[c].to_numpy(t) for c, t in (("movie_id", np.int64), ("rating", np.float32), ("ts", np.int64)))
     model.eval()
     states = model.init_state(len(uniq), model.device)
-    online_events(model, states, np.searchsorted(uniq, users), df["movie_id"].to_numpy(np.int64),
-                  df["rating"].to_numpy(np.float32), df["ts"].to_numpy(np.int64), batch_events)
+    for s in range(0, len(df), batch_events):  # the movie side learned through the protocol, as a worker does
+        e = min(len(df), s + batch_events)
+        step_online_events(model, states, uidx[s:e], movie[s:e], rating[s:e], ts[s:e])
 
 
 def _subset_users(seqs: UserSequences, keep: np.ndarray) -> UserSequences:
