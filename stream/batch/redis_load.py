@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from core.repos.states import StateStore, Stored
 from stream.batch.decode import watermark
@@ -42,9 +43,9 @@ class Fresh:
     marks: Marks = field(default_factory=dict)
     applied: list[tuple[int, Stored, tuple[str, int, int]]] = field(default_factory=list)
 
-    @property
+    @cached_property
     def users(self) -> list[int]:
-        """Users with fresh events, in first-seen order."""
+        """Users with fresh events, in first-seen order (read once the filter is done)."""
         return list(self.marks)
 
 
