@@ -76,7 +76,10 @@ class MFModel(StatefulModel):
         by = qt * y[..., None]
         A_before = excl_cumsum(state["A"], outer)
         b_before = excl_cumsum(state["b"], by)
-        p = self._solve(A_before, b_before)  # [B,T,K]
+        # solved at real events only: a batch's [B, T] block is mostly padding
+        # when a few users have many events (the same systems, the same numbers)
+        p = torch.zeros_like(b_before)  # [B,T,K]
+        p[mask] = self._solve(A_before[mask], b_before[mask])
         pred = self.global_mean + self._bias(movie) + (self._qt(movie) * p).sum(-1)
         extra = {}
         if want_state:
