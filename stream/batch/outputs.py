@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from core.events import PredictionRecord, encode_prediction, rating_key
 from core.repos.states import Stored
 from models.base import RatingModel
@@ -48,18 +50,15 @@ def prediction_records(fresh: Fresh, stepped: Stepped, tops: TopLists, version: 
     """One prediction record per fresh event (``t0``: when the batch began)."""
     produced_at = time.time()
     batch_ms = round((time.perf_counter() - t0) * 1000.0, 3)
+    kafka_ts = [rec.timestamp for _, rec in fresh.work]
+    # every event's latency at once (numpy rounds half to even, as round() does)
+    waited = np.round((produced_at - np.asarray(kafka_ts, np.float64)) * 1000.0, 3).tolist()
     records: Records = []
     keys: dict[int, bytes] = {}
-    for (ev, rec), predicted, u in zip(fresh.work, stepped.preds.tolist(), stepped.uidx.tolist()):
-        pr = PredictionRecord(
-            event_id=ev.event_id, user_id=ev.user_id, movie_id=ev.movie_id, predicted=predicted,
-            actual=float(ev.rating), model_version=version, top_k=tops[u],
-            timings={"event_to_prediction_ms": round((produced_at - rec.timestamp) * 1000.0, 3),
-                     "batch_ms": batch_ms},
-            ts=ev.ts, produced_at=produced_at,
-        )
+    for (ev, _), predicted, u, ms in zip(fresh.work, stepped.preds.tolist(), stepped.uidx.tolist(), waited):
+        pr = PredictionRecord(ev.event_id, ev.user_id, ev.movie_id, predicted, float(ev.rating), version, tops[u],
+                              {"event_to_prediction_ms": ms, "batch_ms": batch_ms}, ev.ts, produced_at)
         out.predictions.append(pr)
-        out.kafka_ts.append(rec.timestamp)
         value = encode_prediction(pr)
         if cfg.keep_outputs:
             out.encoded.append(value)
@@ -67,6 +66,7 @@ def prediction_records(fresh: Fresh, stepped: Stepped, tops: TopLists, version: 
         if key is None:
             key = keys[ev.user_id] = rating_key(ev.user_id)
         records.append((key, value))
+    out.kafka_ts += kafka_ts
     return records
 
 

@@ -74,12 +74,15 @@ class Loader:
 def filter_applied(work: Work, loaded: Loaded, repartition_topic: str | None) -> Fresh:
     """Set aside events already folded into their user's state."""
     out = Fresh()
+    users, stored, marks = loaded.users, loaded.stored, out.marks
     for ev, rec in work:
-        src, part, off = watermark(rec, repartition_topic)
-        st = loaded.of(ev.user_id)
+        # the hot loop: only a re-keyed event needs its header read
+        src, part, off = (watermark(rec, repartition_topic) if rec.topic == repartition_topic
+                          else (rec.topic, rec.partition, rec.offset))
+        st = stored[users[ev.user_id]]
         if st.covers(src, part, off):
             out.applied.append((ev.user_id, st, (src, part, off)))
             continue
         out.work.append((ev, rec))
-        out.marks.setdefault(ev.user_id, {})[(src, part)] = off
+        marks.setdefault(ev.user_id, {})[(src, part)] = off
     return out
