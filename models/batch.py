@@ -21,11 +21,13 @@ from models.base import Increments, RatingModel, State
 
 def occurrence_rank(uidx: np.ndarray) -> np.ndarray:
     """For each event, how many earlier events of the batch have the same user."""
-    rank = np.zeros(len(uidx), dtype=np.int64)
-    seen: dict[int, int] = {}
-    for i, u in enumerate(uidx.tolist()):
-        rank[i] = seen.get(u, 0)
-        seen[u] = rank[i] + 1
+    uidx = np.asarray(uidx)
+    order = np.argsort(uidx, kind="stable")  # each user's events together, in batch order
+    grouped = uidx[order]
+    first = np.r_[0, np.flatnonzero(grouped[1:] != grouped[:-1]) + 1] if len(uidx) else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[first, len(uidx)])
+    rank = np.empty(len(uidx), dtype=np.int64)
+    rank[order] = np.arange(len(uidx)) - np.repeat(first, sizes)
     return rank
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stream import metrics
 
@@ -84,3 +87,12 @@ def test_the_import_check_can_fail(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("from stream.runtime import runtime\nimport faust\n")
     assert {"stream.runtime", "faust"} <= imports(f)
+
+
+@given(st.lists(st.integers(0, 20), max_size=200))
+def test_occurrence_rank_counts_the_earlier_events_of_the_same_user(users):
+    """The model stage's rounds (round j = each user's j-th event of the batch)."""
+    from models.batch import occurrence_rank
+
+    expected = [users[:i].count(u) for i, u in enumerate(users)]
+    assert occurrence_rank(np.array(users, dtype=np.int64)).tolist() == expected
