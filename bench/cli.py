@@ -84,8 +84,9 @@ def stream(
         typer.echo("where the time goes (share of measured stage time, first config; with worker.pipeline a "
                    "batch's waits (produce, redis_store) overlap the next batch's compute, and what the "
                    "stages leave of the busy span is faust_overhead):")
+        us = res.get("stage_us_per_event", {})
         for k, v in sorted(res["stage_share"].items(), key=lambda kv: -kv[1]):
-            typer.echo(f"  {k:12s} {100 * v:5.1f}%")
+            typer.echo(f"  {k:14s} {100 * v:5.1f}%  {us.get(k, 0.0):7.2f} us/event")
     _write_json(json_path, res)
     if json_path:
         from bench import plots

@@ -7,16 +7,23 @@ path.  NaN/None values are drawn as gaps.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # before pyplot: headless machines and worker threads
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
 DPI = 110
+
+
+def _plt() -> Any:
+    """pyplot on the Agg backend, imported at the first plot: importing
+    matplotlib builds its font cache (files under ~/.cache), which importing
+    this module must not."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot: headless machines and worker threads
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _floats(values: Sequence[float | None]) -> np.ndarray:
@@ -28,7 +35,7 @@ def _save(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=DPI)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
@@ -47,7 +54,7 @@ def plot_rolling_rmse(
     """
     if not series:
         raise ValueError("plot_rolling_rmse: no series")
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = _plt().subplots(figsize=(9, 4.5))
     for name, (x, y) in series.items():
         x, y = _floats(x), _floats(y)
         if len(x) != len(y):
@@ -78,7 +85,7 @@ def plot_latency_over_time(
     t, a, b = _floats(t), _floats(p50), _floats(p99)
     if not (len(t) == len(a) == len(b)):
         raise ValueError(f"lengths differ: t={len(t)} p50={len(a)} p99={len(b)}")
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = _plt().subplots(figsize=(9, 4.5))
     ax.plot(t, a, label="p50", color="tab:green", linewidth=1.4)
     ax.plot(t, b, label="p99", color="tab:red", linewidth=1.4)
     ax.fill_between(t, a, b, where=~(np.isnan(a) | np.isnan(b)), color="tab:red", alpha=0.08)
@@ -104,7 +111,7 @@ def plot_throughput_vs_batch(
     if not events_per_s:
         raise ValueError("plot_throughput_vs_batch: no series")
     x = _floats(batch_sizes)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = _plt().subplots(figsize=(8, 4.5))
     for name, ys in events_per_s.items():
         y = _floats(ys)
         if len(y) != len(x):

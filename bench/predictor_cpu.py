@@ -2,7 +2,9 @@
 real Redis: ``python -m bench.predictor_cpu [BATCH ...]``.
 
 Measured in process CPU time (torch on one thread), so other load on a shared
-machine barely moves it; the Redis server's own CPU is not included.  Used to
+machine barely moves it; the Redis server's own CPU is not included.  Each
+stage's wall time per event (its ``fbp_stage_duration_seconds`` label) is
+printed beside it.  Used to
 compare changes to the batch path side by side.
 
 The Redis settings apply as everywhere: ``FBP_REDIS__CLUSTER=true
@@ -23,7 +25,7 @@ import uuid
 import torch
 
 
-async def _run(batch: int, n: int = 20_000) -> float:
+async def _run(batch: int, n: int = 20_000) -> tuple[float, dict[str, float]]:
     from core.settings import get_settings
     from models.registry import build
     from core.events import KafkaRecord, RatingEvent, encode_rating, rating_key
@@ -52,10 +54,14 @@ async def _run(batch: int, n: int = 20_000) -> float:
                         (), "ratings", 0, i, time.time())
             for i, (u, m, r, t) in enumerate(zip(df.user_id, df.movie_id, df.rating, df.ts))]
     try:
+        stages: dict[str, float] = {}
         c0 = time.process_time()
         for i in range(0, len(msgs), batch):
-            await p.process(msgs[i:i + batch])
-        return 1e6 * (time.process_time() - c0) / len(msgs)
+            res = await p.process(msgs[i:i + batch])
+            for k, v in res.stage_s.items():
+                stages[k] = stages.get(k, 0.0) + v
+        cpu_us = 1e6 * (time.process_time() - c0) / len(msgs)
+        return cpu_us, {k: 1e6 * v / len(msgs) for k, v in stages.items()}
     finally:
         await store.drop()
         if p.movies is not None:
@@ -65,7 +71,9 @@ async def _run(batch: int, n: int = 20_000) -> float:
 
 def main() -> None:
     for b in [int(x) for x in sys.argv[1:]] or [128, 512, 2048]:
-        print(f"batch {b:5d}: {asyncio.run(_run(b)):6.1f} us CPU per event")
+        cpu_us, stages = asyncio.run(_run(b))
+        per_stage = "  ".join(f"{k} {v:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1]))
+        print(f"batch {b:5d}: {cpu_us:6.1f} us CPU per event; stages (wall us per event): {per_stage}")
 
 
 if __name__ == "__main__":

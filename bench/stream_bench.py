@@ -51,7 +51,7 @@ from core.events import RatingEvent, encode_rating, rating_key
 #: the latency run's sender hands over the records due every this many seconds
 _TICK_S = 0.005
 
-STAGES = ("decode", "redis_load", "model_step", "topk", "redis_store", "produce")
+STAGES = ("decode", "redis_load", "model_step", "topk", "outputs", "produce", "redis_store")
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -580,6 +580,10 @@ def bench_stream(*, source: str, events: int, batch_sizes: list[int], workers: l
         "partitions": partitions,
         "sweep": sweep,
         "stage_share": {k: v / total_stage for k, v in main["stages_s"].items()} if total_stage else {},
+        # per event, from the same worker run as the ratios (its fbp_stage_duration_seconds
+        # sums over the events it handled); wall time: with the pipeline, produce and
+        # redis_store overlap the next batch's stages
+        "stage_us_per_event": {k: 1e6 * v / len(evs) for k, v in main["stages_s"].items()},
         "exactly_once": None if eo is None else {
             "events_per_s": eo.events_per_s, "over_at_least_once": eo.events_per_s / full,
             "events_per_cpu_s": eo.events_per_cpu_s,

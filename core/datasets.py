@@ -9,6 +9,9 @@ columns ``user_id`` (int64), ``movie_id`` (int64), ``rating`` (float32) and
 with a fresh 0..n-1 index -- the row index is the event's position in the
 stream, which replay uses to build deterministic event ids.
 
+A file or source that cannot be read raises :class:`fbp_errors.DataError`
+(a ValueError) saying what is wrong.
+
 Sources understood by :func:`load_dataset`:
 
 * ``"ml-100k"`` -- MovieLens-100K as shipped inside the recbole 1.2.1 wheel
@@ -28,12 +31,15 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from fbp_errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,7 +109,7 @@ def load_dataset(source: str | Path) -> Dataset:
             return _parse_synthetic(source)
     path = Path(source).expanduser()
     if not path.exists():
-        raise ValueError(
+        raise DataError(
             f"unknown data source {str(source)!r}: not 'ml-100k', not 'synthetic:<n>[:<seed>]' "
             "and no such file or directory"
         )
@@ -148,7 +154,7 @@ def synthetic_stream(
     to 1..5.  Timestamps strictly increase.
     """
     if n_events < 0 or n_users < 1 or n_movies < 1:
-        raise ValueError("synthetic_stream needs n_events >= 0, n_users >= 1, n_movies >= 1")
+        raise DataError("synthetic_stream needs n_events >= 0, n_users >= 1, n_movies >= 1")
     rng = np.random.default_rng(seed)
     genres = np.array(ML100K_GENRES[1:])
     n_genres = len(genres)
@@ -212,7 +218,7 @@ def time_split(ratings: pd.DataFrame, frac: float = 0.8) -> tuple[pd.DataFrame, 
     what comes next.
     """
     if not 0.0 <= frac <= 1.0:
-        raise ValueError(f"time_split frac must be in [0, 1], got {frac}")
+        raise DataError(f"time_split frac must be in [0, 1], got {frac}")
     ordered = ratings.sort_values("ts", kind="stable")
     cut = int(len(ordered) * frac)
     return ordered.iloc[:cut].reset_index(drop=True), ordered.iloc[cut:].reset_index(drop=True)
@@ -300,7 +306,7 @@ def _parse_synthetic(source: str) -> Dataset:
         if n < 0:
             raise ValueError
     except ValueError:
-        raise ValueError(
+        raise DataError(
             f"bad synthetic source {source!r}: expected 'synthetic:<n_events>[:<seed>]'"
         ) from None
     return synthetic_stream(n, seed=seed)
@@ -327,7 +333,7 @@ def _numeric_ratings(df: pd.DataFrame, path: Path, line_offset: int) -> pd.DataF
             bad |= num.notna() & (num != np.floor(num.fillna(0)))
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ValueError(
+            raise DataError(
                 f"{path}: line {i + line_offset}: {col} is {df[col].iloc[i]!r}, expected a "
                 + ("number" if col == "rating" else "whole number")
             )
@@ -337,12 +343,12 @@ def _numeric_ratings(df: pd.DataFrame, path: Path, line_offset: int) -> pd.DataF
     bad = ~((r >= 0.5) & (r <= 5.0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{path}: line {i + line_offset}: rating {r[i]} outside 0.5..5")
+        raise DataError(f"{path}: line {i + line_offset}: rating {r[i]} outside 0.5..5")
     for col in ("user_id", "movie_id", "ts"):
         v = res[col].to_numpy()
         if (v < 0).any():
             i = int(np.flatnonzero(v < 0)[0])
-            raise ValueError(f"{path}: line {i + line_offset}: negative {col} {v[i]}")
+            raise DataError(f"{path}: line {i + line_offset}: negative {col} {v[i]}")
     return res
 
 
@@ -354,12 +360,12 @@ def _read_table(data: bytes | Path, path: Path, sep: str, names: list[str], head
             encoding="latin-1",
         )  # fmt: skip
     except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: file is empty") from None
+        raise DataError(f"{path}: file is empty") from None
     except pd.errors.ParserError as exc:
-        raise ValueError(f"{path}: malformed: {exc}") from None
+        raise DataError(f"{path}: malformed: {exc}") from None
     if header is None:
         if df.shape[1] != len(names):
-            raise ValueError(
+            raise DataError(
                 f"{path}: line 1: expected {len(names)} fields separated by {sep!r}, "
                 f"found {df.shape[1]}"
             )
@@ -367,7 +373,7 @@ def _read_table(data: bytes | Path, path: Path, sep: str, names: list[str], head
         missing = df[names[-1]].isna() | (df[names[-1]] == "")
         if missing.any():
             i = int(np.flatnonzero(missing.to_numpy())[0])
-            raise ValueError(
+            raise DataError(
                 f"{path}: line {i + 1}: expected {len(names)} fields separated by {sep!r}"
             )
     return df
@@ -417,7 +423,7 @@ def _load_ml100k_cached() -> Dataset:
     for line in item.decode("utf-8").splitlines()[1:]:
         p = line.split("\t")
         if len(p) != 4:
-            raise ValueError(f"{wheel}!{_RECBOLE_PREFIX}.item: bad line {line!r}")
+            raise DataError(f"{wheel}!{_RECBOLE_PREFIX}.item: bad line {line!r}")
         year = float(p[2]) if p[2].isdigit() else float("nan")
         rows.append((int(p[0]), p[1], year, _genre_list(p[3].split(" "))))
     movies = pd.DataFrame(rows, columns=list(MOVIE_COLUMNS))
@@ -439,7 +445,7 @@ def _load_path(path: Path) -> Dataset:
         for fname in ("u.data", "ratings.dat", "ratings.csv"):
             if (path / fname).is_file():
                 return _load_path(path / fname)
-        raise ValueError(f"{path}: directory has none of u.data, ratings.dat, ratings.csv")
+        raise DataError(f"{path}: directory has none of u.data, ratings.dat, ratings.csv")
     name = path.parent.name or path.stem
     if path.name == "u.data" or path.suffix == ".data":
         df = _read_table(path, path, "\t", list(RATING_COLUMNS), header=None)
@@ -456,28 +462,33 @@ def _load_path(path: Path) -> Dataset:
         want = {"userid": "user_id", "movieid": "movie_id", "rating": "rating", "timestamp": "ts"}
         missing = [k for k in want if k not in cols]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{path}: header must name userId,movieId,rating,timestamp; "
                 f"missing {missing} in {list(df.columns)}"
             )
         df = df.rename(columns={cols[k]: v for k, v in want.items()})
         ratings = _numeric_ratings(df, path, line_offset=2)
         return _finish(name, ratings, _movies_csv(path.parent / "movies.csv"))
-    raise ValueError(f"{path}: unknown ratings file (want u.data, ratings.dat or ratings.csv)")
+    raise DataError(f"{path}: unknown ratings file (want u.data, ratings.dat or ratings.csv)")
+
+
+def _movie_fields(path: Path, sep: str, n_fields: int, expected: str) -> Iterator[list[str]]:
+    """The fields of each non-blank line of a MovieLens movie file (latin-1),
+    the first a numeric id; a line of another shape is refused with its number."""
+    for n, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
+        if not line.strip():
+            continue
+        p = line.split(sep)
+        if len(p) != n_fields or not p[0].isdigit():
+            raise DataError(f"{path}: line {n}: expected {expected}")
+        yield p
 
 
 def _u_item(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
-        if not line.strip():
-            continue
-        p = line.split("|")
-        if len(p) != 5 + len(ML100K_GENRES) or not p[0].isdigit():
-            raise ValueError(
-                f"{path}: line {n}: expected id|title|date|video date|url|19 genre flags"
-            )
+    for p in _movie_fields(path, "|", 5 + len(ML100K_GENRES), "id|title|date|video date|url|19 genre flags"):
         title, year = _split_title(p[1])
         if np.isnan(year) and p[2][-4:].isdigit():
             year = float(p[2][-4:])
@@ -491,12 +502,7 @@ def _movies_dat(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
-        if not line.strip():
-            continue
-        p = line.split("::")
-        if len(p) != 3 or not p[0].isdigit():
-            raise ValueError(f"{path}: line {n}: expected MovieID::Title::Genres")
+    for p in _movie_fields(path, "::", 3, "MovieID::Title::Genres"):
         title, year = _split_title(p[1])
         rows.append((int(p[0]), title, year, _genre_list(p[2].split("|"))))
     return pd.DataFrame(rows, columns=list(MOVIE_COLUMNS))
@@ -508,14 +514,14 @@ def _movies_csv(path: Path) -> pd.DataFrame | None:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: malformed: {exc}") from None
+        raise DataError(f"{path}: malformed: {exc}") from None
     cols = {c.strip().lower(): c for c in df.columns}
     if not {"movieid", "title", "genres"} <= cols.keys():
-        raise ValueError(f"{path}: header must name movieId,title,genres, got {list(df.columns)}")
+        raise DataError(f"{path}: header must name movieId,title,genres, got {list(df.columns)}")
     ids = pd.to_numeric(df[cols["movieid"]], errors="coerce")
     if ids.isna().any():
         i = int(np.flatnonzero(ids.isna().to_numpy())[0])
-        raise ValueError(f"{path}: line {i + 2}: movieId {df[cols['movieid']].iloc[i]!r}")
+        raise DataError(f"{path}: line {i + 2}: movieId {df[cols['movieid']].iloc[i]!r}")
     split = [_split_title(t) for t in df[cols["title"]]]
     return pd.DataFrame(
         {

@@ -19,7 +19,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import orjson
 
@@ -125,7 +125,15 @@ class PredictionRecord:
     produced_at: float = 0.0
 
 
-def decode_limits(worker_settings: Any, now: float | None = None) -> dict[str, int]:
+class DecodeLimits(Protocol):
+    """Where the limits come from: ``settings.worker`` or the stream's batch configuration."""
+
+    max_payload_bytes: int
+    min_ts: int
+    max_future_s: int
+
+
+def decode_limits(worker_settings: DecodeLimits, now: float | None = None) -> dict[str, int]:
     """``decode_rating`` keyword arguments from ``settings.worker`` at time ``now``."""
     now = time.time() if now is None else now
     return {

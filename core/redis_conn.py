@@ -159,3 +159,15 @@ async def amemory(client: Any) -> dict[str, tuple[int, int]]:
     else:
         infos = {"redis": await client.info("memory")}
     return {str(node): (int(i.get("used_memory", 0)), int(i.get("maxmemory", 0))) for node, i in infos.items()}
+
+
+async def unlink_matching(client: Any, patterns: Sequence[str], also: Sequence[str] = ()) -> int:
+    """Delete every key matching ``patterns`` (SCAN, so the server is never
+    blocked) plus the keys ``also``, in UNLINKs of 1,000; returns keys removed.
+    What each repository's ``drop`` does with its own keyspace's patterns."""
+    names = [k for pat in patterns async for k in client.scan_iter(match=pat, count=5000)]
+    names += list(also)
+    n = 0
+    for i in range(0, len(names), 1000):
+        n += int(await client.unlink(*names[i:i + 1000]))
+    return n

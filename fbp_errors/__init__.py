@@ -33,6 +33,16 @@ class CheckpointError(FeedbackPredictorError, RuntimeError):
     """A checkpoint that must not be loaded; the message says what to fix."""
 
 
+class ModelRefused(CheckpointError):
+    """A published model version a worker refuses to serve, with why
+    (``reason``, a ``fbp_model_swaps_refused_total`` label):
+    ``sha256_mismatch``, ``not_published`` or ``unloadable``."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class DataError(FeedbackPredictorError, ValueError):
     """Data that cannot be used as it is (a record, a stored state, a data file)."""
 
@@ -50,6 +60,6 @@ class StackError(InfrastructureError):
 
 
 __all__ = [
-    "FeedbackPredictorError", "ConfigError", "CheckpointError", "DataError",
+    "FeedbackPredictorError", "ConfigError", "CheckpointError", "ModelRefused", "DataError",
     "StateMismatch", "InfrastructureError", "StackError",
 ]

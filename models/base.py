@@ -65,7 +65,7 @@ This module knows nothing of Kafka, Redis or Faust.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Literal, NamedTuple, overload
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, overload
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +73,29 @@ from torch import Tensor, nn
 from models import state as mstate
 from models.state import State, StateSpec
 
-__all__ = ["RatingModel", "State", "StateSpec", "Unpacked"]
+__all__ = ["Increments", "MovieSide", "RatingModel", "State", "StateSpec", "Unpacked"]
+
+#: movie-side increments: ``name -> (row ids or None for a global tensor, delta)``
+Increments = dict[str, tuple[Tensor | None, Tensor]]
+
+
+class MovieSide(Protocol):
+    """A model's online movie side: named tensors, every one a sum of
+    increments so that concurrent workers merge by addition.
+
+    ``ROW`` tensors have one row per movie id (first dimension: capacity);
+    ``GLOBAL`` tensors are shared by all movies.  ``models.online_pack``
+    packs any such side into the flat float32 vectors the stream stores in
+    Redis (one per movie row, one for the globals), in this order.  The
+    tensors are views over the model's buffers: writing them updates the
+    model."""
+
+    ROW: tuple[str, ...]
+    GLOBAL: tuple[str, ...]
+    t: dict[str, Tensor]
+
+    def apply(self, inc: Increments) -> None:
+        """Add increments to the tensors in place."""
 
 
 class Unpacked(NamedTuple):
@@ -264,6 +286,42 @@ class RatingModel(nn.Module, abc.ABC):
     ) -> State:
         """The state after the padded histories (see :meth:`forward_sequence`)."""
         return self.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)[1]
+
+    # -- online learning -------------------------------------------------
+    def movie_side(self) -> MovieSide | None:
+        """The online movie side the stream learns from every event and shares
+        between workers, or None (the default): the movie side stays as the
+        checkpoint has it."""
+        return None
+
+    def learn_batch(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor,
+                    learn_movies: bool = True) -> tuple[Tensor, State, Increments]:
+        """Predict-then-learn a padded [U, T] batch (``models.batch.learn_batch``):
+        (predictions [U, T], new states, the batch's movie-side increments,
+        already applied to :meth:`movie_side`).  The default, for a model
+        without an online side, runs :meth:`step` (T == 1) or
+        :meth:`forward_sequence` and learns nothing shared.  A family with
+        an online side learns it round by round (round j = each user's j-th
+        event); ``learn_movies=False`` keeps it fixed and returns no increments."""
+        if movie.shape[1] == 1:
+            new, p = self.step(state, movie[:, 0], rating[:, 0], ts[:, 0])
+            return p[:, None], new, {}
+        p, new = self.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)
+        return p, new, {}
+
+    @property
+    def network_weight(self) -> float:
+        """The trained network's share of the served prediction: 1 by default;
+        0 for a model whose predictions are all online learning (``online``),
+        which the simulator then neither fine-tunes nor runs."""
+        return 1.0
+
+    @classmethod
+    def hparams_from_users(cls, users: Any) -> dict[str, Any]:
+        """Constructor arguments this family derives from the users' side
+        information (a DataFrame: user_id, age, gender, occupation), e.g. the
+        width of an online side's user features; none by default."""
+        return {}
 
     # -- placement ------------------------------------------------------
     @property

@@ -16,19 +16,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.base import RatingModel, State
-
-#: movie-side increments: ``name -> (row ids or None for a global tensor, delta)``
-Increments = dict[str, tuple[Tensor | None, Tensor]]
+from models.base import Increments, RatingModel, State
 
 
 def occurrence_rank(uidx: np.ndarray) -> np.ndarray:
     """For each event, how many earlier events of the batch have the same user."""
-    rank = np.zeros(len(uidx), dtype=np.int64)
-    seen: dict[int, int] = {}
-    for i, u in enumerate(uidx.tolist()):
-        rank[i] = seen.get(u, 0)
-        seen[u] = rank[i] + 1
+    uidx = np.asarray(uidx)
+    order = np.argsort(uidx, kind="stable")  # each user's events together, in batch order
+    grouped = uidx[order]
+    first = np.r_[0, np.flatnonzero(grouped[1:] != grouped[:-1]) + 1] if len(uidx) else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[first, len(uidx)])
+    rank = np.empty(len(uidx), dtype=np.int64)
+    rank[order] = np.arange(len(uidx)) - np.repeat(first, sizes)
     return rank
 
 
@@ -53,18 +52,11 @@ def pad_events(uidx: np.ndarray, rank: np.ndarray, n_users: int, movie, rating, 
 def learn_batch(model: RatingModel, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor,
                 learn_movies: bool = True) -> tuple[Tensor, State, Increments]:
     """Predict-then-learn a padded batch: (predictions [U, T], new states,
-    the batch's movie-side increments).  Models with an online part
-    (``learn_batch`` method) learn the movie side round by round; the others
-    run ``step`` (T == 1) or ``forward_sequence`` and return no increments.
-    ``learn_movies=False`` keeps the movie side fixed (and returns no increments)."""
-    own = getattr(model, "learn_batch", None)
-    if own is not None:
-        return own(state, movie, rating, ts, mask, learn_movies=learn_movies)
-    if movie.shape[1] == 1:
-        new, p = model.step(state, movie[:, 0], rating[:, 0], ts[:, 0])
-        return p[:, None], new, {}
-    p, new = model.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)
-    return p, new, {}
+    the batch's movie-side increments): :meth:`RatingModel.learn_batch`,
+    whose default (no online side) runs ``step`` (T == 1) or
+    ``forward_sequence`` and returns no increments.  ``learn_movies=False``
+    keeps the movie side fixed (and returns no increments)."""
+    return model.learn_batch(state, movie, rating, ts, mask, learn_movies=learn_movies)
 
 
 def sum_increments(parts: list[Increments]) -> Increments:
@@ -83,11 +75,3 @@ def sum_increments(parts: list[Increments]) -> Increments:
         acc = torch.zeros((len(uniq), *delta.shape[1:]), dtype=delta.dtype, device=delta.device)
         out[name] = (uniq, acc.index_add_(0, inv, delta))
     return out
-
-
-def online_movie_side(model: RatingModel):
-    """The model's online movie side (:class:`models.online.MovieSide`, a view
-    over its buffers), or None for a model without an online part."""
-    if not getattr(model, "online", False) or not hasattr(model, "movie_side"):
-        return None
-    return model.movie_side()

@@ -27,7 +27,7 @@ from models.registry import MODELS, build
 FORMAT = 1
 
 
-from fbp_errors import CheckpointError
+from fbp_errors import CheckpointError, ModelRefused
 
 __all__ = ["CheckpointError"]
 
@@ -119,9 +119,10 @@ def checkpoint_from_bytes(
     if expected_sha256 is not None:
         whole = hashlib.sha256(blob).hexdigest()
         if expected_sha256 not in (whole, meta.get("sha256")):
-            raise CheckpointError(
+            raise ModelRefused(
                 f"{where}: sha256 mismatch (expected {expected_sha256[:12]}…, file has weights "
-                f"{str(meta.get('sha256'))[:12]}… / blob {whole[:12]}…); fetch the checkpoint again"
+                f"{str(meta.get('sha256'))[:12]}… / blob {whole[:12]}…); fetch the checkpoint again",
+                "sha256_mismatch",
             )
     try:
         tensors = st_load(blob)
@@ -129,9 +130,9 @@ def checkpoint_from_bytes(
         raise CheckpointError(f"{where}: not a readable safetensors file ({exc}); re-export it") from None
     sha = weights_sha256(tensors)
     if sha != meta.get("sha256"):
-        raise CheckpointError(
+        raise ModelRefused(
             f"{where}: weights sha256 {sha[:12]}… does not match the recorded {str(meta.get('sha256'))[:12]}…; "
-            "the file is corrupt or was modified -- re-export or fetch it again"
+            "the file is corrupt or was modified -- re-export or fetch it again", "sha256_mismatch"
         )
     name = meta.get("model")
     if name not in MODELS:

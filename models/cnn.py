@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import State
-from models.common import gap_feature, lookup, user_item_dot
-from models.mf import MFModel
+from models.common import gap_feature, lookup
+from models.mf import MFModel, UserVectorHead
 
 
-class CNNModel(MFModel):
+class CNNModel(UserVectorHead, MFModel):
     name = "cnn"
     movie_tables = ("movie_bias", "movie_features", "item_factors")
 
@@ -76,13 +76,6 @@ class CNNModel(MFModel):
         z = F.conv1d(x.transpose(1, 2), self.conv.weight * self.tap_mask)
         return torch.relu(z).transpose(1, 2)
 
-    def _item_vec(self, ids: Tensor) -> Tensor:
-        return self.feat_proj(torch.cat([lookup(self.item_factors, ids), self._feats(ids)], -1))
-
-    def _conv_term(self, z: Tensor, ids: Tensor) -> Tensor:
-        """z [B, C], ids [B, M] or shared [M] -> [B, M]"""
-        return self.user_bias_head(z) + user_item_dot(self.user_proj(z), self._item_vec(ids))
-
     def _window_valid(self, state: State) -> Tensor:
         pos = torch.arange(self.W, device=state["win_len"].device)
         return pos[None, :] >= (self.W - state["win_len"].to(torch.int64))[:, None]
@@ -90,7 +83,7 @@ class CNNModel(MFModel):
     def _predict_state(self, state: State, ids: Tensor) -> Tensor:
         x = self._event_feats(state["win_movie"], state["win_rating"], state["win_ts"], self._window_valid(state))
         z = self._users(x)[:, 0]
-        return self._mf_predict_state(state, ids) + self._conv_term(z, ids)
+        return self._mf_predict_state(state, ids) + self._user_term(z, ids)
 
     def _sequence(self, state, movie, rating, ts, mask, want_state):
         cm = torch.cat([state["win_movie"], movie], 1)

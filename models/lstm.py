@@ -52,7 +52,7 @@ from models import lstm_kernel
 from models import online as onl
 from models.base import State, StateSpec
 from models.common import lookup, user_item_dot
-from models.mf import MFModel
+from models.mf import MFModel, UserVectorHead
 
 #: blend weight of the online model, chosen on the first half of ML-100K by time
 ONLINE_WEIGHT = 0.8
@@ -63,7 +63,7 @@ def online_gap(gap_s: Tensor) -> Tensor:
     return torch.log1p(gap_s.clamp(min=0).to(torch.float32)) / 17.3
 
 
-class LSTMModel(MFModel):
+class LSTMModel(UserVectorHead, MFModel):
     name = "lstm"
     movie_tables = ("movie_bias", "movie_features", "item_factors")
 
@@ -104,9 +104,19 @@ class LSTMModel(MFModel):
         return spec
 
     # -- the online part ------------------------------------------------------
-    def movie_side(self) -> onl.MovieSide:
+    @classmethod
+    def hparams_from_users(cls, users) -> dict:
+        """The width of the online side's user features."""
+        if users is None or not len(users):
+            return {}
+        return {"n_user_features": int(onl.user_feature_matrix(users, 0)[0].shape[1])}
+
+    def movie_side(self) -> onl.MovieSide | None:
         """The online movie side as a view over this model's buffers (so
-        :meth:`models.online.MovieSide.apply` updates the model in place)."""
+        :meth:`models.online.MovieSide.apply` updates the model in place);
+        None without the online part."""
+        if not self.online:
+            return None
         t = {n: self._buffers[f"online_{n}"] for n in onl.MovieSide.ROW + onl.MovieSide.GLOBAL}
         ms = self._ms_cache
         if ms is None or any(ms.t[n] is not t[n] for n in t):
@@ -341,15 +351,8 @@ class LSTMModel(MFModel):
             -1,
         )
 
-    def _item_vec(self, ids: Tensor) -> Tensor:
-        return self.feat_proj(torch.cat([lookup(self.item_factors, ids), self._feats(ids)], -1))
-
-    def _rnn_term(self, h: Tensor, ids: Tensor) -> Tensor:
-        """h [B, H], ids [B, M] or shared [M] -> [B, M]"""
-        return self.user_bias_head(h) + user_item_dot(self.user_proj(h), self._item_vec(ids))
-
     def _predict_state(self, state: State, ids: Tensor) -> Tensor:
-        return self._mf_predict_state(state, ids) + self._rnn_term(state["h"], ids)
+        return self._mf_predict_state(state, ids) + self._user_term(state["h"], ids)
 
     def _cell(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         lstm = self.lstm

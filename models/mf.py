@@ -76,7 +76,10 @@ class MFModel(StatefulModel):
         by = qt * y[..., None]
         A_before = excl_cumsum(state["A"], outer)
         b_before = excl_cumsum(state["b"], by)
-        p = self._solve(A_before, b_before)  # [B,T,K]
+        # solved at real events only: a batch's [B, T] block is mostly padding
+        # when a few users have many events (the same systems, the same numbers)
+        p = torch.zeros_like(b_before)  # [B,T,K]
+        p[mask] = self._solve(A_before[mask], b_before[mask])
         pred = self.global_mean + self._bias(movie) + (self._qt(movie) * p).sum(-1)
         extra = {}
         if want_state:
@@ -91,3 +94,19 @@ class MFModel(StatefulModel):
 
     def _sequence(self, state, movie, rating, ts, mask, want_state):
         return self._mf_sequence(state, movie, rating, mask, want_state)
+
+
+class UserVectorHead:
+    """The read-out the cnn and lstm families share: a user vector (conv
+    output, LSTM hidden state) scored against movies as a bias head plus the
+    dot product of its projection with a projection of each movie's factors
+    and side features.  Mixed into an :class:`MFModel` subclass that has
+    ``feat_proj``, ``user_proj`` and ``user_bias_head``."""
+
+    def _item_vec(self, ids: Tensor) -> Tensor:
+        return self.feat_proj(torch.cat([lookup(self.item_factors, ids), self._feats(ids)], -1))
+
+    def _user_term(self, u: Tensor, ids: Tensor) -> Tensor:
+        """u [B, D], ids [B, M] or shared [M] -> [B, M]"""
+        return self.user_bias_head(u) + user_item_dot(self.user_proj(u), self._item_vec(ids))
+

@@ -33,12 +33,14 @@ from models import state as mstate
 from models.base import RatingModel
 from models.checkpoint import CheckpointError
 from stream import metrics as m
-from stream.app import app
+from stream.routes import Routes
 from stream.topk import top_k
 from stream.runtime import runtime
 from stream.titles import titles
 
 log = logging.getLogger(__name__)
+#: this module's pages (and timers), registered by ``stream.app.build_app``
+routes = Routes()
 MAX_ID = 2**53
 MAX_MOVIES_PER_QUERY = 1000
 
@@ -110,7 +112,7 @@ async def _user_state(user_id: int) -> tuple[Any, mstate.State, bool]:
     return model, st, stored.blob is not None and not bool(foreign.any())
 
 
-@app.page("/health")
+@routes.page("/health")
 class Health(View):
     async def get(self, request: Request) -> Response:
         model = runtime.model
@@ -122,13 +124,13 @@ class Health(View):
         }, 200)
 
 
-@app.page("/metrics")
+@routes.page("/metrics")
 class Metrics(View):
     async def get(self, request: Request) -> Response:
         return self.bytes(generate_latest(m.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
 
-@app.page("/api/v1/model")
+@routes.page("/api/v1/model")
 class ModelInfo(View):
     async def get(self, request: Request) -> Response:
         async def run() -> Any:
@@ -141,7 +143,7 @@ class ModelInfo(View):
         return await guarded(self, run)
 
 
-@app.page("/api/v1/users/{user_id}/scores")
+@routes.page("/api/v1/users/{user_id}/scores")
 class Scores(View):
     async def get(self, request: Request, user_id: str) -> Response:
         async def run() -> Any:
@@ -163,7 +165,7 @@ class Scores(View):
         return await guarded(self, run)
 
 
-@app.page("/api/v1/users/{user_id}/top")
+@routes.page("/api/v1/users/{user_id}/top")
 class Top(View):
     async def get(self, request: Request, user_id: str) -> Response:
         async def run() -> Any:
@@ -180,7 +182,7 @@ class Top(View):
         return await guarded(self, run)
 
 
-@app.page("/api/v1/users/{user_id}/profile")
+@routes.page("/api/v1/users/{user_id}/profile")
 class Profile(View):
     async def get(self, request: Request, user_id: str) -> Response:
         async def run() -> Any:
@@ -196,19 +198,19 @@ class Profile(View):
         return await guarded(self, run)
 
 
-@app.page("/api/v1/admin/reload")
+@routes.page("/api/v1/admin/reload")
 class Reload(View):
     async def post(self, request: Request) -> Response:
         async def run() -> Any:
             _require_admin(request)
-            await runtime.check_model(app)
+            await runtime.check_model(self.app)
             cur = await asyncio.to_thread(runtime.models.current) if runtime.models else None
             return {"current_published": cur.version if cur else None,
                     "serving": runtime.model.version if runtime.model else None}
         return await guarded(self, run)
 
 
-@app.page("/api/v1/admin/rollback")
+@routes.page("/api/v1/admin/rollback")
 class Rollback(View):
     async def post(self, request: Request) -> Response:
         async def run() -> Any:
@@ -223,12 +225,12 @@ class Rollback(View):
                 pub = await asyncio.to_thread(runtime.models.rollback, version)
             except CheckpointError as exc:
                 raise ApiError(409, "rollback_refused", str(exc)) from None
-            await runtime.check_model(app)
+            await runtime.check_model(self.app)
             return {"current": pub.version}
         return await guarded(self, run)
 
 
-@app.page("/api/v1/admin/finetune")
+@routes.page("/api/v1/admin/finetune")
 class Finetune(View):
     async def post(self, request: Request) -> Response:
         async def run() -> Any:

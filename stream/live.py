@@ -35,12 +35,14 @@ from faust.web import Request, Response, View
 from core.rolling import RollingError, finite_or_none
 
 from stream.api import ApiError, guarded, require_read
-from stream.app import app
+from stream.routes import Routes
 from stream.faults import INFRASTRUCTURE
 from stream.runtime import runtime
 from stream.titles import titles
 
 log = logging.getLogger(__name__)
+#: this module's pages (and timers), registered by ``stream.app.build_app``
+routes = Routes()
 
 STATIC = Path(__file__).resolve().parent / "static"
 LIVE_HTML = STATIC / "live.html"
@@ -311,13 +313,13 @@ async def live_data(history_points: int | None) -> dict[str, Any]:
     return snap
 
 
-@app.timer(interval=1.0)
+@routes.timer(interval=1.0)
 async def sample_live_stats() -> None:
     """Once a second: events/s, latency percentiles, RMSE/MAE into the history."""
     stats.sample()
 
 
-@app.page("/live")
+@routes.page("/live")
 class LivePage(View):
     async def get(self, request: Request) -> Response:
         try:
@@ -328,7 +330,7 @@ class LivePage(View):
         return self.html(html, headers={"Cache-Control": "no-store"})
 
 
-@app.page("/api/v1/live")
+@routes.page("/api/v1/live")
 class LiveData(View):
     async def get(self, request: Request) -> Response:
         async def run() -> Any:

@@ -19,7 +19,7 @@ from core.rolling import RollingError
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-STAGES = ("decode", "redis_load", "model_step", "topk", "redis_store", "produce")
+STAGES = ("decode", "redis_load", "model_step", "topk", "outputs", "produce", "redis_store")
 
 EVENTS = Counter(
     "fbp_events_processed_total", "Valid rating events turned into predictions", registry=REGISTRY

@@ -25,7 +25,7 @@ mode uses it as well.
 
 from __future__ import annotations
 
-from typing import Awaitable, Sequence
+from typing import Any, Awaitable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.producer.message_accumulator import BatchBuilder
@@ -63,7 +63,7 @@ def partition_records(producer: AIOKafkaProducer, partitions: list[int],
                       records: Sequence[Record]) -> dict[int, list[Record]]:
     """Records per partition, as the producer's partitioner places them
     (aiokafka's ``DefaultPartitioner``: murmur2 of the key, like Java's)."""
-    choose = producer._partitioner  # what AIOKafkaProducer.send uses for a keyed record
+    choose = partitioner(producer)
     memo: dict[bytes, int] = {}
     out: dict[int, list[Record]] = {}
     for rec in records:
@@ -73,3 +73,18 @@ def partition_records(producer: AIOKafkaProducer, partitions: list[int],
             p = memo[key] = choose(key, partitions, partitions)
         out.setdefault(p, []).append(rec)
     return out
+
+
+# -- the two private names this module relies on, each in one named adapter;
+# tests/test_library_adapters.py pins the library versions they were read from.
+
+def faust_producer(app: Any) -> AIOKafkaProducer:
+    """The started aiokafka producer behind a Faust app's producer
+    (faust-streaming 0.15.3 keeps it behind ``_ensure_producer``)."""
+    return app.producer._ensure_producer()
+
+
+def partitioner(producer: AIOKafkaProducer) -> Any:
+    """The partitioner ``AIOKafkaProducer.send`` uses for a keyed record
+    (aiokafka 0.14.0: ``_partitioner``)."""
+    return producer._partitioner

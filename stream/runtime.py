@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from core.settings import Settings, get_settings
+from fbp_errors import ConfigError, ModelRefused
 from models.base import RatingModel
 from models.devices import pick_device
 from models.checkpoint import CheckpointError, load_checkpoint
@@ -22,13 +24,14 @@ from stream import metrics as m
 from core.repos.models import ModelStore
 from core.repos.movies import MovieSideStore
 from stream.faults import FullRedisPause
-from stream.outbox import send_records
+from stream.outbox import faust_producer, send_records
+from stream.batch.config import BatchConfig
+from stream.batch.types import SendFn, SendManyFn
 from stream.predictor import Predictor
 from stream.transactions import Transactions
 from core.redis_conn import amemory, async_redis, sync_redis
 from core.repos.erasure import ErasureLog
 from core.repos.states import StateStore
-from core.topics import repartition_topic
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ def initial_model(settings: Settings, models: ModelStore) -> tuple[RatingModel, 
     try:
         model, meta = load_checkpoint(path)
     except CheckpointError as exc:
-        raise RuntimeError(
+        raise ConfigError(
             f"no model to serve: nothing is published in Redis (prefix {settings.redis.key_prefix!r}) "
             f"and the local checkpoint is unusable: {exc}. Publish one with `fbp model publish PATH` "
             "or point FBP_WORKER__CHECKPOINT at a checkpoint written by `fbp train`"
@@ -54,30 +57,24 @@ def initial_model(settings: Settings, models: ModelStore) -> tuple[RatingModel, 
                    "metrics": meta.get("metrics") or {}, "reason": f"local checkpoint {Path(path).name}"}
 
 
-def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: Any,
-                   send_many: Any = None) -> Predictor:
+def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: SendFn,
+                   send_many: SendManyFn | None = None) -> Predictor:
     """A worker's Predictor as the settings describe it (device, torch threads,
     topics, limits); also used by ``fbp bench stream``'s no-Faust reference.
     Settles the process's heap (:func:`stream.heap.settle`): what is loaded
     by now lives as long as the process."""
     torch.set_num_threads(s.worker.torch_threads)
     heap.settle()
-    movies = (MovieSideStore(store.client, store.prefix, on_full=store.on_full)
-              if s.worker.online_movie_side else None)
-    return Predictor(
-        model, store, send, movies=movies,
-        predictions_topic=s.kafka.predictions_topic, dlq_topic=s.kafka.dlq_topic,
-        repartition_topic=repartition_topic(s), key_policy=s.worker.key_policy,
-        top_k=s.worker.top_k, max_payload_bytes=s.worker.max_payload_bytes,
-        min_ts=s.worker.min_ts, max_future_s=s.worker.max_future_s,
-        dlq_payload_prefix_bytes=s.worker.dlq_payload_prefix_bytes, device=pick_device(s.worker.device),
-        keep_outputs=s.worker.exactly_once, send_many=send_many,
-    )
+    movies = MovieSideStore(store.client, store.prefix, on_full=store.on_full) if s.worker.online_movie_side else None
+    return Predictor(model, store, send, BatchConfig.from_settings(s), movies=movies, send_many=send_many,
+                     device=pick_device(s.worker.device))
 
 
 class Runtime:
+    """The worker process's one of each; settings are read on first use, so
+    importing this module reads and builds nothing."""
+
     def __init__(self) -> None:
-        self.settings: Settings = get_settings()
         self._predictor: Predictor | None = None
         self._lock = asyncio.Lock()
         self.refused: dict[int, str] = {}
@@ -86,10 +83,16 @@ class Runtime:
         #: where the first model served came from (``initial_model``)
         self.origin: dict[str, Any] = {}
         self.erasures: ErasureLog | None = None
+
+    @cached_property
+    def settings(self) -> Settings:
+        return get_settings()
+
+    @cached_property
+    def transactions(self) -> Transactions | None:
+        """Exactly-once mode's transactional producers (None: at least once, Faust's producer)."""
         s = self.settings
-        #: exactly-once mode's transactional producers (None: at least once, Faust's producer)
-        self.transactions: Transactions | None = (
-            Transactions(s.kafka, s.worker.app_id) if s.worker.exactly_once else None)
+        return Transactions(s.kafka, s.worker.app_id) if s.worker.exactly_once else None
 
     async def predictor(self, app: Any) -> Predictor:
         if self._predictor is not None:
@@ -108,12 +111,12 @@ class Runtime:
                     return await app.producer.send(topic, key, value, None, timestamp, headers)
 
                 async def faust_send_many(topic: str, records: Any) -> Any:
-                    return await send_records(app.producer._ensure_producer(), topic, records)
+                    return await send_records(faust_producer(app), topic, records)
 
                 txns = self.transactions
                 send, send_many = (faust_send, faust_send_many) if txns is None else (txns.send, txns.send_many)
                 self._predictor = make_predictor(s, model, self.store, send, send_many)
-                log.info("serving %s v%d on %s", model.name, model.version, self._predictor.device)
+                log.info("serving %s v%d on %s", model.name, model.version, self._predictor.serving.device)
         return self._predictor
 
     @property
@@ -125,7 +128,7 @@ class Runtime:
         p = self._predictor
         if p is None:
             return None
-        return p._pending or p.model
+        return p.serving.latest
 
     async def check_model(self, app: Any) -> None:
         """Load a newly current published version; refuse (and remember) a bad one."""
@@ -137,12 +140,11 @@ class Runtime:
             return
         try:
             model = await asyncio.to_thread(self.models.load, cur.version)
-        except (CheckpointError, ValueError, RuntimeError) as exc:
-            reason = "sha256_mismatch" if "sha256" in str(exc) else "unloadable"
+        except ModelRefused as exc:
             self.refused[cur.version] = str(exc)
-            m.SWAP_REFUSED.labels(reason).inc()
+            m.SWAP_REFUSED.labels(exc.reason).inc()
             log.error("refusing model version %d (%s): %s; still serving v%d",
-                      cur.version, reason, exc, serving.version)
+                      cur.version, exc.reason, exc, serving.version)
             return
         self._predictor.offer_model(model)
 

@@ -129,13 +129,13 @@ def state_mismatches(a: State, b: State, atol: float = 1e-4) -> int:
 
 
 def checkpoint(tmp: Path, ratings: pd.DataFrame, movies: pd.DataFrame, genre_vocab: list[str],
-               name: str = "lstm", epochs: int = 1) -> Path:
+               name: str = "lstm", epochs: int = 1, **hparams) -> Path:
     """A small trained checkpoint (seeded) for stream tests."""
     from models.checkpoint import save_checkpoint
     from trainer.train import fit, make_model
 
     torch.manual_seed(0)
-    model = make_model(name, movies, genre_vocab, int(ratings["movie_id"].max()))
+    model = make_model(name, movies, genre_vocab, int(ratings["movie_id"].max()), **hparams)
     fit(model, ratings, epochs=epochs, device="cpu", valid_frac=0.0, seed=0, progress=False)
     model.version = 1
     path = tmp / f"{name}-model"
@@ -150,7 +150,7 @@ def redis_movie_bias(ns: Namespace, model: RatingModel, movies: Iterable[int]) -
     from models import online_pack as opk
 
     movies = list(movies)
-    ms = model.movie_side()  # type: ignore[attr-defined]
+    ms = model.movie_side()
 
     async def load() -> tuple:
         client = async_redis(ns.settings.redis)

@@ -46,4 +46,10 @@ def test_bench_stream_json_shape(stack, tmp_path):
     assert set(data["events_per_cpu_s"]) == {"full", "bare", "faust_noop", "bare_batch"}
     assert all(v > 0 for v in data["events_per_cpu_s"].values())
     assert "faust_overhead" in data["stage_share"] and "model_step" in data["stage_share"]
+    # every stage of the batch path, per event, from the same worker run as the ratios
+    from stream.metrics import STAGES
+
+    us = data["stage_us_per_event"]
+    assert set(STAGES) <= set(us) and all(us[k] > 0 for k in STAGES)
+    assert abs(sum(us.values()) * data["events"] / 1e6 - sum(data["sweep"][0]["stages_s"].values())) < 1e-6
     assert "where the time goes" in res.output and "full/batch-code-on-bare-loop" in res.output

@@ -102,3 +102,12 @@ def test_missing_and_not_safetensors(tmp_path):
     (tmp_path / "x").write_bytes(b"PK\x03\x04 definitely a zip")
     with pytest.raises(CheckpointError, match="not a safetensors"):
         load_checkpoint(tmp_path / "x")
+
+
+def test_a_checksum_mismatch_is_refused_with_its_reason_not_its_text():
+    """The worker labels a refused swap by the error's reason (never by its message)."""
+    from fbp_errors import ModelRefused
+
+    with pytest.raises(ModelRefused) as got:
+        checkpoint_from_bytes(_blob(), expected_sha256="0" * 64)
+    assert got.value.reason == "sha256_mismatch" and isinstance(got.value, CheckpointError)

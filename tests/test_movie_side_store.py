@@ -163,7 +163,7 @@ def test_worker_batches_equal_simulator_and_movie_side_moves(stack, ckpt, ml100k
     from core.repos.states import StateStore
     from models import online_pack as opk
     from models.checkpoint import load_checkpoint
-    from stream.predictor import Incoming, Predictor
+    from stream.predictor import BatchConfig, Incoming, Predictor
     from tests.streamkit import simulate
     from trainer.prequential import stream_order
 
@@ -181,7 +181,7 @@ def test_worker_batches_equal_simulator_and_movie_side_moves(stack, ckpt, ml100k
     async def go() -> np.ndarray | None:
         client = async_redis(stack.redis)
         states = StateStore(client, _prefix())
-        p = Predictor(model, states, send, predictions_topic="p", dlq_topic="d", top_k=0,
+        p = Predictor(model, states, send, BatchConfig(predictions_topic="p", dlq_topic="d", top_k=0),
                       movies=MovieSideStore(client, states.prefix))
         try:
             for i in range(0, len(msgs), batch):
@@ -217,9 +217,8 @@ def test_pipelined_batches_equal_serial_ones(stack, ckpt, ml100k):
     from core.events import RatingEvent, encode_rating, rating_key
     from core.repos.states import StateStore
     from models import online_pack as opk
-    from models.batch import online_movie_side
     from models.checkpoint import load_checkpoint
-    from stream.predictor import Incoming, Predictor
+    from stream.predictor import BatchConfig, Incoming, Predictor
     from trainer.prequential import stream_order
 
     df = stream_order(ml100k.ratings.iloc[30_000:34_000])
@@ -236,7 +235,7 @@ def test_pipelined_batches_equal_serial_ones(stack, ckpt, ml100k):
         model, _ = load_checkpoint(ckpt)
         client = async_redis(stack.redis)
         states = StateStore(client, _prefix())
-        p = Predictor(model, states, send, predictions_topic="p", dlq_topic="d", top_k=0,
+        p = Predictor(model, states, send, BatchConfig(predictions_topic="p", dlq_topic="d", top_k=0),
                       movies=MovieSideStore(client, states.prefix))
         try:
             prev = None
@@ -251,9 +250,9 @@ def test_pipelined_batches_equal_serial_ones(stack, ckpt, ml100k):
                 prev, _ = await asyncio.gather(p.begin(msgs[i:i + 300]), p.finish(prev))
             if prev is not None:
                 await p.finish(prev)
-            assert not p._overlay and not p._inflight_movies
+            assert p.overlay.empty
             blobs = [s.blob for s in await states.load(users)]
-            side = online_movie_side(model)
+            side = model.movie_side()
             rows, found, glob = await p.movies.load(movies, opk.row_len(side), opk.global_len(side))
             assert found.all()
             return sent, blobs, rows, glob

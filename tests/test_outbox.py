@@ -17,6 +17,11 @@ def _records(n: int, users: int) -> list[tuple[bytes, bytes]]:
 
 
 def test_the_private_names_the_outbox_relies_on_still_exist():
+    """``stream.outbox.faust_producer`` and ``partitioner`` reach past these
+    libraries' public API: pinned to the versions they were read from."""
+    from importlib.metadata import version
+
+    assert (version("aiokafka"), version("faust-streaming")) == ("0.14.0", "0.15.3")
     assert callable(getattr(AIOKafkaProducer, "_partition")) and "_partitioner" in AIOKafkaProducer.__init__.__code__.co_names
     assert hasattr(faust_aiokafka.Producer, "_ensure_producer")
 

@@ -193,7 +193,7 @@ def test_the_worker_resets_and_counts_a_state_of_another_layout(redis_cfg):
     from core.events import RatingEvent, encode_rating, rating_key
     from models.registry import build
     from stream import metrics as m
-    from stream.predictor import Incoming, Predictor
+    from stream.predictor import BatchConfig, Incoming, Predictor
 
     async def send(topic, key, value):
         f = asyncio.get_running_loop().create_future()
@@ -206,7 +206,7 @@ def test_the_worker_resets_and_counts_a_state_of_another_layout(redis_cfg):
     async def go() -> None:
         store = StateStore(async_redis(redis_cfg), redis_cfg.key_prefix)
         await store.client.hset(store.key(5), mapping={"s": b"future", "l": 99})
-        p = Predictor(build("baseline"), store, send, predictions_topic="p", dlq_topic="d", top_k=0)
+        p = Predictor(build("baseline"), store, send, BatchConfig(predictions_topic="p", dlq_topic="d", top_k=0))
         before = resets()
         ev = RatingEvent("e1", 5, 10, 4.0, 880_000_000)
         res = await p.process([Incoming(encode_rating(ev), 0, 0, time.time(), key=rating_key(ev))])

@@ -86,6 +86,7 @@ import pandas as pd
 import torch
 import typer
 
+from models.registry import DEFAULT_MODEL
 from trainer.prequential import (RIVER_MODELS, PrequentialResult, river_baseline, river_biasedmf, run_prequential,
                                  run_river_prequential, stream_order, stretch_cuts)
 from trainer.train import evaluate_rmse, fit, make_model
@@ -195,12 +196,12 @@ def run_stream_protocol(
         served: PrequentialResult | None = None
         nets = [n for n in names if n not in SIMULATED]
         needs_net = any(n.startswith("lstm-hedge") for n in names)
-        for name in nets + (["lstm"] if needs_net and "lstm" not in nets else []):
+        for name in nets + ([DEFAULT_MODEL] if needs_net and DEFAULT_MODEL not in nets else []):
             r = run_prequential(name, ds.ratings, ds.movies, genre_vocab=ds.genre_vocab, finetune_every=every,
                                 epochs=epochs, seed=seed, policy=policy, progress=progress, device=device,
                                 bootstrap_frac=DEMO_BOOTSTRAP if demo else 0.0, bootstrap_epochs=DEMO_EPOCHS,
                                 users=getattr(ds, "users", None), batch_events=batch_events)
-            served = r if name == "lstm" else served
+            served = r if name == DEFAULT_MODEL else served
             if name not in nets:  # run only for lstm-hedge's network
                 continue
             first.setdefault(name, r)

@@ -45,6 +45,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -287,7 +288,17 @@ def ensure_version_above(store: Any, version: int) -> None:
     store.ensure_seq_at_least(version)
 
 
-def log_decision(result: FinetuneResult | None, *, trigger: str, outcome: str,
+class Outcome(StrEnum):
+    """How a fine-tune run ended (the ``outcome`` label of ``fbp_finetune_runs_total``
+    and of its logged decision; a str, so labels and JSON read as before)."""
+
+    PROMOTED = "promoted"  #: the challenger won and serves now
+    REJECTED = "rejected"  #: the champion stays (the challenger lost, or serving changed meanwhile)
+    SKIPPED = "skipped"  #: not enough data to train and judge
+    FAILED = "failed"  #: an error; logged, the service goes on
+
+
+def log_decision(result: FinetuneResult | None, *, trigger: str, outcome: Outcome,
                  new_version: int | None = None, error: str | None = None,
                  champion_version: int | None = None) -> dict[str, Any]:
     """One structured log line per decision; returns the logged dict."""

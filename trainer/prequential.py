@@ -50,7 +50,7 @@ import torch
 
 from models import state as mstate
 from models.base import RatingModel, State
-from models.batch import learn_batch, pad_events
+from trainer.stream_order import occurrence_rank, padded as _padded, step_online_events, stream_order
 from trainer.train import fit, make_model, replay_states
 
 POLICIES = ("window", "replay", "keep")
@@ -116,17 +116,6 @@ def _result(name: str, y: np.ndarray, p: np.ndarray, window: int, **kw: Any) -> 
     )
 
 
-def stream_order(ratings: pd.DataFrame) -> pd.DataFrame:
-    order = np.lexsort((np.arange(len(ratings)), ratings["ts"].to_numpy()))
-    return ratings.iloc[order].reset_index(drop=True)
-
-
-def occurrence_rank(keys: np.ndarray) -> np.ndarray:
-    """For each position, how many earlier positions have the same key."""
-    s = pd.Series(keys)
-    return s.groupby(s).cumcount().to_numpy()
-
-
 @torch.no_grad()
 def step_events(
     model: RatingModel, states: State, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray
@@ -147,17 +136,7 @@ def step_events(
 
 
 def _online(model: RatingModel) -> bool:
-    return bool(getattr(model, "online", False))
-
-
-def _padded(model: RatingModel, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray, tuple[torch.Tensor, ...]]:
-    """A chunk as the worker builds its batch: the chunk's users (first-seen
-    order), each event's user row, and the padded [users, T] block."""
-    users, row = np.unique(uidx, return_inverse=True)
-    rank = occurrence_rank(uidx)
-    block = pad_events(row, rank, len(users), movie, rating, ts)
-    return users, row, tuple(x.to(model.device) for x in block)
+    return model.movie_side() is not None
 
 
 @torch.no_grad()
@@ -186,20 +165,6 @@ def online_events(
         work["count"][u] += mask.sum(1).to(work["count"].dtype)
         preds[s:e] = p.cpu().numpy()[row, occurrence_rank(uidx[s:e])]
     return preds
-
-
-def step_online_events(
-    model: RatingModel, states: State, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray,
-    learn_movies: bool = True,
-) -> np.ndarray:
-    """One worker batch: :func:`models.batch.learn_batch` over the chunk (the
-    network and the online part, movie-side increments merged round by round;
-    ``learn_movies=False``: a worker with ``worker.online_movie_side`` off)."""
-    users, row, block = _padded(model, uidx, movie, rating, ts)
-    u = torch.from_numpy(users).to(model.device)
-    p, new, _ = learn_batch(model, mstate.select(states, u), *block, learn_movies=learn_movies)
-    mstate.scatter(states, u, new)
-    return p.float().cpu().numpy()[row, occurrence_rank(uidx)]
 
 
 @torch.no_grad()
@@ -309,7 +274,7 @@ def run_prequential(
     states = model.init_state(len(uniq), model.device)
     online = _online(model)
     #: a model whose network has no share (``online``) is neither fine-tuned nor run
-    trains = float(getattr(model, "network_weight", 1.0)) > 0
+    trains = model.network_weight > 0
     # sequence mode, online lstm: the network's and the online part's predictions, for the blend ablation
     parts = (np.full(len(df), np.nan, np.float32), np.full(len(df), np.nan, np.float32))
     if online and "on_g" in states and states["on_g"].shape[1]:

@@ -62,7 +62,7 @@ from core.redis_conn import sync_redis
 from trainer import metrics as tm
 from core.repos.buffer import BufferedEvent, EventBuffer
 from core.repos.trainer import TrainerStore
-from trainer.finetune import (ChampionData, finetune, log_decision, promote,
+from trainer.finetune import (ChampionData, Outcome, finetune, log_decision, promote,
                               split_for_finetune)
 from models.devices import pick_device
 
@@ -292,7 +292,7 @@ class TrainerService:
         t = self.s.trainer
         t0 = time.perf_counter()
         result = None
-        outcome, new_version, error, champ_v = "failed", None, None, None
+        outcome, new_version, error, champ_v = Outcome.FAILED, None, None, None
         seq_at_start = self.buffer.seq
         try:
             if t.threads:
@@ -306,7 +306,7 @@ class TrainerService:
                                        replay_fraction=t.replay_fraction, champion=cdata,
                                        seed=t.seed + self.runs)
             if len(split.holdout) < t.min_holdout_events or len(split.recent_train) == 0:
-                outcome = "skipped"
+                outcome = Outcome.SKIPPED
                 error = (f"not enough data: {len(split.holdout)} unseen holdout events "
                          f"(need {t.min_holdout_events}), {len(split.recent_train)} to train on")
             else:
@@ -317,7 +317,7 @@ class TrainerService:
                 tm.LOSS.set(result.train_loss)
                 tm.HOLDOUT_RMSE.labels("champion").set(d.champion_rmse)
                 tm.HOLDOUT_RMSE.labels("challenger").set(d.challenger_rmse)
-                outcome = "rejected"
+                outcome = Outcome.REJECTED
                 if d.promote:
                     cur = self.store.current()
                     if (cur.version if cur else None) != published:
@@ -326,7 +326,7 @@ class TrainerService:
                     else:
                         pub = promote(self.store, self._producer(), self.s.kafka.model_updates_topic,
                                       result, trigger=trigger, buffer_key=self.buffer_key)
-                        outcome, new_version = "promoted", pub.version
+                        outcome, new_version = Outcome.PROMOTED, pub.version
                         self.serving = pub.version
                         self.promotions += 1
                         tm.PROMOTIONS.inc()
@@ -334,11 +334,11 @@ class TrainerService:
                         tm.SERVING_VERSION.set(pub.version)
         except Exception as exc:  # noqa: BLE001 - a failed run must not stop the service
             log.exception("fine-tune (%s) failed", trigger)
-            outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+            outcome, error = Outcome.FAILED, f"{type(exc).__name__}: {exc}"
         dur = time.perf_counter() - t0
         self.runs += 1
         tm.RUNS.labels(outcome, trigger).inc()
-        if outcome in ("promoted", "rejected"):
+        if outcome in (Outcome.PROMOTED, Outcome.REJECTED):
             tm.DURATION.observe(dur)
         tm.LAST_RUN.set(time.time())
         rec = log_decision(result, trigger=trigger, outcome=outcome, new_version=new_version,

@@ -27,7 +27,9 @@ import typer
 
 from models.base import RatingModel, State
 from models.devices import pick_device
-from models.registry import build
+from models import online_pack as opk
+from models.registry import build, model_class
+from trainer.stream_order import step_online_events, stream_order
 from trainer.sequences import UserSequences, build_sequences, iterate, pad, batch_indices
 
 #: per-model defaults found on ML-100K (see trainer/evaluate.py's docstring for figures)
@@ -55,13 +57,11 @@ def make_model(
     **hparams: Any,
 ) -> RatingModel:
     """Build ``name`` with the data set's genre vocabulary, year range and movie
-    ids (and, for the online ``lstm``, the width of the user side features)."""
+    ids (and what the family derives from the users: ``RatingModel.hparams_from_users``)."""
     hp: dict[str, Any] = dict(MODEL_DEFAULTS.get(name, {}))
     hp.update(hparams)
-    if name in ("lstm", "online") and users is not None and len(users):
-        from models.online import user_feature_matrix
-
-        hp.setdefault("n_user_features", int(user_feature_matrix(users, 0)[0].shape[1]))
+    for key, value in model_class(name).hparams_from_users(users).items():
+        hp.setdefault(key, value)
     hp.setdefault("genre_vocab", list(genre_vocab or []))
     if movies is not None and len(movies):
         years = pd.to_numeric(movies["year"], errors="coerce").dropna()
@@ -153,7 +153,8 @@ def fit(
     # stopping never scores ratings it has already learned; the validation
     # events follow after training, so the checkpoint ships all of them
     online_pass = None
-    if getattr(model, "online", False) and float(model.online_mu[1]) == 0:  # type: ignore[attr-defined]
+    side = model.movie_side()
+    if side is not None and opk.is_blank(side):
         online_pass = OnlinePass(model, ratings_df)
         online_pass.learn(n - n_valid)
     train_seqs = build_sequences(ratings_df[~is_valid]) if n_valid else build_sequences(ratings_df)
@@ -223,43 +224,32 @@ def learn_online_once(model: RatingModel, ratings_df: pd.DataFrame, batch_events
 
 class OnlinePass:
     """One predict-then-learn pass of a model's online part over ``ratings_df``
-    in stream order, run in stretches: :meth:`learn` ``(upto)`` advances it to
-    the first ``upto`` events.  Why stretches: ``fit`` learns the training
-    events before training and the validation events (the last ones by time)
-    only after early stopping has scored them."""
+    in stream order, as a worker's batches of ``batch_events`` would give it
+    (the movie side learned through the protocol: :func:`step_online_events`),
+    run in stretches: :meth:`learn` ``(upto)`` advances it to the first
+    ``upto`` events.  Why stretches: ``fit`` learns the training events before
+    training and the validation events (the last ones by time) only after
+    early stopping has scored them."""
 
     def __init__(self, model: RatingModel, ratings_df: pd.DataFrame, batch_events: int = 1024) -> None:
-        from trainer.prequential import stream_order  # lazy: prequential imports this module
-
         df = stream_order(ratings_df)
         self.model, self.batch_events, self.pos = model, int(batch_events), 0
         users = df["user_id"].to_numpy(np.int64)
         uniq = np.unique(users)
         self.uidx = np.searchsorted(uniq, users)
-        self.movie = df["movie_id"].to_numpy(np.int64)
-        self.rating = df["rating"].to_numpy(np.float32)
-        self.ts = df["ts"].to_numpy(np.int64)
+        self.movie, self.rating, self.ts = (
+            df[c].to_numpy(t) for c, t in (("movie_id", np.int64), ("rating", np.float32), ("ts", np.int64)))
         model.eval()
         self.states = model.init_state(len(uniq), model.device)
 
     def learn(self, upto: int) -> None:
-        from trainer.prequential import online_events
-
-        lo, hi = self.pos, min(int(upto), len(self.uidx))
-        if hi <= lo:
-            return
+        hi = min(int(upto), len(self.uidx))
         self.model.eval()
-        u = self.uidx[lo:hi]
-        online_events(self.model, self.states, u, self.movie[lo:hi], self.rating[lo:hi], self.ts[lo:hi],
-                      self.batch_events)
-        # online_events leaves last_ts/count to the caller: advance them for the next stretch
-        dev = self.states["count"].device
-        rows = torch.from_numpy(u).to(dev)
-        self.states["count"].index_add_(0, rows, torch.ones(len(u), dtype=self.states["count"].dtype, device=dev))
-        last = pd.Series(self.ts[lo:hi]).groupby(u).last()
-        who = torch.tensor(last.index.to_numpy(np.int64), device=dev)
-        self.states["last_ts"][who] = torch.tensor(last.to_numpy(np.int64), device=dev).to(self.states["last_ts"].dtype)
-        self.pos = hi
+        for s in range(self.pos, hi, self.batch_events):
+            e = min(hi, s + self.batch_events)
+            step_online_events(self.model, self.states, self.uidx[s:e], self.movie[s:e], self.rating[s:e],
+                               self.ts[s:e])
+        self.pos = max(self.pos, hi)
 
 
 def _subset_users(seqs: UserSequences, keep: np.ndarray) -> UserSequences:

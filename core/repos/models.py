@@ -28,6 +28,7 @@ import orjson
 from core.repos import keys
 from models.base import RatingModel
 from models.checkpoint import CheckpointError, checkpoint_from_bytes, checkpoint_to_bytes
+from fbp_errors import ModelRefused
 
 
 @dataclass(frozen=True)
@@ -87,18 +88,24 @@ class ModelStore:
         return Published(version, meta["sha256"], meta)
 
     def load(self, version: int) -> RatingModel:
-        """Fetch, verify and build version ``version``; CheckpointError if unusable."""
+        """Fetch, verify and build version ``version``; :class:`ModelRefused`
+        (a CheckpointError) with the reason if unusable."""
         info = self.info(version)
         blob = self._r.get(self._k("v", version))
         if info is None or blob is None:
-            raise CheckpointError(f"model version {version} is not published in Redis")
+            raise ModelRefused(f"model version {version} is not published in Redis", "not_published")
         sha = hashlib.sha256(blob).hexdigest()
         if sha != info.sha256:
-            raise CheckpointError(
+            raise ModelRefused(
                 f"model version {version}: sha256 {sha[:12]}… does not match the published "
-                f"{info.sha256[:12]}…; republish the checkpoint"
+                f"{info.sha256[:12]}…; republish the checkpoint", "sha256_mismatch"
             )
-        model, _meta = checkpoint_from_bytes(blob)
+        try:
+            model, _meta = checkpoint_from_bytes(blob)
+        except ModelRefused:
+            raise
+        except (CheckpointError, ValueError, RuntimeError) as exc:  # torch's and safetensors' own errors too
+            raise ModelRefused(f"model version {version} cannot be loaded: {exc}", "unloadable") from exc
         model.version = version
         return model
 

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 from redis.exceptions import NoScriptError, OutOfMemoryError
 
-from core.redis_conn import OnFull, by_slot, is_cluster, resend_refused
+from core.redis_conn import OnFull, by_slot, is_cluster, resend_refused, unlink_matching
 from core.repos import keys
 
 # KEYS: movie-side keys of one slot, vectors of one length.  ARGV[1]: their
@@ -198,9 +198,4 @@ class MovieSideStore:
 
     async def drop(self) -> int:
         """Delete every movie-side key of this prefix; returns keys removed."""
-        names = [k for pat in keys.movie_side_patterns(self.prefix)
-                 async for k in self.client.scan_iter(match=pat, count=5000)]
-        n = 0
-        for i in range(0, len(names), 1000):
-            n += int(await self.client.unlink(*names[i:i + 1000]))
-        return n
+        return await unlink_matching(self.client, keys.movie_side_patterns(self.prefix))

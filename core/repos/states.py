@@ -70,7 +70,7 @@ from typing import Any, Sequence
 
 from redis.exceptions import NoScriptError, OutOfMemoryError
 
-from core.redis_conn import OnFull, by_slot, first_full, is_cluster, queue_wait, resend_refused
+from core.redis_conn import OnFull, by_slot, first_full, is_cluster, queue_wait, resend_refused, unlink_matching
 from core.repos import keys
 from fbp_errors import InfrastructureError, StateMismatch
 
@@ -430,9 +430,5 @@ class StateStore:
 
     async def drop(self) -> int:
         """Delete every user state and users counter of this prefix; returns keys removed."""
-        names = [k async for k in self.client.scan_iter(match=keys.state_pattern(self.prefix), count=5000)]
-        names += [keys.users_key(self.prefix, b) for b in range(keys.STATE_BUCKETS)]
-        n = 0
-        for i in range(0, len(names), 1000):
-            n += int(await self.client.unlink(*names[i:i + 1000]))
-        return n
+        buckets = [keys.users_key(self.prefix, b) for b in range(keys.STATE_BUCKETS)]
+        return await unlink_matching(self.client, [keys.state_pattern(self.prefix)], also=buckets)
