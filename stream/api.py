@@ -20,6 +20,7 @@ Bad requests get a 4xx with ``{"error": ..., "detail": ...}``; a bug gets a
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 from typing import Any, Awaitable, Callable
@@ -87,7 +88,7 @@ def _json(view: View, data: Any, status: int = 200, headers: dict[str, str] | No
                       content_type="application/json", status=status, headers=headers)
 
 
-async def guarded(view: View, fn: Callable[[], Awaitable[Any]], headers: dict[str, str] | None = None) -> Response:
+async def _guarded(view: View, fn: Callable[[], Awaitable[Any]], headers: dict[str, str] | None = None) -> Response:
     """``fn()``'s result as JSON; ApiError as its 4xx/5xx body; anything else a logged 500."""
     try:
         return _json(view, await fn(), headers=headers)
@@ -96,6 +97,23 @@ async def guarded(view: View, fn: Callable[[], Awaitable[Any]], headers: dict[st
     except Exception:  # never leak internals; log them
         log.exception("API error")
         return _json(view, {"error": "internal"}, 500)
+
+
+def json_endpoint(access: Callable[[Request], None], headers: dict[str, str] | None = None
+                  ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Response]]]:
+    """A view method answering JSON: ``access(request)`` first (it raises
+    ApiError 401/403), then the handler's result, through :func:`_guarded`.
+    Every endpoint checks its token and shapes its errors the same way
+    because none of them spells it out."""
+    def wrap(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Response]]:
+        @functools.wraps(handler)
+        async def method(view: View, request: Request, **params: str) -> Response:
+            async def run() -> Any:
+                access(request)
+                return await handler(view, request, **params)
+            return await _guarded(view, run, headers=headers)
+        return method
+    return wrap
 
 
 async def _user_state(user_id: int) -> tuple[Any, mstate.State, bool]:
@@ -132,114 +150,100 @@ class Metrics(View):
 
 @routes.page("/api/v1/model")
 class ModelInfo(View):
-    async def get(self, request: Request) -> Response:
-        async def run() -> Any:
-            require_read(request)
-            model = runtime.model
-            hist = await asyncio.to_thread(runtime.models.history) if runtime.models else []
-            return {"model": model.name if model else None,
-                    "version": model.version if model else None,
-                    "refused": runtime.refused, "history": hist}
-        return await guarded(self, run)
+    @json_endpoint(require_read)
+    async def get(self, request: Request) -> Any:
+        model = runtime.model
+        hist = await asyncio.to_thread(runtime.models.history) if runtime.models else []
+        return {"model": model.name if model else None,
+                "version": model.version if model else None,
+                "refused": runtime.refused, "history": hist}
 
 
 @routes.page("/api/v1/users/{user_id}/scores")
 class Scores(View):
-    async def get(self, request: Request, user_id: str) -> Response:
-        async def run() -> Any:
-            require_read(request)
-            uid = _int(user_id, "user_id")
-            raw = request.query.get("movies", "")
-            parts = [p for p in raw.split(",") if p.strip()]
-            if not parts:
-                raise ApiError(400, "bad_parameter", "movies=1,2,3 is required")
-            if len(parts) > MAX_MOVIES_PER_QUERY:
-                raise ApiError(400, "bad_parameter", f"at most {MAX_MOVIES_PER_QUERY} movies")
-            movies = [_int(p.strip(), "movie id", 0, 2**31) for p in parts]
-            model, st, known = await _user_state(uid)
-            ids = torch.tensor(movies, dtype=torch.int64, device=model.device)
-            with torch.inference_mode():
-                sc = model.score(st, ids)[0].cpu().tolist()  # unknown movies score as cold start
-            return {"user_id": uid, "known_user": known, "model_version": model.version,
-                    "scores": {str(a): round(b, 4) for a, b in zip(movies, sc)}}
-        return await guarded(self, run)
+    @json_endpoint(require_read)
+    async def get(self, request: Request, user_id: str) -> Any:
+        uid = _int(user_id, "user_id")
+        raw = request.query.get("movies", "")
+        parts = [p for p in raw.split(",") if p.strip()]
+        if not parts:
+            raise ApiError(400, "bad_parameter", "movies=1,2,3 is required")
+        if len(parts) > MAX_MOVIES_PER_QUERY:
+            raise ApiError(400, "bad_parameter", f"at most {MAX_MOVIES_PER_QUERY} movies")
+        movies = [_int(p.strip(), "movie id", 0, 2**31) for p in parts]
+        model, st, known = await _user_state(uid)
+        ids = torch.tensor(movies, dtype=torch.int64, device=model.device)
+        with torch.inference_mode():
+            sc = model.score(st, ids)[0].cpu().tolist()  # unknown movies score as cold start
+        return {"user_id": uid, "known_user": known, "model_version": model.version,
+                "scores": {str(a): round(b, 4) for a, b in zip(movies, sc)}}
 
 
 @routes.page("/api/v1/users/{user_id}/top")
 class Top(View):
-    async def get(self, request: Request, user_id: str) -> Response:
-        async def run() -> Any:
-            require_read(request)
-            uid = _int(user_id, "user_id")
-            k = _int(request.query.get("k", "10"), "k", 1, 1001)
-            model, st, known = await _user_state(uid)
-            with torch.inference_mode():
-                ids, scores = top_k(model, st, k)
-            names = await titles(ids[0])
-            return {"user_id": uid, "known_user": known, "model_version": model.version,
-                    "top": [[a, b] for a, b in zip(ids[0], scores[0])],
-                    "titles": {str(i): t for i, t in names.items()}}
-        return await guarded(self, run)
+    @json_endpoint(require_read)
+    async def get(self, request: Request, user_id: str) -> Any:
+        uid = _int(user_id, "user_id")
+        k = _int(request.query.get("k", "10"), "k", 1, 1001)
+        model, st, known = await _user_state(uid)
+        with torch.inference_mode():
+            ids, scores = top_k(model, st, k)
+        names = await titles(ids[0])
+        return {"user_id": uid, "known_user": known, "model_version": model.version,
+                "top": [[a, b] for a, b in zip(ids[0], scores[0])],
+                "titles": {str(i): t for i, t in names.items()}}
 
 
 @routes.page("/api/v1/users/{user_id}/profile")
 class Profile(View):
-    async def get(self, request: Request, user_id: str) -> Response:
-        async def run() -> Any:
-            require_read(request)
-            uid = _int(user_id, "user_id")
-            model, st, known = await _user_state(uid)
-            count, mean_t = model.rating_stats(st)
-            n, mean = int(count[0].item()), float(mean_t[0].item())
-            return {"user_id": uid, "known_user": known, "ratings": n,
-                    "mean_rating": round(mean, 4) if n else None,
-                    "favourite_genres": _favourite_genres(model, st),
-                    "recent_movies": _recent(model, st), "model_version": model.version}
-        return await guarded(self, run)
+    @json_endpoint(require_read)
+    async def get(self, request: Request, user_id: str) -> Any:
+        uid = _int(user_id, "user_id")
+        model, st, known = await _user_state(uid)
+        count, mean_t = model.rating_stats(st)
+        n, mean = int(count[0].item()), float(mean_t[0].item())
+        return {"user_id": uid, "known_user": known, "ratings": n,
+                "mean_rating": round(mean, 4) if n else None,
+                "favourite_genres": _favourite_genres(model, st),
+                "recent_movies": _recent(model, st), "model_version": model.version}
 
 
 @routes.page("/api/v1/admin/reload")
 class Reload(View):
-    async def post(self, request: Request) -> Response:
-        async def run() -> Any:
-            _require_admin(request)
-            await runtime.check_model(self.app)
-            cur = await asyncio.to_thread(runtime.models.current) if runtime.models else None
-            return {"current_published": cur.version if cur else None,
-                    "serving": runtime.model.version if runtime.model else None}
-        return await guarded(self, run)
+    @json_endpoint(_require_admin)
+    async def post(self, request: Request) -> Any:
+        await runtime.check_model(self.app)
+        cur = await asyncio.to_thread(runtime.models.current) if runtime.models else None
+        return {"current_published": cur.version if cur else None,
+                "serving": runtime.model.version if runtime.model else None}
 
 
 @routes.page("/api/v1/admin/rollback")
 class Rollback(View):
-    async def post(self, request: Request) -> Response:
-        async def run() -> Any:
-            _require_admin(request)
-            body = await _body(request)
-            version = body.get("version")
-            if version is not None and not isinstance(version, int):
-                raise ApiError(400, "bad_parameter", "version must be an integer")
-            if runtime.models is None:
-                raise ApiError(503, "not_ready", "worker not ready")
-            try:
-                pub = await asyncio.to_thread(runtime.models.rollback, version)
-            except CheckpointError as exc:
-                raise ApiError(409, "rollback_refused", str(exc)) from None
-            await runtime.check_model(self.app)
-            return {"current": pub.version}
-        return await guarded(self, run)
+    @json_endpoint(_require_admin)
+    async def post(self, request: Request) -> Any:
+        body = await _body(request)
+        version = body.get("version")
+        if version is not None and not isinstance(version, int):
+            raise ApiError(400, "bad_parameter", "version must be an integer")
+        if runtime.models is None:
+            raise ApiError(503, "not_ready", "worker not ready")
+        try:
+            pub = await asyncio.to_thread(runtime.models.rollback, version)
+        except CheckpointError as exc:
+            raise ApiError(409, "rollback_refused", str(exc)) from None
+        await runtime.check_model(self.app)
+        return {"current": pub.version}
 
 
 @routes.page("/api/v1/admin/finetune")
 class Finetune(View):
-    async def post(self, request: Request) -> Response:
-        async def run() -> Any:
-            _require_admin(request)
-            if runtime.models is None:
-                raise ApiError(503, "not_ready", "worker not ready")
-            await asyncio.to_thread(_request_finetune)
-            return {"requested": True}
-        return await guarded(self, run)
+    @json_endpoint(_require_admin)
+    async def post(self, request: Request) -> Any:
+        if runtime.models is None:
+            raise ApiError(503, "not_ready", "worker not ready")
+        await asyncio.to_thread(_request_finetune)
+        return {"requested": True}
 
 
 def _request_finetune() -> None:

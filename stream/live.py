@@ -32,9 +32,11 @@ from typing import Any, Iterable
 
 from faust.web import Request, Response, View
 
+from core.events import PredictionRecord
 from core.rolling import RollingError, finite_or_none
 
-from stream.api import ApiError, guarded, require_read
+from stream.api import ApiError, json_endpoint, require_read
+from stream.batch.types import BatchResult
 from stream.routes import Routes
 from stream.faults import INFRASTRUCTURE
 from stream.runtime import runtime
@@ -64,9 +66,9 @@ def _num(x: float | None, nd: int = 4) -> float | None:
     return finite_or_none(x, nd)
 
 
-def _record(rec: Any) -> dict[str, Any]:
+def _record(rec: PredictionRecord) -> dict[str, Any]:
     """A PredictionRecord as the page shows it."""
-    timings = getattr(rec, "timings", None) or {}
+    timings = rec.timings or {}
     predicted = float(rec.predicted)
     actual = float(rec.actual)
     return {
@@ -77,9 +79,9 @@ def _record(rec: Any) -> dict[str, Any]:
         "actual": actual,
         "error": round(predicted - actual, 3),
         "model_version": rec.model_version,
-        "top_k": [[int(m), float(s)] for m, s in (getattr(rec, "top_k", None) or [])[:5]],
+        "top_k": [[int(m), float(s)] for m, s in (rec.top_k or [])[:5]],
         "timings": {k: _num(v, 3) for k, v in timings.items()},
-        "produced_at": getattr(rec, "produced_at", None),
+        "produced_at": rec.produced_at,
     }
 
 
@@ -124,20 +126,20 @@ class LiveStats:
         self._versions: list[tuple[float, int]] = []  # (first seen, version), for the page
 
     # -- fed by the agent ------------------------------------------------
-    def observe(self, result: Any) -> None:
+    def observe(self, result: BatchResult) -> None:
         """Fold one ``BatchResult`` in.  Never raises (it runs on the hot path)."""
         try:
             self._observe(result)
         except Exception:  # pragma: no cover - defensive: stats must not break the stream
             log.exception("live stats: could not observe a batch")
 
-    def _observe(self, result: Any) -> None:
+    def _observe(self, result: BatchResult) -> None:
         now = self.clock()
-        preds = getattr(result, "predictions", None) or []
+        preds = result.predictions
         self.batches += 1
         self.events += len(preds)
-        self.rejected += len(getattr(result, "rejected", None) or [])
-        self.skipped += int(getattr(result, "skipped", 0) or 0)
+        self.rejected += len(result.rejected)
+        self.skipped += result.skipped
         self.last_batch_at = now
         # Bounded work per batch, whatever its size: the error window only ever
         # holds the last ``error_window`` predictions, and latencies are an even
@@ -151,7 +153,7 @@ class LiveStats:
             if lat is not None:
                 self._latency.append((now, float(lat)))
             batch_ms = t.get("batch_ms", batch_ms)
-        if batch_ms is None and getattr(result, "stage_s", None):
+        if batch_ms is None and result.stage_s:
             batch_ms = 1000.0 * sum(result.stage_s.values())
         if batch_ms is not None:
             self._batch_ms.append((now, float(batch_ms)))
@@ -332,13 +334,11 @@ class LivePage(View):
 
 @routes.page("/api/v1/live")
 class LiveData(View):
-    async def get(self, request: Request) -> Response:
-        async def run() -> Any:
-            require_read(request)
-            points = request.query.get("points")
-            try:
-                n = max(1, min(int(points), 3600)) if points else None
-            except ValueError:
-                raise ApiError(400, "bad_parameter", "points must be an integer") from None
-            return await live_data(n)
-        return await guarded(self, run, headers={"Cache-Control": "no-store"})
+    @json_endpoint(require_read, headers={"Cache-Control": "no-store"})
+    async def get(self, request: Request) -> Any:
+        points = request.query.get("points")
+        try:
+            n = max(1, min(int(points), 3600)) if points else None
+        except ValueError:
+            raise ApiError(400, "bad_parameter", "points must be an integer") from None
+        return await live_data(n)

@@ -78,16 +78,18 @@ def dom_number(dom: str, element_id: str) -> float | None:
 
 def fake_result(n: int, *, version: int = 1, err: float = 0.5, lat_ms: float = 20.0, start: int = 0,
                 rejected: int = 0):
+    from core.events import PredictionRecord
+    from stream.batch.types import BatchResult
+
     recs = [
-        types.SimpleNamespace(
+        PredictionRecord(
             event_id=f"e{start + i}", user_id=i % 7, movie_id=100 + i, predicted=3.0 + err, actual=3.0,
             model_version=version, top_k=[[5, 4.5], [9, 4.25]],
             timings={"event_to_prediction_ms": lat_ms + i, "batch_ms": 4.0}, produced_at=0.0,
         )
         for i in range(n)
     ]
-    return types.SimpleNamespace(predictions=recs, rejected=[object()] * rejected, skipped=0,
-                                 stage_s={"decode": 0.001})
+    return BatchResult(predictions=recs, rejected=[object()] * rejected, stage_s={"decode": 0.001})
 
 
 # ----------------------------------------------------------------- LiveStats
@@ -150,9 +152,11 @@ def test_livestats_observe_never_raises():
     from stream.live import LiveStats
 
     s = LiveStats()
-    s.observe(object())  # no .predictions: counted as an empty batch
+    s.observe(object())  # not a BatchResult: logged, the stream goes on
     s.observe(types.SimpleNamespace(predictions=[types.SimpleNamespace(predicted="x", actual=1)]))
-    assert math.isfinite(s.sample()["events_per_s"])
+    before = s.events
+    s.observe(fake_result(3))
+    assert math.isfinite(s.sample()["events_per_s"]) and s.events - before == 3
 
 
 def test_page_is_self_contained():
@@ -250,10 +254,13 @@ def test_page_shows_titles_with_the_id_on_hover_and_a_filled_versions_table(tmp_
     from stream.live import LiveStats, version_rows
 
     s = LiveStats(clock=lambda: 1_700_000_000.0)
-    rec = types.SimpleNamespace(
+    from core.events import PredictionRecord
+    from stream.batch.types import BatchResult
+
+    rec = PredictionRecord(
         event_id="e1", user_id=7, movie_id=50, predicted=4.2, actual=5.0, model_version=2,
         top_k=[[172, 4.6], [424242, 4.5]], timings={"event_to_prediction_ms": 9.0}, produced_at=0.0)
-    s.observe(types.SimpleNamespace(predictions=[rec], rejected=[], skipped=0))
+    s.observe(BatchResult(predictions=[rec]))
     s.sample()
     hist = [{"version": 2, "model": "lstm", "published_at": 1_700_000_000.0 - 30, "sha256": "0123456789abcdef" * 4,
              "reason": "promoted by trainer (events): holdout RMSE 0.9700 vs champion v1 0.9747",
