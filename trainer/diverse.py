@@ -210,14 +210,55 @@ def run_ablation(data: str, frac: float = 1.0, finetune_every: int = 5000, batch
             "rmse": ablation(r), "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def costs(data: str = "ml-100k") -> dict[str, Any]:
+    """CPU per event of each learner of ``online-diverse-knn`` over ``data``
+    (``time.process_time``, compiled code warmed up first), and the bytes a
+    served version would keep per user and per movie (float32 state)."""
+    from core.datasets import load_dataset
+    from trainer.prequential import stretch_cuts
+
+    ds = load_dataset(data)
+    df = stream_order(ds.ratings)
+    n = len(df)
+    starts = batch_starts(n, 1024, stretch_cuts(n, 5000))
+    a = stream_arrays(ds, df)
+    small = df.iloc[:2000].reset_index(drop=True)
+    run_diverse_prequential(ds, small)  # compile and warm up
+    us: dict[str, float] = {}
+
+    def timed(name, fn):
+        t = time.process_time()
+        out = fn()
+        us[name] = round((time.process_time() - t) / n * 1e6, 2)
+        return out
+
+    P = timed("15 members (all)", lambda: member_predictions(ds, df, members(), starts))
+    base = P[:, DEFAULT_MEMBER].astype(np.float64)
+    for c in wide_members():
+        timed(f"k{c.k}", lambda c=c: member_predictions(ds, df, [c], starts))
+    timed("user-genre", lambda: ug.corrections(base, a["y"], a["uidx"], a["genres"], USER_GENRE))
+    m = timed("mix (18 members)", lambda: mix(np.hstack([P, P[:, :3]]), a["y"], a["uidx"], HedgeConfig(), starts))
+    timed("knn on mix", lambda: nb.corrections(m, a["y"], a["uidx"], a["movie"], KNN_ON_MIX))
+    G, H, f4 = len(ds.genre_vocab), KNN_ON_MIX.history, 4
+    return {"data": data, "n": n, "us_per_event": us,
+            "bytes_per_user": {"k30": (2 * 30 + 3) * f4, "k50": (2 * 50 + 3) * f4, "user-genre": 2 * G * f4,
+                               "knn on mix (history of movie id + error)": H * 2 * f4,
+                               "hedge weights (18 members)": 18 * f4},
+            "bytes_per_movie": {"k30": (2 * 30 + 2) * f4, "k50": (2 * 50 + 2) * f4,
+                                "knn on mix, dense (per movie, this catalogue)": (int(a["movie"].max()) + 1) * 3 * f4,
+                                "knn on mix, bounded (200 slots of id, A, B_hj, B_jh, N)": 200 * 5 * f4}}
+
+
 if __name__ == "__main__":
     import json
     import sys
     from pathlib import Path
 
-    # python -m trainer.diverse tune [PATH] | ablation DATA [PATH] | ablation-first-half DATA [PATH]
-    doc = tune() if sys.argv[1] == "tune" else run_ablation(sys.argv[2], 0.5 if "half" in sys.argv[1] else 1.0)
+    # python -m trainer.diverse tune [PATH] | ablation DATA [PATH] | ablation-first-half DATA [PATH] | costs DATA [PATH]
+    cmd = sys.argv[1]
+    doc = tune() if cmd == "tune" else costs(sys.argv[2]) if cmd == "costs" else \
+        run_ablation(sys.argv[2], 0.5 if "half" in cmd else 1.0)
     print(json.dumps(doc, indent=2))
-    out = sys.argv[2] if sys.argv[1] == "tune" else (sys.argv[3] if len(sys.argv) > 3 else None)
+    out = sys.argv[2] if cmd == "tune" else (sys.argv[3] if len(sys.argv) > 3 else None)
     if out and len(sys.argv) > 2:
         Path(out).write_text(json.dumps(doc, indent=2))

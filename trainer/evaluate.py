@@ -345,7 +345,7 @@ def cli(
     if bad:
         raise typer.BadParameter(f"unknown model(s) {bad}; choose from {', '.join([*MODELS, *SIMULATED])}")
     if protocol in ("time-split", "both") and any(m in SIMULATED for m in names):
-        raise typer.BadParameter(f"{', '.join(SIMULATED)} run(s) in the prequential and demo protocols only")
+        raise typer.BadParameter(f"prequential and demo protocols only: {', '.join(SIMULATED)}")
     if seed is None:
         from core.settings import get_settings
 

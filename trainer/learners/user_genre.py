@@ -8,8 +8,8 @@ directly (the issue's prototype: a weak but different member of the pool).
 
 ``f_j`` is the movie's genre multi-hot; ``b_ug`` learns the base learner's
 error with an AdaGrad step per (user, genre) after the event is predicted.
-State: ``n_genres`` biases and accumulators per user (19 genres on ML-100K:
-152 bytes as float32), nothing shared.
+State: ``n_genres`` biases and accumulators per user (ML-100K's 18 genre
+columns: 144 bytes as float32), nothing shared.
 """
 
 from __future__ import annotations
