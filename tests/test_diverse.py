@@ -33,11 +33,13 @@ def _toy(seed: int, n: int = 600, users: int = 12, items: int = 30, genres: int 
 
 def _learners():
     small = nb.NeighbourhoodConfig(k=5, shrink=2.0, lam=0.5, history=20)
+    bounded = dataclasses.replace(small, slots=8, probes=3)
     return {"neighbourhood": lambda b, y, u, m, g: nb.corrections(b, y, u, m, small),
+            "neighbourhood, bounded": lambda b, y, u, m, g: nb.corrections(b, y, u, m, bounded),
             "user-genre": lambda b, y, u, m, g: ug.corrections(b, y, u, g, ug.UserGenreConfig(lr=0.1))}
 
 
-@pytest.mark.parametrize("name", ["neighbourhood", "user-genre"])
+@pytest.mark.parametrize("name", ["neighbourhood", "neighbourhood, bounded", "user-genre"])
 @pytest.mark.parametrize("seed", range(3))
 def test_residual_learners_predict_before_they_learn(name, seed):
     """Changing rating j moves no prediction up to j and does move a later
@@ -53,6 +55,19 @@ def test_residual_learners_predict_before_they_learn(name, seed):
     assert not np.array_equal(full, moved)
     assert np.array_equal(run(b[:j], y[:j], u[:j], m[:j], g[:j]), full[:j])
     assert np.abs(full).max() > 0.01  # they do correct something
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bounded_neighbour_tables_equal_the_dense_ones_when_nothing_is_evicted(seed):
+    """With a slot for every movie and every slot probed the bounded tables
+    hold every pair; with 8 slots of 30 movies they must forget some."""
+    b, y, u, m, g = _toy(seed)
+    cfg = nb.NeighbourhoodConfig(k=5, shrink=2.0, lam=0.5, history=20)
+    dense = nb.corrections(b, y, u, m, cfg)
+    full = nb.corrections(b, y, u, m, dataclasses.replace(cfg, slots=32, probes=32))
+    assert np.allclose(full, dense, atol=1e-5)
+    small = nb.corrections(b, y, u, m, dataclasses.replace(cfg, slots=8, probes=3))
+    assert not np.allclose(small, dense, atol=1e-3)
 
 
 def test_wide_members_predict_before_they_learn(ml100k):
@@ -104,3 +119,28 @@ def test_the_mixture_uses_the_user_genre_learner(slice20k):
 def test_configs_are_frozen_dataclasses():
     with pytest.raises(dataclasses.FrozenInstanceError):
         D.KNN_ON_MIX.k = 3  # type: ignore[misc]
+
+
+def test_evaluate_cli_prints_and_writes_the_diverse_models(tmp_path):
+    """``fbp evaluate --models online-hedge,online-diverse,online-diverse-knn,
+    lstm-diverse-knn-learned --json``: every one in the JSON, River beside
+    them, the learned share recorded per seed."""
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from trainer.evaluate import cli
+
+    app = typer.Typer()
+    app.command()(cli)
+    out = tmp_path / "d.json"
+    names = ["online-hedge", "online-diverse", "online-diverse-knn", "lstm-diverse-knn-learned"]
+    res = CliRunner().invoke(app, ["--data", "synthetic:1200", "--models", ",".join(names), "--seeds", "1",
+                                   "--finetune-every", "600", "--epochs", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())["models"]
+    assert set(names) | {"river-biasedmf"} <= set(doc)
+    assert all(doc[n]["n"] == 1200 for n in names) and "online-diverse-knn" in res.output
+    assert doc["online-diverse-knn"]["rmse"] != doc["online-diverse"]["rmse"]
+    assert 0.0 <= doc["lstm-diverse-knn-learned"]["per_seed"][0]["final_network_weight"] <= 1.0

@@ -239,6 +239,11 @@ def costs(data: str = "ml-100k") -> dict[str, Any]:
     timed("user-genre", lambda: ug.corrections(base, a["y"], a["uidx"], a["genres"], USER_GENRE))
     m = timed("mix (18 members)", lambda: mix(np.hstack([P, P[:, :3]]), a["y"], a["uidx"], HedgeConfig(), starts))
     timed("knn on mix", lambda: nb.corrections(m, a["y"], a["uidx"], a["movie"], KNN_ON_MIX))
+    import dataclasses
+
+    bounded = dataclasses.replace(KNN_ON_MIX, slots=256, probes=16)
+    nb.corrections(m[:2000], a["y"][:2000], a["uidx"][:2000], a["movie"][:2000], bounded)  # compile
+    timed("knn on mix, 256 slots", lambda: nb.corrections(m, a["y"], a["uidx"], a["movie"], bounded))
     G, H, f4 = len(ds.genre_vocab), KNN_ON_MIX.history, 4
     return {"data": data, "n": n, "us_per_event": us,
             "bytes_per_user": {"k30": (2 * 30 + 3) * f4, "k50": (2 * 50 + 3) * f4, "user-genre": 2 * G * f4,
@@ -246,18 +251,42 @@ def costs(data: str = "ml-100k") -> dict[str, Any]:
                                "hedge weights (18 members)": 18 * f4},
             "bytes_per_movie": {"k30": (2 * 30 + 2) * f4, "k50": (2 * 50 + 2) * f4,
                                 "knn on mix, dense (per movie, this catalogue)": (int(a["movie"].max()) + 1) * 3 * f4,
-                                "knn on mix, bounded (200 slots of id, A, B_hj, B_jh, N)": 200 * 5 * f4}}
+                                "knn on mix, bounded (256 slots of id, A, B, N)": 256 * 4 * f4}}
 
+
+
+#: (slots, probes) of the bounded neighbour tables tried by :func:`bounded_sweep`
+SLOTS = ((64, 8), (128, 8), (256, 8), (256, 16), (512, 16))
+
+
+def bounded_sweep(data: str, frac: float = 1.0, slots: tuple = SLOTS) -> dict[str, Any]:
+    """``online-diverse-knn`` with the neighbourhood's tables bounded per
+    movie (:func:`trainer.learners.neighbourhood._run_slots`) against the
+    dense tables, on the first ``frac`` of ``data`` by time."""
+    import dataclasses
+
+    from core.datasets import load_dataset
+    from trainer.prequential import stretch_cuts
+
+    ds = load_dataset(data)
+    df = stream_order(ds.ratings).iloc[: int(len(ds.ratings) * frac)].reset_index(drop=True)
+    r, k = run_diverse_prequential(ds, df, cuts=stretch_cuts(len(df), 5000))
+    a = r.extra["arrays"]
+    rows = {f"{m} slots, {p} probes": _rmse(knn_on_mix(r.predictions, a, dataclasses.replace(
+        KNN_ON_MIX, slots=m, probes=p)), a["y"]) for m, p in slots}
+    return {"data": data, "slice": f"first {frac:.0%} by time", "online-diverse": r.rmse, "dense": k.rmse, **rows}
 
 if __name__ == "__main__":
     import json
     import sys
     from pathlib import Path
 
-    # python -m trainer.diverse tune [PATH] | ablation DATA [PATH] | ablation-first-half DATA [PATH] | costs DATA [PATH]
+    # python -m trainer.diverse tune [PATH] | CMD DATA [PATH], CMD one of ablation, ablation-first-half, costs,
+    # slots, slots-first-half
     cmd = sys.argv[1]
+    frac = 0.5 if cmd.endswith("first-half") else 1.0
     doc = tune() if cmd == "tune" else costs(sys.argv[2]) if cmd == "costs" else \
-        run_ablation(sys.argv[2], 0.5 if "half" in cmd else 1.0)
+        bounded_sweep(sys.argv[2], frac) if cmd.startswith("slots") else run_ablation(sys.argv[2], frac)
     print(json.dumps(doc, indent=2))
     out = sys.argv[2] if cmd == "tune" else (sys.argv[3] if len(sys.argv) > 3 else None)
     if out and len(sys.argv) > 2:
