@@ -23,8 +23,9 @@ Settings (:data:`KNN`, :data:`KNN_ON_MIX`, :data:`USER_GENRE`) were chosen
 on ML-100K's first half by time (:func:`tune`, ``python -m trainer.diverse
 tune PATH``; docs/results/issue22/diverse-tune-ml100k-first-half.json), then
 frozen: on that half the default member alone 0.9254, + knn 0.9230, + user
-x genre 0.9236 (each alone on its errors), the pool's mixture 0.9214, + knn
-on its errors 0.9199.  :func:`ablation` scores the mixture without each
+x genre 0.9236 (each alone on its errors), the kept pool's mixture 0.9216,
++ knn on its errors 0.9199 (the same choice as with ``knn`` still in the
+pool).  :func:`ablation` scores the mixture without each
 added learner (``python -m trainer.diverse ablation DATA``).
 """
 
