@@ -30,6 +30,10 @@ is deterministic, so it runs once and every seed reports that run (spread 0).
 ``lstm-hedge`` is the served lstm's network (each seed's run) blended with
 that mixture at the served weight 0.8, in place of its single online learner;
 ``lstm-hedge-learned`` learns the network's share on the stream instead.
+``online-diverse`` and ``online-diverse-knn`` (:mod:`trainer.diverse`) add
+learners of other kinds to the mixture's pool, and a neighbourhood model on
+the mixture's errors; ``lstm-diverse-knn-learned`` is the network on top of
+``online-diverse-knn`` with its share learned.
 
 JSON written by ``--json`` (one protocol)::
 
@@ -91,11 +95,15 @@ from trainer.prequential import (RIVER_MODELS, PrequentialResult, river_baseline
                                  run_river_prequential, stream_order, stretch_cuts)
 from trainer.train import evaluate_rmse, fit, make_model
 
+from trainer.diverse import run_diverse_prequential
 from trainer.hedge import run_hedge_prequential
 
 #: simulator-only models (no served family): :mod:`trainer.hedge`, and the
 #: served lstm's network on top of it
-SIMULATED = ("online-hedge", "lstm-hedge", "lstm-hedge-learned")
+SIMULATED = ("online-hedge", "lstm-hedge", "lstm-hedge-learned", "online-diverse", "online-diverse-knn",
+             "lstm-diverse-knn-learned")
+#: the simulated models of :mod:`trainer.diverse` (one run gives both mixtures)
+DIVERSE = ("online-diverse", "online-diverse-knn")
 
 PROTOCOLS = ("time-split", "prequential", "demo", "both")
 RIVER = "river-biasedmf"
@@ -192,10 +200,11 @@ def run_stream_protocol(
     runs: dict[str, list[dict[str, Any]]] = {}
     first: dict[str, PrequentialResult] = {}
     hedge: PrequentialResult | None = None
+    diverse: dict[str, PrequentialResult] = {}
     for seed in seeds:
         served: PrequentialResult | None = None
         nets = [n for n in names if n not in SIMULATED]
-        needs_net = any(n.startswith("lstm-hedge") for n in names)
+        needs_net = any(n.startswith("lstm-") and n in SIMULATED for n in names)
         for name in nets + ([DEFAULT_MODEL] if needs_net and DEFAULT_MODEL not in nets else []):
             r = run_prequential(name, ds.ratings, ds.movies, genre_vocab=ds.genre_vocab, finetune_every=every,
                                 epochs=epochs, seed=seed, policy=policy, progress=progress, device=device,
@@ -207,10 +216,17 @@ def run_stream_protocol(
             first.setdefault(name, r)
             runs.setdefault(name, []).append(r.to_dict())
             _echo(protocol, name, seed, r.to_dict())
+        cuts = stretch_cuts(len(ds.ratings), every, boot)
         for kind in [n for n in names if n in SIMULATED]:
-            hedge = hedge or run_hedge_prequential(ds, bootstrap=boot, batch_events=batch_events,
-                                                   cuts=stretch_cuts(len(ds.ratings), every, boot))
-            r = hedge if kind == "online-hedge" else network_on_hedge(served, hedge, kind)
+            if kind in DIVERSE or kind == "lstm-diverse-knn-learned":
+                if not diverse:
+                    diverse = dict(zip(DIVERSE, run_diverse_prequential(ds, bootstrap=boot,
+                                                                         batch_events=batch_events, cuts=cuts)))
+                r = diverse[kind] if kind in DIVERSE else network_on_hedge(
+                    served, diverse["online-diverse-knn"], "lstm-hedge-learned", kind)
+            else:
+                hedge = hedge or run_hedge_prequential(ds, bootstrap=boot, batch_events=batch_events, cuts=cuts)
+                r = hedge if kind == "online-hedge" else network_on_hedge(served, hedge, kind)
             first.setdefault(kind, r)
             runs.setdefault(kind, []).append({**r.to_dict(), **{k: v for k, v in r.extra.items()
                                                                 if k == "final_network_weight"}})
@@ -227,8 +243,8 @@ def run_stream_protocol(
     return doc, first
 
 
-def network_on_hedge(served: PrequentialResult, hedge: PrequentialResult, name: str = "lstm-hedge"
-                     ) -> PrequentialResult:
+def network_on_hedge(served: PrequentialResult, hedge: PrequentialResult, name: str = "lstm-hedge",
+                     label: str | None = None) -> PrequentialResult:
     """``lstm-hedge``: the served lstm's network (this seed's run, fine-tunes
     and all) blended with ``online-hedge`` in place of its single online
     learner, at the served weight (:data:`models.lstm.ONLINE_WEIGHT`);
@@ -246,7 +262,7 @@ def network_on_hedge(served: PrequentialResult, hedge: PrequentialResult, name: 
     else:
         a = ONLINE_WEIGHT
         p = (1.0 - a) * net + a * hedge.predictions
-    r = _result(name, y, p.astype(np.float32), 2000, seconds=served.seconds + hedge.seconds,
+    r = _result(label or name, y, p.astype(np.float32), 2000, seconds=served.seconds + hedge.seconds,
                 finetunes=served.finetunes, policy=served.policy)
     r.extra.update(extra)
     return r
@@ -299,7 +315,8 @@ def cli(
     data: str = typer.Option("ml-100k", help="ml-100k, synthetic:<n>[:<seed>] or a path to MovieLens files"),
     protocol: str = typer.Option("prequential", help="prequential, demo, time-split or both (time-split + prequential)"),
     models: str = typer.Option("lstm,cnn,mf,baseline", help="comma-separated model names (registered families; "
-                               "online-hedge, lstm-hedge[-learned]: prequential/demo only)"),
+                               "online-hedge, lstm-hedge[-learned], online-diverse[-knn], "
+                               "lstm-diverse-knn-learned: prequential/demo only)"),
     seeds: int = typer.Option(3, min=1, help="number of seeds (seed, seed+1, ...); mean and std are reported"),
     finetune_every: int = typer.Option(5000, min=0, help="prequential: fine-tune every N events (0: never); demo: 10000"),
     epochs: int = typer.Option(2, min=1, help="prequential/demo: epochs per fine-tune"),
@@ -329,7 +346,7 @@ def cli(
     if bad:
         raise typer.BadParameter(f"unknown model(s) {bad}; choose from {', '.join([*MODELS, *SIMULATED])}")
     if protocol in ("time-split", "both") and any(m in SIMULATED for m in names):
-        raise typer.BadParameter(f"{', '.join(SIMULATED)} run(s) in the prequential and demo protocols only")
+        raise typer.BadParameter(f"prequential and demo protocols only: {', '.join(SIMULATED)}")
     if seed is None:
         from core.settings import get_settings
 

@@ -1,0 +1,207 @@
+"""An item-neighbourhood model on another learner's errors, learned per event.
+
+Why: the factorisations of the pool all see a movie through a few factors;
+a neighbourhood sees it through the user's own earlier ratings of *similar*
+movies, a different view of the same events (the issue's prototype: the
+strongest single addition to the mixture).
+
+For user ``u`` and movie ``j``, with ``e_h`` the base learner's prequential
+error on the user's earlier rating of movie ``h`` (its most recent
+``history`` ones)::
+
+    corr(u, j) = sum_{h in top-k by |s_hj|} s_hj * e_h / (sum |s_hj| + lam)
+    s_hj = A_hj / sqrt(B_hj * B_jh) * N_hj / (N_hj + shrink)
+
+``A_hj`` sums ``e_h * e_j`` over users who rated both, ``B_hj`` sums
+``e_h^2`` over them and ``N_hj`` counts them: a shrunk correlation of the
+errors, updated when a user's rating of ``j`` is revealed (with each of the
+user's kept earlier ratings).  The prediction is ``base + corr``.
+
+Memory: by default the simulator keeps dense ``[movies, movies]`` tables
+(ML-100K: 1,682 movies, 3 x 11 MB), which grow with the square of the
+catalogue (10k movies: 1.2 GB).  With ``slots=M`` each movie keeps M rows
+(neighbour id, A, B, N: 16 bytes as int32/float32), found by probing from a
+hash of the id and, when the probed rows are full, replacing the one with
+the fewest co-raters (:func:`_run_slots`): the served design, a bounded
+table per movie shared like the movie side (README "The network's share and
+settings that adapt" has its accuracy).  The user side is the last
+``history`` (movie, error) pairs, which the served state's event window
+already holds but for the error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numba
+import numpy as np
+
+
+@dataclass(frozen=True)
+class NeighbourhoodConfig:
+    """Chosen on ML-100K's first half by time (:mod:`trainer.diverse`), then frozen."""
+
+    k: int = 50  # neighbours used per prediction
+    shrink: float = 10.0  # co-rater count at which a similarity keeps half its value
+    lam: float = 1.0  # shrinks the correction towards 0 when neighbours are weak
+    history: int = 200  # most recent ratings of the user kept (and paired on learning)
+    slots: int = 0  # 0: dense tables; N: N neighbour slots per movie (the served design, :func:`_run_slots`)
+    probes: int = 8  # slots probed per lookup in the bounded tables
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@numba.njit(cache=True)
+def _run(base, y, uidx, movie, n_users, n_items, k, shrink, lam, history):
+    n = len(y)
+    A = np.zeros((n_items, n_items), np.float32)
+    B = np.zeros((n_items, n_items), np.float32)
+    N = np.zeros((n_items, n_items), np.float32)
+    hi = np.zeros((n_users, history), np.int64)  # ring buffers of each user's (movie, error)
+    he = np.zeros((n_users, history), np.float32)
+    cnt = np.zeros(n_users, np.int64)
+    out = np.zeros(n, np.float32)
+    s = np.empty(history, np.float64)
+    ev = np.empty(history, np.float64)
+    for i in range(n):
+        u, j = uidx[i], movie[i]
+        m = min(cnt[u], history)
+        # predict from the state before event i
+        for t in range(m):
+            h = hi[u, t]
+            den = np.sqrt(float(B[h, j]) * float(B[j, h])) + 1e-9
+            c = N[h, j]
+            s[t] = A[h, j] / den * c / (c + shrink)
+            ev[t] = he[u, t]
+        if m > 0:
+            order = np.argsort(-np.abs(s[:m]))
+            num, tot = 0.0, 0.0
+            for r in range(min(k, m)):
+                t = order[r]
+                num += s[t] * ev[t]
+                tot += abs(s[t])
+            out[i] = num / (tot + lam)
+        # learn: the base's error on this rating, paired with the user's kept ones
+        e = y[i] - base[i]
+        for t in range(m):
+            h = hi[u, t]
+            eh = he[u, t]
+            A[h, j] += eh * e
+            A[j, h] += eh * e
+            B[h, j] += eh * eh
+            B[j, h] += e * e
+            N[h, j] += 1.0
+            N[j, h] += 1.0
+        slot = cnt[u] % history
+        hi[u, slot] = j
+        he[u, slot] = e
+        cnt[u] += 1
+    return out
+
+
+@numba.njit(cache=True)
+def _find(keys, x, y, probes):
+    """Slot of neighbour ``y`` in movie ``x``'s table, or -1."""
+    M = keys.shape[1]
+    s0 = (y * 2654435761) % M
+    for p in range(probes):
+        s = (s0 + p) % M
+        if keys[x, s] == y:
+            return s
+        if keys[x, s] == -1:
+            return -1
+    return -1
+
+
+@numba.njit(cache=True)
+def _claim(keys, A, B, N, x, y, probes):
+    """Slot of ``y`` in ``x``'s table, taking an empty one or, when the probed
+    slots are full, the one with the fewest co-raters (its sums start over)."""
+    M = keys.shape[1]
+    s0 = (y * 2654435761) % M
+    low, low_n = -1, np.inf
+    for p in range(probes):
+        s = (s0 + p) % M
+        if keys[x, s] == y:
+            return s
+        if keys[x, s] == -1:
+            keys[x, s] = y
+            return s
+        if N[x, s] < low_n:
+            low, low_n = s, N[x, s]
+    keys[x, low] = y
+    A[x, low] = 0.0
+    B[x, low] = 0.0
+    N[x, low] = 0.0
+    return low
+
+
+@numba.njit(cache=True)
+def _run_slots(base, y, uidx, movie, n_users, n_items, k, shrink, lam, history, slots, probes):
+    """:func:`_run` with bounded tables: movie ``x`` keeps ``slots`` rows
+    (neighbour id, A_xy, B_xy, N_xy), found by probing from a hash of the id;
+    a pair whose rows were replaced reads as similarity 0."""
+    n = len(y)
+    keys = np.full((n_items, slots), -1, np.int64)
+    A = np.zeros((n_items, slots), np.float32)
+    B = np.zeros((n_items, slots), np.float32)
+    N = np.zeros((n_items, slots), np.float32)
+    hi = np.zeros((n_users, history), np.int64)
+    he = np.zeros((n_users, history), np.float32)
+    cnt = np.zeros(n_users, np.int64)
+    out = np.zeros(n, np.float32)
+    s = np.empty(history, np.float64)
+    ev = np.empty(history, np.float64)
+    for i in range(n):
+        u, j = uidx[i], movie[i]
+        m = min(cnt[u], history)
+        for t in range(m):
+            h = hi[u, t]
+            a, b = _find(keys, h, j, probes), _find(keys, j, h, probes)
+            s[t] = 0.0
+            if a >= 0 and b >= 0:
+                c = min(N[h, a], N[j, b])
+                s[t] = A[h, a] / (np.sqrt(float(B[h, a]) * float(B[j, b])) + 1e-9) * c / (c + shrink)
+            ev[t] = he[u, t]
+        if m > 0:
+            order = np.argsort(-np.abs(s[:m]))
+            num, tot = 0.0, 0.0
+            for r in range(min(k, m)):
+                t = order[r]
+                num += s[t] * ev[t]
+                tot += abs(s[t])
+            out[i] = num / (tot + lam)
+        e = y[i] - base[i]
+        for t in range(m):
+            h = hi[u, t]
+            eh = he[u, t]
+            a = _claim(keys, A, B, N, h, j, probes)
+            A[h, a] += eh * e
+            B[h, a] += eh * eh
+            N[h, a] += 1.0
+            b = _claim(keys, A, B, N, j, h, probes)
+            A[j, b] += eh * e
+            B[j, b] += e * e
+            N[j, b] += 1.0
+        slot = cnt[u] % history
+        hi[u, slot] = j
+        he[u, slot] = e
+        cnt[u] += 1
+    return out
+
+
+def corrections(base: np.ndarray, y: np.ndarray, uidx: np.ndarray, movie: np.ndarray,
+                cfg: NeighbourhoodConfig = NeighbourhoodConfig()) -> np.ndarray:
+    """``corr`` of every event (stream order), each computed before the
+    event's rating is learned; the prediction is ``clip(base + corr)``."""
+    n_users = int(uidx.max()) + 1 if len(uidx) else 0
+    n_items = int(movie.max()) + 1 if len(movie) else 0
+    if cfg.slots:
+        return _run_slots(np.ascontiguousarray(base, np.float64), np.ascontiguousarray(y, np.float64),
+                          np.ascontiguousarray(uidx, np.int64), np.ascontiguousarray(movie, np.int64), n_users,
+                          n_items, int(cfg.k), float(cfg.shrink), float(cfg.lam), int(cfg.history),
+                          int(cfg.slots), int(cfg.probes))
+    return _run(np.ascontiguousarray(base, np.float64), np.ascontiguousarray(y, np.float64),
+                np.ascontiguousarray(uidx, np.int64), np.ascontiguousarray(movie, np.int64), n_users, n_items,
+                int(cfg.k), float(cfg.shrink), float(cfg.lam), int(cfg.history))
