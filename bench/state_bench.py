@@ -69,7 +69,7 @@ async def _measure_family(settings: Settings, family: str, users: int, per_user:
     from core.repos.movies import MovieSideStore
     from core.repos.states import StateStore
     from models.registry import build
-    from stream.predictor import Predictor
+    from stream.predictor import BatchConfig, Predictor
 
     async def send(topic: str, key: Any, value: Any, *a: Any) -> Any:
         f = asyncio.get_running_loop().create_future()
@@ -83,8 +83,9 @@ async def _measure_family(settings: Settings, family: str, users: int, per_user:
                                          settings.state)
         model = build(family)
         movies = MovieSideStore(client, prefix)
-        p = Predictor(model, store, send, movies=movies, predictions_topic="p", dlq_topic="d",
-                      top_k=settings.worker.top_k, keep_outputs=exactly_once)
+        cfg = BatchConfig(predictions_topic="p", dlq_topic="d", top_k=settings.worker.top_k,
+                          keep_outputs=exactly_once)
+        p = Predictor(model, store, send, cfg, movies=movies)
         recs = _events(users, per_user, min(model.capacity, 1683), seed=0)
         for i in range(0, len(recs), 4000):
             await p.process(recs[i:i + 4000])

@@ -52,7 +52,7 @@ def test_an_idle_user_expires_and_is_served_as_new(redis_cfg):
     them exactly as for a user never seen (the model's cold start)."""
     from core.events import RatingEvent, encode_rating, rating_key
     from models.registry import build
-    from stream.predictor import Incoming, Predictor
+    from stream.predictor import BatchConfig, Incoming, Predictor
 
     async def send(topic, key, value):
         f = asyncio.get_running_loop().create_future()
@@ -67,7 +67,7 @@ def test_an_idle_user_expires_and_is_served_as_new(redis_cfg):
 
         torch.manual_seed(0)
         store = StateStore(async_redis(redis_cfg), redis_cfg.key_prefix, idle_ttl_ms=1_000)
-        p = Predictor(build("lstm"), store, send, predictions_topic="p", dlq_topic="d", top_k=0)
+        p = Predictor(build("lstm"), store, send, BatchConfig(predictions_topic="p", dlq_topic="d", top_k=0))
         history = [RatingEvent(f"h{i}", 5, 10 + i, 5.0, 880_000_000 + i) for i in range(6)]
         await p.process([rec(ev, i) for i, ev in enumerate(history)])
         assert 0 < await store.ttl_ms(5) <= 1_000
