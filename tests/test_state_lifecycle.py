@@ -226,13 +226,18 @@ def test_bench_state_measures_bytes_per_user_and_projects(stack, tmp_path):
     from bench.cli import app
 
     out = tmp_path / "state.json"
-    res = CliRunner().invoke(app, ["state", "--users", "50", "--events-per-user", "2",
+    res = CliRunner().invoke(app, ["state", "--users", "400", "--events-per-user", "2",
                                    "--families", "lstm,baseline", "--shards", "4", "--json", str(out)])
     assert res.exit_code == 0, res.output
     got = orjson.loads(out.read_bytes())
     assert set(got["bytes_per_user"]) == {"lstm", "baseline", "lstm+exactly_once"}
     for run in got["runs"]:
-        assert run["used_memory_per_user"] > run["state_blob_bytes"] > 100
+        # MEMORY USAGE counts each hash's blob exactly; what deleting the hashes
+        # frees (INFO used_memory) is the blob and more, give or take the few
+        # hundred bytes Redis's own bookkeeping moves meanwhile (with 50 users
+        # that once read 1,138 B against a 1,152 B blob)
+        assert run["memory_usage_per_user"] > run["state_blob_bytes"] > 100
+        assert run["used_memory_per_user"] > 0.9 * run["state_blob_bytes"]
         assert 0 < run["idle_ttl_ms"] <= got["idle_ttl_s"] * 1000
     assert got["bytes_per_user"]["lstm+exactly_once"] > got["bytes_per_user"]["lstm"]
     assert got["bytes_per_movie"]["lstm"] > 0
