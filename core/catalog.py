@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from core.events import MAX_MOVIE_ID, Rejection
+from core.events import MAX_MOVIE_ID, Rejection, exact_int, parse_json
 
 MAX_TITLE_CHARS = 300
 MAX_GENRES = 32
@@ -62,16 +62,6 @@ def parse_movie_key(key: bytes | None) -> int | None:
     return v if v < MAX_MOVIE_ID else None
 
 
-def _whole(v: Any) -> int | None:
-    """An exact integer from a JSON integer or an integral float (as the
-    JSON schema reads "integer"); None otherwise, bools included."""
-    if type(v) is int:
-        return v
-    if type(v) is float and v.is_integer():
-        return int(v)
-    return None
-
-
 def _reject(reason: str, detail: str, raw: bytes | None) -> Rejection:
     return Rejection(reason, detail, raw)
 
@@ -83,14 +73,9 @@ def decode_movie(raw: bytes, key: bytes | None = None) -> Movie | Rejection:
         return _reject("oversized_payload", f"{len(raw)} bytes > {MAX_RECORD_BYTES}", raw)
     if not raw:
         return _reject("empty_value", "empty catalog record", raw)
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        try:
-            bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as uexc:
-            return _reject("bad_encoding", f"not UTF-8: {uexc}", raw)
-        return _reject("bad_json", str(exc), raw)
+    obj = parse_json(raw)
+    if isinstance(obj, Rejection):
+        return obj
     if not isinstance(obj, dict):
         return _reject("not_an_object", f"a JSON {type(obj).__name__}, expected an object", raw)
     unknown = sorted(set(obj) - _FIELDS)
@@ -99,7 +84,7 @@ def decode_movie(raw: bytes, key: bytes | None = None) -> Movie | Rejection:
     for name in ("movie_id", "title"):
         if name not in obj:
             return _reject("missing_field", f"{name} is required", raw)
-    mid, title = _whole(obj["movie_id"]), obj["title"]
+    mid, title = exact_int(obj["movie_id"]), obj["title"]
     if mid is None:
         return _reject("wrong_type", "movie_id must be an integer", raw)
     if not 0 <= mid < MAX_MOVIE_ID:
@@ -108,7 +93,7 @@ def decode_movie(raw: bytes, key: bytes | None = None) -> Movie | Rejection:
         return _reject("wrong_type", f"title must be a non-empty string of at most {MAX_TITLE_CHARS} chars", raw)
     year = obj.get("year")
     if year is not None:
-        year = _whole(year)
+        year = exact_int(year)
         if year is None or not 0 < year < 10_000:
             return _reject("wrong_type", "year must be an integer year or null", raw)
     genres = obj.get("genres")

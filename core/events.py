@@ -147,8 +147,9 @@ def _reject(reason: str, detail: str, raw: bytes) -> Rejection:
     return Rejection(reason, detail, raw)
 
 
-def _as_int(v: Any) -> int | None:
-    """An exact integer from a JSON int or an integral float; None otherwise (bools too)."""
+def exact_int(v: Any) -> int | None:
+    """An exact integer from a JSON int or an integral float (as JSON Schema
+    reads "integer"); None otherwise, bools included."""
     t = type(v)
     if t is int:
         return v
@@ -157,21 +158,29 @@ def _as_int(v: Any) -> int | None:
     return None
 
 
-def decode_rating(
-    raw: bytes, *, max_payload_bytes: int, min_ts: int, max_ts: int
-) -> RatingEvent | Rejection:
-    """Parse and validate one rating payload; never raises for bad input."""
-    if len(raw) > max_payload_bytes:
-        return _reject("oversized_payload", f"{len(raw)} bytes > {max_payload_bytes}", raw)
+def parse_json(raw: bytes) -> Any:
+    """``raw`` as JSON, or the Rejection saying why not: ``bad_encoding`` when
+    it is not even UTF-8, else ``bad_json``."""
     try:
-        obj = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         try:
             bytes(raw).decode("utf-8")
         except UnicodeDecodeError as uexc:
             return _reject("bad_encoding", f"not UTF-8: {uexc}", raw)
         return _reject("bad_json", str(exc), raw)
+
+
+def decode_rating(
+    raw: bytes, *, max_payload_bytes: int, min_ts: int, max_ts: int
+) -> RatingEvent | Rejection:
+    """Parse and validate one rating payload; never raises for bad input."""
+    if len(raw) > max_payload_bytes:
+        return _reject("oversized_payload", f"{len(raw)} bytes > {max_payload_bytes}", raw)
+    obj = parse_json(raw)
     if type(obj) is not dict:
+        if type(obj) is Rejection:
+            return obj
         return _reject("not_an_object", f"top level is {type(obj).__name__}", raw)
 
     if len(obj) < 5 or not _ALLOWED.issuperset(obj):
@@ -190,10 +199,10 @@ def decode_rating(
     if not 0 < len(event_id) <= MAX_EVENT_ID_LEN:
         return _reject("id_out_of_range", f"event_id length must be 1..{MAX_EVENT_ID_LEN}", raw)
 
-    user_id = _as_int(obj["user_id"])
+    user_id = exact_int(obj["user_id"])
     if user_id is None:
         return _reject("wrong_type", "user_id must be an integer", raw)
-    movie_id = _as_int(obj["movie_id"])
+    movie_id = exact_int(obj["movie_id"])
     if movie_id is None:
         return _reject("wrong_type", "movie_id must be an integer", raw)
     if not 0 <= user_id < MAX_ID:
@@ -211,7 +220,7 @@ def decode_rating(
         return _reject("rating_out_of_range", f"rating {rating} not in [0.5, 5]", raw)
 
     ts_raw = obj["ts"]
-    ts = _as_int(ts_raw)
+    ts = exact_int(ts_raw)
     if ts is None:
         if type(ts_raw) is float and not math.isfinite(ts_raw):
             return _reject("absurd_timestamp", f"ts {ts_raw}", raw)
