@@ -44,10 +44,12 @@ RUN python -c "import tomllib; print('\n'.join(d for d in tomllib.load(open('pyp
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
-# 4. MovieLens-100K, baked in so replay and training need no network.
+# 4. MovieLens-100K, baked in so replay and training need no network (the
+#    loader and what it imports; tests/test_compose.py checks that is all).
+COPY fbp_errors ./fbp_errors
 COPY core/__init__.py core/datasets.py ./core/
 RUN python -c "from core.datasets import load_dataset; load_dataset('ml-100k')" \
- && rm -rf core
+ && rm -rf core fbp_errors
 
 # 5. The project itself (every package pyproject.toml lists).
 COPY README.md ./

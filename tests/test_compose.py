@@ -200,3 +200,44 @@ def test_grafana_provisioning_points_at_the_compose_prometheus_and_dashboard():
     uids = {d.get("uid") for d in ds["datasources"]}
     used = {p["datasource"]["uid"] for p in dash["panels"] if isinstance(p.get("datasource"), dict)}
     assert used and used <= uids, (used, uids)
+
+
+def _data_layer_copies() -> list[tuple[list[str], str]]:
+    """The Dockerfile's COPY (sources, destination) pairs of the layer that
+    runs ``load_dataset``: the instructions between the RUN before it and it."""
+    copies: list[tuple[list[str], str]] = []
+    for line in (REPO_ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("RUN "):
+            if "load_dataset" in line:
+                return copies
+            copies = []
+        elif line.startswith("COPY "):
+            *sources, dest = line.split()[1:]
+            copies.append((sources, dest))
+    raise AssertionError("no RUN of load_dataset in the Dockerfile")
+
+
+def test_dockerfile_data_layer_copies_all_the_loader_imports(tmp_path):
+    """The image bakes ML-100K in before the project is copied, from a few
+    files only; the loader must import nothing else of the project (it once
+    grew `from fbp_errors import DataError` and the image stopped building).
+    Checked without an engine: only those files, plus third-party packages
+    (site-packages without its .pth files, no PYTHON* variables, so the
+    editable install cannot
+    supply the missing module), must import ``core.datasets``."""
+    import sys
+    import sysconfig
+
+    for sources, dest in _data_layer_copies():
+        for src in sources:
+            target = tmp_path / dest / (Path(src).name if dest.endswith("/") else "")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if (REPO_ROOT / src).is_dir():
+                shutil.copytree(REPO_ROOT / src, target)
+            else:
+                shutil.copy(REPO_ROOT / src, target)
+    code = (f"import sys; sys.path[:0] = [{str(tmp_path)!r}, {sysconfig.get_paths()['purelib']!r}]; "
+            "from core.datasets import load_dataset")
+    res = subprocess.run([sys.executable, "-I", "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
