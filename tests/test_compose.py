@@ -223,8 +223,8 @@ def test_dockerfile_data_layer_copies_all_the_loader_imports(tmp_path):
     grew `from fbp_errors import DataError` and the image stopped building).
     Checked without an engine: only those files, plus third-party packages
     (site-packages without its .pth files, no PYTHON* variables, so the
-    editable install cannot
-    supply the missing module), must import ``core.datasets``."""
+    editable install cannot supply a missing module), must import
+    ``core.datasets``."""
     import sys
     import sysconfig
 
