@@ -53,6 +53,21 @@ class NeighbourhoodConfig:
 
 
 @numba.njit(cache=True)
+def _vote(s, ev, m, k, lam):
+    """The k most similar kept ratings' errors, weighted by similarity and
+    shrunk by ``lam``: the correction both table layouts predict."""
+    if m == 0:
+        return 0.0
+    order = np.argsort(-np.abs(s[:m]))
+    num, tot = 0.0, 0.0
+    for r in range(min(k, m)):
+        t = order[r]
+        num += s[t] * ev[t]
+        tot += abs(s[t])
+    return num / (tot + lam)
+
+
+@numba.njit(cache=True)
 def _run(base, y, uidx, movie, n_users, n_items, k, shrink, lam, history):
     n = len(y)
     A = np.zeros((n_items, n_items), np.float32)
@@ -74,14 +89,7 @@ def _run(base, y, uidx, movie, n_users, n_items, k, shrink, lam, history):
             c = N[h, j]
             s[t] = A[h, j] / den * c / (c + shrink)
             ev[t] = he[u, t]
-        if m > 0:
-            order = np.argsort(-np.abs(s[:m]))
-            num, tot = 0.0, 0.0
-            for r in range(min(k, m)):
-                t = order[r]
-                num += s[t] * ev[t]
-                tot += abs(s[t])
-            out[i] = num / (tot + lam)
+        out[i] = _vote(s, ev, m, k, lam)
         # learn: the base's error on this rating, paired with the user's kept ones
         e = y[i] - base[i]
         for t in range(m):
@@ -164,14 +172,7 @@ def _run_slots(base, y, uidx, movie, n_users, n_items, k, shrink, lam, history, 
                 c = min(N[h, a], N[j, b])
                 s[t] = A[h, a] / (np.sqrt(float(B[h, a]) * float(B[j, b])) + 1e-9) * c / (c + shrink)
             ev[t] = he[u, t]
-        if m > 0:
-            order = np.argsort(-np.abs(s[:m]))
-            num, tot = 0.0, 0.0
-            for r in range(min(k, m)):
-                t = order[r]
-                num += s[t] * ev[t]
-                tot += abs(s[t])
-            out[i] = num / (tot + lam)
+        out[i] = _vote(s, ev, m, k, lam)
         e = y[i] - base[i]
         for t in range(m):
             h = hi[u, t]
