@@ -149,15 +149,11 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> None:
         path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
 
 
-@app.command("load")
-def load_cmd(
-    source: str = typer.Argument(..., help="ml-100k, a MovieLens folder, or u.item / movies.dat / movies.csv."),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the figures here as JSON."),
-) -> None:
-    """Load a data set's titles, years and genres into the catalog (Redis)."""
+def _movies_or_exit(source: str) -> Any:
+    """The movies of ``source`` (load and publish read it alike), or exit 2
+    with what is wrong: an unreadable source, or one with no movie file."""
     from core.datasets import load_movies
 
-    settings = get_settings()
     try:
         movies = load_movies(source)
     except ValueError as exc:
@@ -167,7 +163,17 @@ def load_cmd(
         typer.secho(f"catalog: {source} has no movie file (u.item, movies.dat or movies.csv)",
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    stored = load_into_redis(settings, movies)
+    return movies
+
+
+@app.command("load")
+def load_cmd(
+    source: str = typer.Argument(..., help="ml-100k, a MovieLens folder, or u.item / movies.dat / movies.csv."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the figures here as JSON."),
+) -> None:
+    """Load a data set's titles, years and genres into the catalog (Redis)."""
+    settings = get_settings()
+    stored = load_into_redis(settings, _movies_or_exit(source))
     total = _catalog(settings).count()
     typer.echo(f"catalog: {stored} movies from {source} stored; {total} in the catalog")
     _write_json(json_path, {"source": source, "stored": stored, "catalog_size": total})
@@ -179,17 +185,17 @@ def publish_cmd(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the figures here as JSON."),
 ) -> None:
     """Publish a data set's movies to the movies topic (keyed by movie id)."""
-    from core.datasets import load_movies
     from core.kafka_io import make_producer
     from core.topics import ensure_topics
 
+    movies = _movies_or_exit(source)
     settings = get_settings()
     ensure_topics(settings)
     producer = make_producer(settings)
     failures: list[BaseException] = []
     n = 0
     try:
-        for m in movies_from_frame(load_movies(source)):
+        for m in movies_from_frame(movies):
             producer.send(settings.kafka.movies_topic, key=movie_key(m.movie_id),
                           value=encode_movie(m)).add_errback(failures.append)
             n += 1
@@ -197,7 +203,9 @@ def publish_cmd(
     finally:
         producer.close()
     if failures:
-        raise RuntimeError(f"catalog publish: {len(failures)} send batch(es) failed: {failures[0]!r}")
+        typer.secho(f"catalog: {len(failures)} send batch(es) to {settings.kafka.movies_topic} failed: "
+                    f"{failures[0]!r}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
     typer.echo(f"catalog: {n} movies published to {settings.kafka.movies_topic}")
     _write_json(json_path, {"source": source, "published": n, "topic": settings.kafka.movies_topic})
 
