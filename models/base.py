@@ -65,6 +65,7 @@ This module knows nothing of Kafka, Redis or Faust.
 from __future__ import annotations
 
 import abc
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar, Literal, NamedTuple, Protocol, overload
 
 import torch
@@ -308,6 +309,13 @@ class RatingModel(nn.Module, abc.ABC):
             return p[:, None], new, {}
         p, new = self.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)
         return p, new, {}
+
+    def judging(self) -> AbstractContextManager[Any]:
+        """Within: predictions as a fine-tune's judge compares a challenger
+        with its champion.  The default changes nothing; a family whose
+        network's share is learned on the stream fixes the share here, so a
+        better network can win before it has earned any share."""
+        return nullcontext()
 
     @property
     def network_weight(self) -> float:

@@ -41,6 +41,7 @@ without the online part.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 
 import numpy as np
@@ -49,13 +50,17 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models import lstm_kernel
+from models import mixture as mx
 from models import online as onl
 from models.base import State, StateSpec
 from models.common import lookup, user_item_dot
 from models.mf import MFModel, UserVectorHead
 
-#: blend weight of the online model, chosen on the first half of ML-100K by time
+#: the fixed blend weight of the online part before the learned share (kept
+#: for the simulator's ``lstm-hedge``; ``online_weight=None`` learns it)
 ONLINE_WEIGHT = 0.8
+#: the network's share when a fine-tune's judge compares networks (:meth:`LSTMModel.judging`)
+JUDGE_SHARE = 1.0 - ONLINE_WEIGHT
 
 
 def online_gap(gap_s: Tensor) -> Tensor:
@@ -68,23 +73,36 @@ class LSTMModel(UserVectorHead, MFModel):
     movie_tables = ("movie_bias", "movie_features", "item_factors")
 
     def __init__(self, hidden: int = 32, item_dim: int = 16, k: int = 4, online: bool = True,
-                 online_weight: float = ONLINE_WEIGHT, online_cfg: dict | None = None,
-                 n_user_features: int = 0, **kw) -> None:
+                 online_weight: float | None = None, online_cfg: dict | None = None,
+                 n_user_features: int = 0, online_taus: tuple[float, ...] | list[float] | None = None,
+                 hedge: dict | None = None, **kw) -> None:
         super().__init__(k=k, **kw)
         self.online = bool(online)
-        self.online_weight = float(online_weight)
+        #: None: the network's share is learned on the stream (``net_w``); a
+        #: number: the online part's fixed weight (1: the online part alone)
+        self.online_weight = None if online_weight is None else float(online_weight)
         self.online_cfg = onl.OnlineConfig.from_dict(online_cfg or {})
+        self.online_taus = tuple(float(t) for t in (mx.TAUS if online_taus is None else online_taus))
+        if not self.online_taus:
+            raise ValueError("online_taus needs at least one session time constant")
+        self.hedge_cfg = mx.HedgeConfig.from_dict(hedge)
         self.n_user_features = int(n_user_features)
         self._hp.update(hidden=int(hidden), item_dim=int(item_dim), online=self.online,
                         online_weight=self.online_weight, online_cfg=self.online_cfg.to_dict(),
-                        n_user_features=self.n_user_features)
+                        n_user_features=self.n_user_features, online_taus=list(self.online_taus),
+                        hedge=self.hedge_cfg.to_dict())
         self.hidden = int(hidden)
         if self.online:
-            ms = onl.MovieSide(self.online_cfg, self.capacity, self.n_features, self.n_user_features)
-            for name, t in ms.t.items():
-                self.register_buffer(f"online_{name}", t)
-            self.movie_tables = self.movie_tables + tuple(f"online_{n}" for n in onl.MovieSide.ROW)
-        self._ms_cache: onl.MovieSide | None = None
+            for j, cfg in enumerate(self._member_cfgs()):
+                ms = onl.MovieSide(cfg, self.capacity, self.n_features, self.n_user_features)
+                for name, t in ms.t.items():
+                    self.register_buffer(f"online_{mx.member_name(j, name)}", t)
+            K = len(self.online_taus)
+            self.register_buffer("online_hedge_L", torch.zeros(K))
+            self.register_buffer("online_net_w", torch.zeros(1))
+            self.movie_tables = self.movie_tables + tuple(
+                f"online_{mx.member_name(j, n)}" for j in range(K) for n in onl.MovieSide.ROW)
+        self._ms_cache: mx.MixtureSide | None = None
         self._net_only = False
         # no per-movie tables of its own: movies enter through the MF factors
         # q_i and the side features f_i (far fewer parameters to overfit)
@@ -96,11 +114,27 @@ class LSTMModel(UserVectorHead, MFModel):
             self.user_bias_head.weight.zero_()
             self.user_proj.weight.mul_(0.1)
 
+    def init_from_data(self, mean_rating: float) -> None:
+        """The data's mean also becomes the prior of the online running mean
+        (once, before any training and any online learning; the network
+        starts with no share)."""
+        if self.online and int(self.trained) == 0 and not float(self._buffers["online_mu"][1]):
+            self.online_cfg = dataclasses.replace(self.online_cfg, mu_prior=float(mean_rating))
+            self._hp["online_cfg"] = self.online_cfg.to_dict()
+            self._ms_cache = None
+        super().init_from_data(mean_rating)
+
+    def _member_cfgs(self) -> list[onl.OnlineConfig]:
+        return mx.member_configs(self.online_cfg, self.online_taus)
+
     def _spec_extra(self) -> StateSpec:
         spec = super()._spec_extra()
         spec.update({"h": ((self.hidden,), torch.float32), "c": ((self.hidden,), torch.float32)})
         if self.online:
             spec.update(onl.user_spec_with_features(self.online_cfg, self.n_user_features))
+            for j in range(1, len(self.online_taus)):
+                spec.update({mx.member_user_key(j, k): v for k, v in onl.user_spec(self.online_cfg).items()})
+            spec["on_L"] = ((len(self.online_taus),), torch.float32)
         return spec
 
     # -- the online part ------------------------------------------------------
@@ -111,20 +145,21 @@ class LSTMModel(UserVectorHead, MFModel):
             return {}
         return {"n_user_features": int(onl.user_feature_matrix(users, 0)[0].shape[1])}
 
-    def movie_side(self) -> onl.MovieSide | None:
-        """The online movie side as a view over this model's buffers (so
-        :meth:`models.online.MovieSide.apply` updates the model in place);
-        None without the online part."""
+    def movie_side(self) -> mx.MixtureSide | None:
+        """The online movie side (every member's, and the mixture's shared
+        globals) as a view over this model's buffers, so that ``apply``
+        updates the model in place; None without the online part."""
         if not self.online:
             return None
-        t = {n: self._buffers[f"online_{n}"] for n in onl.MovieSide.ROW + onl.MovieSide.GLOBAL}
         ms = self._ms_cache
-        if ms is None or any(ms.t[n] is not t[n] for n in t):
-            ms = self._ms_cache = onl.MovieSide(self.online_cfg, 0, 0, 0, tensors=t)
+        names = [mx.member_name(j, n) for j in range(len(self.online_taus))
+                 for n in onl.MovieSide.ROW + onl.MovieSide.GLOBAL] + list(mx.MIX_GLOBAL)
+        if ms is None or any(ms.t[n] is not self._buffers[f"online_{n}"] for n in names):
+            members = [onl.MovieSide(cfg, 0, 0, 0, tensors={
+                n: self._buffers[f"online_{mx.member_name(j, n)}"] for n in onl.MovieSide.ROW + onl.MovieSide.GLOBAL})
+                for j, cfg in enumerate(self._member_cfgs())]
+            ms = self._ms_cache = mx.MixtureSide(members, {n: self._buffers[f"online_{n}"] for n in mx.MIX_GLOBAL})
         return ms
-
-    def _online_user(self, state: State) -> dict[str, Tensor]:
-        return {k: state[k] for k in onl.USER_KEYS}
 
     def online_step(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor
                     ) -> tuple[State, Tensor, dict[str, tuple[Tensor | None, Tensor]]]:
@@ -140,14 +175,28 @@ class LSTMModel(UserVectorHead, MFModel):
 
     def online_part(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor
                     ) -> tuple[dict[str, Tensor], Tensor, dict[str, tuple[Tensor | None, Tensor]]]:
-        """The online half of :meth:`online_step`: (new ``on_*`` state, clamped
-        online prediction, movie-side increments).  Reads ``on_*``,
-        ``last_ts`` and ``count`` of ``state``; the simulator runs it per round
-        beside the network's sequence pass (the two halves are independent)."""
+        """The online half of :meth:`online_step`, one event per user: (new
+        ``on_*`` state, the mixture's clamped prediction, movie-side
+        increments: every member's and the shared losses').  Reads ``on_*``,
+        ``last_ts`` and ``count`` of ``state``; the torch reference of the
+        compiled path (:meth:`online_batch_kernel`)."""
         movie, rating, ts = movie.to(torch.int64), rating.to(torch.float32), ts.to(torch.int64)
-        on, user, inc = onl.online_round(self.movie_side(), self._online_user(state), movie, rating,
-                                         ts - state["last_ts"], state["count"] > 0, self._feats(movie), state["on_g"])
-        user["on_g"] = state["on_g"]
+        ms, hc = self.movie_side(), self.hedge_cfg
+        gap, has, f, g = ts - state["last_ts"], state["count"] > 0, self._feats(movie), state["on_g"]
+        preds, user, inc = [], {"on_g": state["on_g"]}, {}
+        for j, side in enumerate(ms.members):
+            p, new, i = onl.online_round(side, mx.member_user(state, j), movie, rating, gap, has, f, g)
+            preds.append(self._clamp(p))
+            user.update({mx.member_user_key(j, k): v for k, v in new.items()})
+            inc.update(mx.prefixed(j, i))
+        P = torch.stack(preds, 1)
+        on = (mx.hedge_weights(ms.t["hedge_L"], state["on_L"], hc) * P).sum(1)
+        d2 = (P - rating[:, None]) ** 2
+        user["on_L"] = hc.gamma_u * state["on_L"] + d2
+        decay = hc.gamma_g ** torch.arange(len(rating) - 1, -1, -1, device=d2.device, dtype=torch.float64)
+        Lg = ms.t["hedge_L"]
+        new_Lg = hc.gamma_g ** len(rating) * Lg.double() + (decay[:, None] * d2.double()).sum(0)
+        inc["hedge_L"] = (None, (new_Lg - Lg.double()).to(Lg.dtype))
         return user, self._clamp(on), inc
 
     @torch.no_grad()
@@ -157,9 +206,11 @@ class LSTMModel(UserVectorHead, MFModel):
         (:func:`models.batch.learn_batch`): the network from the stored state
         (one ``step`` when T == 1, else ``forward_sequence``), the online part in
         rounds (round j = each user's j-th event), each round's movie-side
-        increments applied here before the next round.  Returns (predictions
-        [U, T], new states, the batch's increments summed per movie row);
-        ``learn_movies=False``: the movie side stays fixed (the frozen path)."""
+        increments applied here before the next round, then the network's
+        share learned on the batch (:meth:`learn_blend`).  Returns
+        (predictions [U, T], new states, the batch's increments summed per
+        movie row); ``learn_movies=False``: the movie side and the share stay
+        fixed (the frozen path)."""
         with self.network_only():
             if movie.shape[1] == 1:
                 new, p = self.step(state, movie[:, 0], rating[:, 0], ts[:, 0])
@@ -170,45 +221,80 @@ class LSTMModel(UserVectorHead, MFModel):
             return net, new, {}
         on, user, inc = self.online_batch(state, movie, rating, ts, mask, apply=learn_movies)
         new.update(user)
-        return self._blend(net, on), new, inc
+        pred, share = self.learn_blend(net, on, rating, mask, apply=learn_movies)
+        inc.update(share)
+        return pred, new, inc
+
+    @torch.no_grad()
+    def learn_blend(self, net: Tensor, on: Tensor, rating: Tensor, mask: Tensor | None = None, apply: bool = True
+                    ) -> tuple[Tensor, dict[str, tuple[Tensor | None, Tensor]]]:
+        """The served prediction of a batch (network ``net`` and online part
+        ``on``, any shape, ``mask`` marking its events) and, with a learned
+        share, the share's step on the batch's errors: (predictions, the
+        ``net_w`` increment, applied to the model when ``apply``)."""
+        if self.online_weight is not None:
+            return self._blend(net, on), {}
+        w = self._buffers["online_net_w"]
+        pred = self._blend(net, on)
+        if not apply:
+            return pred, {}
+        m = torch.ones_like(rating, dtype=torch.bool) if mask is None else mask
+        _, w2 = mx.blend_step(net[m].float().cpu().numpy(), on[m].float().cpu().numpy(),
+                              rating[m].float().cpu().numpy(), float(w[0]), self.rating_min, self.rating_max)
+        delta = torch.tensor([w2], dtype=w.dtype, device=w.device) - w
+        w += delta
+        return pred, {"net_w": (None, delta)}
 
     @torch.no_grad()
     def online_batch(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor,
                      apply: bool = True) -> tuple[Tensor, dict[str, Tensor], dict[str, tuple[Tensor | None, Tensor]]]:
-        """The online half of :meth:`learn_batch`: (clamped online predictions
-        [U, T], new ``on_*`` state, the batch's increments summed per row;
-        none when ``apply`` is off).  Round j runs the users that have a j-th
-        event and merges its increments into the movie side before round j+1.
-        On CPU the compiled kernel (:mod:`models.online_kernel`) runs all the
-        rounds; elsewhere :meth:`online_batch_rounds`, the torch reference."""
+        """The online half of :meth:`learn_batch`: (the mixture's clamped
+        predictions [U, T], new ``on_*`` state, the batch's increments summed
+        per row; none when ``apply`` is off).  Round j runs the users that
+        have a j-th event and merges its increments into the movie side
+        before round j+1.  On CPU the compiled kernels
+        (:mod:`models.online_kernel`, :func:`models.mixture.hedge`) run all
+        the rounds; elsewhere :meth:`online_batch_rounds`, the torch reference."""
         if self._kernel_ok(state, movie):
             return self.online_batch_kernel(state, movie, rating, ts, mask, apply=apply)
         return self.online_batch_rounds(state, movie, rating, ts, mask, apply=apply)
 
     def _kernel_ok(self, state: State, movie: Tensor) -> bool:
-        """The kernel needs CPU float32 tensors, the movie side contiguous (it
-        updates the buffers in place as numpy views)."""
+        """The kernels need CPU float32 tensors, the movie side contiguous (they
+        update the buffers in place as numpy views)."""
         ms = self.movie_side()
         return movie.device.type == "cpu" and all(
             v.device.type == "cpu" and v.dtype == torch.float32 and v.is_contiguous() for v in ms.t.values()
-        ) and all(state[k].device.type == "cpu" and state[k].dtype == torch.float32 for k in onl.USER_KEYS)
+        ) and all(state[k].device.type == "cpu" and state[k].dtype == torch.float32
+                  for k in state if k.startswith("on_"))
 
     @torch.no_grad()
     def online_batch_kernel(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor,
                             apply: bool = True) -> tuple[Tensor, dict[str, Tensor], dict]:
-        """:meth:`online_batch` through the compiled CPU kernel: the same
-        rounds in one call, the model's buffers updated in place."""
+        """:meth:`online_batch` through the compiled CPU kernels: each
+        member's rounds in one call (its buffers updated in place), then the
+        mixture over the same rounds."""
         from models.online_kernel import online_events, round_order
 
         u, j, starts = round_order(mask.numpy())
         user = {k: state[k].clone().contiguous() for k in state if k.startswith("on_")}
-        last_ts = state["last_ts"].numpy().astype(np.int64)  # a copy: the kernel advances it
-        count = state["count"].numpy().astype(np.int64)
-        mv = movie.numpy()[u, j]
+        mv, rt, tt = movie.numpy()[u, j], rating.numpy()[u, j].astype(np.float32), ts.numpy()[u, j]
+        feats = self._feats(torch.from_numpy(mv)).numpy()
         uf = user["on_g"].numpy()[u] if "on_g" in user else np.zeros((len(u), 0), np.float32)
-        p, inc = online_events(self.movie_side(), user, last_ts, count, u, mv, rating.numpy()[u, j],
-                               ts.numpy()[u, j], self._feats(torch.from_numpy(mv)).numpy(), uf, starts,
-                               apply, self.rating_min, self.rating_max)
+        ms = self.movie_side()
+        P = np.empty((len(u), len(ms.members)), np.float32)
+        inc: dict = {}
+        for jm, side in enumerate(ms.members):
+            last_ts = state["last_ts"].numpy().astype(np.int64)  # copies: the kernel advances them
+            count = state["count"].numpy().astype(np.int64)
+            P[:, jm], got = online_events(side, mx.member_user(user, jm), last_ts, count, u, mv, rt, tt, feats, uf,
+                                          starts, apply, self.rating_min, self.rating_max)
+            inc.update(mx.prefixed(jm, got))
+        Lg = ms.t["hedge_L"]
+        before = Lg.clone()
+        p = mx.hedge(P, rt, u, starts, user["on_L"].numpy(), Lg.numpy(), self.hedge_cfg, learn_global=apply)
+        if apply and len(u):
+            inc["hedge_L"] = (None, Lg - before)
         pred = torch.zeros(movie.shape, dtype=torch.float32)
         pred[torch.from_numpy(u), torch.from_numpy(j)] = torch.from_numpy(p)
         return pred, user, inc
@@ -217,7 +303,7 @@ class LSTMModel(UserVectorHead, MFModel):
     def online_batch_rounds(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, mask: Tensor,
                             apply: bool = True) -> tuple[Tensor, dict[str, Tensor], dict]:
         """:meth:`online_batch` as a torch loop of :meth:`online_part` rounds:
-        the reference the kernel is tested against, and the path on a GPU."""
+        the reference the kernels are tested against, and the path on a GPU."""
         from models.batch import sum_increments
 
         ms = self.movie_side()
@@ -251,12 +337,37 @@ class LSTMModel(UserVectorHead, MFModel):
         finally:
             self._net_only = old
 
+    @contextmanager
+    def judging(self):
+        """Within: a learned share is fixed at :data:`JUDGE_SHARE` (the old
+        fixed blend), so challenger and champion are compared on what their
+        networks add, whatever share the stream has learned so far."""
+        old = self.online_weight
+        if self.online and old is None:
+            self.online_weight = 1.0 - JUDGE_SHARE
+        try:
+            yield self
+        finally:
+            self.online_weight = old
+
     @property
     def network_weight(self) -> float:
-        """The network's share of the served prediction (0: nothing to train or run)."""
-        return 1.0 - self.online_weight if self.online else 1.0
+        """The network's share of the served prediction at most (0: nothing to
+        train or run; a learned share may grow to 1)."""
+        if not self.online:
+            return 1.0
+        return 1.0 if self.online_weight is None else 1.0 - self.online_weight
+
+    @property
+    def network_share(self) -> float:
+        """The network's share now: the learned ``net_w``, or the fixed one."""
+        if self.online and self.online_weight is None:
+            return float(self._buffers["online_net_w"][0])
+        return self.network_weight
 
     def _blend(self, net: Tensor, on: Tensor) -> Tensor:
+        if self.online_weight is None:
+            return mx.blend(net, on, self._buffers["online_net_w"][0], self.rating_min, self.rating_max)
         a = self.online_weight
         return (1.0 - a) * net + a * on
 
@@ -272,21 +383,28 @@ class LSTMModel(UserVectorHead, MFModel):
         if not self.online or self._net_only:
             return net
         ids = movie_ids.to(torch.int64)
-        ms, cfg, t = self.movie_side(), self.online_cfg, self.movie_side().t
+        ms = self.movie_side()
+        each = torch.stack([self._member_score(side, mx.member_user(state, j), state, ids)
+                            for j, side in enumerate(ms.members)], -1)  # [B, N, K]
+        w = mx.hedge_weights(ms.t["hedge_L"], state["on_L"], self.hedge_cfg)
+        return self._blend(net, self._clamp((each * w[:, None, :]).sum(-1)))
+
+    def _member_score(self, ms: onl.MovieSide, user: dict[str, Tensor], state: State, ids: Tensor) -> Tensor:
+        """One member's online prediction of ``ids`` [B, N] for each user."""
+        cfg, t = ms.cfg, ms.t
         mu = (t["mu"][0] + cfg.mu_prior * cfg.mu_prior_n) / (t["mu"][1] + cfg.mu_prior_n)
         qe = ms.q0(ids) + ms.row(t["q"], ids)
-        pe = state["on_p"]
+        pe = user["on_p"]
         bias = mu + ms.row(t["b"], ids)
         if cfg.use_features:
             f = self._feats(ids)
             qe = qe + f @ t["V"]
             pe = pe + state["on_g"] @ t["U"]
             bias = bias + f @ t["wm"]
-        user = state["on_ub"] + (state["on_g"] @ t["wu"] if cfg.use_features else 0.0)
+        bu = user["on_ub"] + (state["on_g"] @ t["wu"] if cfg.use_features else 0.0)
         if cfg.use_session:  # as if rated now, in the same session (a per-user constant: no effect on ranking)
-            user = user + state["on_s"] * (state["count"] > 0)
-        on = bias + user_item_dot(pe, qe) + (user[:, None] if torch.is_tensor(user) else user)
-        return self._blend(net, self._clamp(on))
+            bu = bu + user["on_s"] * (state["count"] > 0)
+        return self._clamp(bias + user_item_dot(pe, qe) + (bu[:, None] if torch.is_tensor(bu) else bu))
 
     def forward_sequence(self, movie, rating, ts, mask, *, state=None, return_state=False):
         if state is None:
@@ -304,7 +422,6 @@ class LSTMModel(UserVectorHead, MFModel):
         if not return_state:
             return pred
         fin.update(user)
-        fin["on_g"] = state["on_g"]
         return pred, fin
 
     @torch.no_grad()
@@ -313,20 +430,18 @@ class LSTMModel(UserVectorHead, MFModel):
         ``step`` computes it (a loop over T: its SGD updates are sequential)."""
         movie = torch.where(mask, movie.to(torch.int64), torch.zeros_like(movie, dtype=torch.int64))
         rating, ts = rating.to(torch.float32), ts.to(torch.int64)
-        ms = self.movie_side()
-        user = self._online_user(state)
-        last, cnt = state["last_ts"], state["count"]
+        work = {k: v for k, v in state.items() if k.startswith("on_") or k in ("last_ts", "count")}
         preds = []
         for j in range(movie.shape[1]):
             m = mask[:, j]
-            p, new, _ = onl.online_round(ms, user, movie[:, j], rating[:, j], ts[:, j] - last, cnt > 0,
-                                         self._feats(movie[:, j]), state["on_g"])
-            preds.append(self._clamp(p))
-            user = {k: torch.where(m.view(-1, *([1] * (v.dim() - 1))), new[k], v) for k, v in user.items()}
-            last = torch.where(m, ts[:, j], last)
-            cnt = cnt + m.to(cnt.dtype)
+            new, p, _ = self.online_part(work, movie[:, j], rating[:, j], ts[:, j])
+            preds.append(p)
+            work = {k: torch.where(m.view(-1, *([1] * (v.dim() - 1))), new[k], v) if k in new else v
+                    for k, v in work.items()}
+            work["last_ts"] = torch.where(m, ts[:, j], work["last_ts"])
+            work["count"] = work["count"] + m.to(work["count"].dtype)
         pred = torch.stack(preds, 1) if preds else torch.zeros_like(rating)
-        return pred, user
+        return pred, {k: v for k, v in work.items() if k.startswith("on_")}
 
     def rederive(self, state: State, stale: Tensor) -> State:
         """The network's state is recomputed from the window; the online user

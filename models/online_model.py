@@ -12,12 +12,10 @@ merged the same way.  The network it carries is the smallest one (hidden 1,
 k 1): it has no weight in the prediction, so the simulator neither
 fine-tunes it nor runs it (``network_weight == 0``).  Offline training
 (``fbp train --model online``) has only the data's mean to give it: it
-becomes the prior of the online running mean (the served ``lstm`` keeps 3.5).
+becomes the prior of the online running mean, as for the served ``lstm``.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from models.lstm import LSTMModel
 
@@ -28,10 +26,3 @@ class OnlineModel(LSTMModel):
     def __init__(self, hidden: int = 1, item_dim: int = 1, k: int = 1, **kw) -> None:
         kw.update(online=True, online_weight=1.0)
         super().__init__(hidden=hidden, item_dim=item_dim, k=k, **kw)
-
-    def init_from_data(self, mean_rating: float) -> None:
-        if int(self.trained) == 0:
-            self.online_cfg = dataclasses.replace(self.online_cfg, mu_prior=float(mean_rating))
-            self._hp["online_cfg"] = self.online_cfg.to_dict()
-            self._ms_cache = None
-        super().init_from_data(mean_rating)

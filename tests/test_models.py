@@ -92,9 +92,10 @@ def test_state_blobs_versions_and_mismatch():
 
 def test_bytes_per_user():
     sizes = {n: S.state_bytes(build(n)) for n in available()}
-    # lstm: 1060 for the network's state + 92 for the online user side (bias,
-    # factors and their AdaGrad sums, session bias, side features)
-    assert sizes["lstm"] < 1200 and all(v < 2048 for v in sizes.values()), sizes
+    # lstm: 1060 for the network's state + 92 per mixture member for the online
+    # user side (bias, factors and their AdaGrad sums, session bias) x 5, the
+    # mixture's 5 losses, the side features: 1540
+    assert sizes["lstm"] <= 1540 and all(v < 2048 for v in sizes.values()), sizes
 
 
 def test_unknown_model():

@@ -214,7 +214,8 @@ def run_stream_protocol(
             if name not in nets:  # run only for lstm-hedge's network
                 continue
             first.setdefault(name, r)
-            runs.setdefault(name, []).append(r.to_dict())
+            runs.setdefault(name, []).append({**r.to_dict(), **{k: v for k, v in r.extra.items()
+                                                                if k == "final_network_weight"}})
             _echo(protocol, name, seed, r.to_dict())
         cuts = stretch_cuts(len(ds.ratings), every, boot)
         for kind in [n for n in names if n in SIMULATED]:

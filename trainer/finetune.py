@@ -233,8 +233,9 @@ def finetune(champion: RatingModel, split: Split, *, epochs: int, lr: float | No
     challenger.to("cpu").eval()
     if len(split.holdout):
         ctx = split.context[COLS] if len(split.context) else None
-        champ = evaluate_rmse(champion, split.holdout[COLS], ctx, device="cpu").rmse
-        chall = evaluate_rmse(challenger, split.holdout[COLS], ctx, device="cpu").rmse
+        with champion.judging(), challenger.judging():
+            champ = evaluate_rmse(champion, split.holdout[COLS], ctx, device="cpu").rmse
+            chall = evaluate_rmse(challenger, split.holdout[COLS], ctx, device="cpu").rmse
     else:
         champ = chall = math.nan
     decision = decide(champ, chall, margin=margin, n_holdout=len(split.holdout), min_holdout=min_holdout)

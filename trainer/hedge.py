@@ -24,8 +24,10 @@ mixture, so their predictions are computed once and the mixture is one
 compiled pass (:func:`mix`), which makes choosing ``eta_*``/``gamma_*`` on
 the first half of a stream cheap (:func:`choose`).
 
-Not served: the served ``lstm`` still runs one learner (tau 10 s).  What a
-served version costs is in README "Models and evaluation".
+The served ``lstm`` runs the same mixture over five members (the five taus
+at rates x1, :mod:`models.mixture`), with the shared weights updated after
+each round instead of each batch; this simulator keeps the fifteen-member
+pool and the grid its settings were chosen on.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import dataclasses
 import itertools
 import time
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any
 
 import numba
@@ -42,26 +43,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from models.mixture import BLEND_LR, HedgeConfig, blend_step
 from models.online import OnlineConfig, OnlineLearner
 from trainer.prequential import PrequentialResult, _result, occurrence_rank, stream_order
 
 #: the members: session time constants (s) x scales of the AdaGrad rates
 TAUS = (5.0, 10.0, 30.0, 120.0, 600.0)
 RATE_SCALES = (0.5, 1.0, 2.0)
-
-
-@dataclass(frozen=True)
-class HedgeConfig:
-    """Mixture settings, chosen on the first half of ML-100K by time
-    (:func:`choose`, ``python -m trainer.hedge choose``) and then frozen."""
-
-    eta_g: float = 0.03
-    gamma_g: float = 0.999
-    eta_u: float = 0.3
-    gamma_u: float = 0.99
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def members(base: OnlineConfig | None = None, taus=TAUS, scales=RATE_SCALES) -> list[OnlineConfig]:
@@ -152,26 +140,16 @@ def _rmse(p: np.ndarray, y: np.ndarray) -> float:
     return float(np.sqrt(np.mean((p.astype(np.float64) - y) ** 2)))
 
 
-#: step size of :func:`learned_blend`, chosen on ML-100K's first half by time
-#: (0.003 0.9232, 0.01 0.9230, 0.03 0.9227, 0.1 0.9225, 0.3 0.9225; seed 0 network)
-BLEND_LR = 0.1
-
-
 def learned_blend(net: np.ndarray, base: np.ndarray, y: np.ndarray, starts: np.ndarray, lr: float = BLEND_LR
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """A learned share ``w`` for the network on top of ``base`` (the online
-    part): ``clamp(base + w * (net - base))``, ``w`` in [0, 1] starting at 0,
-    one normalised gradient step on the batch's squared error after each batch
-    of ``starts`` (a shared scalar, updated as the shared weights are).  Where
-    the network does not help, ``w`` stays near 0 instead of a fixed 0.2.
-    Returns (predictions, ``w`` used for each event)."""
+    """A learned share ``w`` for the network on top of ``base``, as the
+    served model learns it (:func:`models.mixture.blend_step`): ``w`` starts
+    at 0 and takes one step after each batch of ``starts``.  Returns
+    (predictions, ``w`` used for each event)."""
     out, used, w = np.empty(len(y), np.float32), np.empty(len(y), np.float32), 0.0
     for s, e in zip(starts[:-1], starts[1:]):
-        dv = net[s:e].astype(np.float64) - base[s:e]
-        out[s:e] = np.clip(base[s:e] + w * dv, 1.0, 5.0)
         used[s:e] = w
-        g = float(np.mean((out[s:e] - y[s:e]) * dv))
-        w = float(np.clip(w - lr * g / (float(np.mean(dv * dv)) + 1e-3), 0.0, 1.0))
+        out[s:e], w = blend_step(net[s:e], base[s:e].astype(np.float64), y[s:e], w, 1.0, 5.0, lr)
     return out, used
 
 

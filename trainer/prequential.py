@@ -168,6 +168,22 @@ def online_events(
 
 
 @torch.no_grad()
+def blend_events(model: RatingModel, net: np.ndarray, on: np.ndarray, rating: np.ndarray,
+                 batch_events: int = 1024) -> np.ndarray:
+    """The served prediction of a stretch from its network and online halves,
+    in the batches :func:`online_events` ran: each batch is blended at the
+    network's share as it stands, then the share learns from the batch
+    (``model.learn_blend``), as a worker's ``learn_batch`` does."""
+    out = np.empty(len(net), dtype=np.float32)
+    for s in range(0, len(net), batch_events):
+        e = min(len(net), s + batch_events)
+        p, _ = model.learn_blend(*(torch.from_numpy(np.array(a[s:e], np.float32)).to(model.device)  # type: ignore[attr-defined]
+                                   for a in (net, on, rating)))
+        out[s:e] = p.float().cpu().numpy()
+    return out
+
+
+@torch.no_grad()
 def sequence_events(
     model: RatingModel, states: State, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray,
     batch_users: int = 256,
@@ -305,7 +321,7 @@ def run_prequential(
         else:
             with model.network_only():  # type: ignore[attr-defined]
                 net = sequence_events(model, states, *a)
-        preds[lo:hi] = model._blend(torch.from_numpy(net), torch.from_numpy(on)).numpy()  # type: ignore[attr-defined]
+        preds[lo:hi] = blend_events(model, net, on, rating[lo:hi], batch_events)
         parts[0][lo:hi], parts[1][lo:hi] = net, on
     preds = np.empty(len(df), dtype=np.float32)
     n = len(df)
@@ -352,6 +368,8 @@ def run_prequential(
                   finetunes=finetunes, policy=policy, finetune_seconds=ft_s)
     if online and mode == "sequence":
         res.extra.update(network=parts[0][start:], online=parts[1][start:])
+    if online and trains:
+        res.extra["final_network_weight"] = float(model.network_share)  # type: ignore[attr-defined]
     return res
 
 

@@ -190,7 +190,8 @@ def fit(
         rep.train_rmse.append(math.sqrt(sse / max(cnt, 1)))
         rep.epochs_run = ep + 1
         if valid_seqs is not None:
-            v = _score(model, valid_seqs, dev)
+            with model.judging():  # a learned share is fixed while networks are compared
+                v = _score(model, valid_seqs, dev)
             vr = v.rmse
             rep.valid_rmse.append(vr)
             if progress:

@@ -1,0 +1,190 @@
+"""The served online part as a Hedge mixture of online learners, and the
+network's learned share on top of it.
+
+Why: one learner's session time constant and rates are constants chosen on
+ML-100K, and a stream with other habits gets ML-100K's choices (issue #22).
+Here K copies of the learner of :mod:`models.online` run side by side, one
+per session time constant, each predict-then-learn on every event, and the
+served online prediction combines them per event::
+
+    w_k  ∝  exp(-eta_g * Lg_k - eta_u * Lu_k)
+
+* ``Lg_k``: learner k's discounted squared error over every user, a shared
+  global of the movie side (``hedge_L``), updated after each round the way
+  the movie side is.  Workers add increments (``Lg' - Lg`` of their rounds),
+  so concurrent workers merge by addition; each decays what it read.
+* ``Lu_k``: the user's own discounted squared error, in the user's state
+  (``on_L``), updated as each rating is revealed.  A new user has ``Lu = 0``
+  and falls back to the global weights.
+
+The network then gets a learned share ``w`` of the prediction::
+
+    served = clamp(mix + w * (network - mix)),   w in [0, 1]
+
+``w`` (``net_w``, a shared global, starting at 0) takes one normalised
+gradient step on each learned batch's squared error, so where the network
+does not help it keeps (close to) no weight instead of a fixed 0.2.
+
+Each member's movie side is its own :class:`models.online.MovieSide` (its
+tensors named ``m{j}_*``; member 0 keeps the plain names), and
+:class:`MixtureSide` presents them, plus the two shared globals, as one
+mergeable side that :mod:`models.online_pack` packs like any other.
+Settings were chosen on the first half of ML-100K by time
+(``python -m trainer.hedge``), then frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from models import online as onl
+
+#: session time constants (s) of the members; the first is the base config's
+#: (README "The network's share and settings that adapt": five members keep
+#: three quarters of fifteen's gain at a third of the cost)
+TAUS = (10.0, 5.0, 30.0, 120.0, 600.0)
+#: step of the network's learned share (chosen on ML-100K's first half by time)
+BLEND_LR = 0.1
+#: the mixture's own shared globals
+MIX_GLOBAL = ("hedge_L", "net_w")
+
+
+@dataclass(frozen=True)
+class HedgeConfig:
+    """Mixture settings, chosen on the first half of ML-100K by time
+    (``python -m trainer.hedge``) and then frozen."""
+
+    eta_g: float = 0.03
+    gamma_g: float = 0.999
+    eta_u: float = 0.3
+    gamma_u: float = 0.99
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "HedgeConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: float(v) for k, v in (d or {}).items() if k in names})
+
+
+def member_name(j: int, name: str) -> str:
+    """Member j's name for a movie-side tensor (member 0 keeps the plain one)."""
+    return name if j == 0 else f"m{j}_{name}"
+
+
+def member_user_key(j: int, key: str) -> str:
+    """Member j's name for a user-state key ``on_*`` (member 0 keeps the plain one)."""
+    return key if j == 0 else f"on_m{j}_{key[3:]}"
+
+
+def member_configs(base: onl.OnlineConfig, taus: tuple[float, ...]) -> list[onl.OnlineConfig]:
+    return [dataclasses.replace(base, tau_s=float(t)) for t in taus]
+
+
+class MixtureSide:
+    """K members' movie sides and the mixture's globals as one mergeable
+    side (:class:`models.base.MovieSide`): ``t`` maps every name to a view
+    of the owner's buffers, ``members[j]`` is member j's own side."""
+
+    def __init__(self, members: list[onl.MovieSide], mix: dict[str, Tensor]) -> None:
+        self.members = members
+        self.ROW = tuple(member_name(j, n) for j in range(len(members)) for n in onl.MovieSide.ROW)
+        self.GLOBAL = tuple(member_name(j, n) for j in range(len(members)) for n in onl.MovieSide.GLOBAL) + MIX_GLOBAL
+        self.t: dict[str, Tensor] = {member_name(j, n): v for j, m in enumerate(members) for n, v in m.t.items()}
+        self.t.update(mix)
+        self.cfg = members[0].cfg
+
+    @property
+    def capacity(self) -> int:
+        return self.members[0].capacity
+
+    def apply(self, inc: dict[str, tuple[Tensor | None, Tensor]]) -> None:
+        for name, (rows, delta) in inc.items():
+            if rows is None:
+                self.t[name] += delta
+            else:
+                self.t[name].index_add_(0, rows, delta)
+
+
+def prefixed(j: int, inc: dict) -> dict:
+    """Member j's increments under its names in the mixture."""
+    return {member_name(j, n): v for n, v in inc.items()}
+
+
+def member_user(user: dict[str, Tensor], j: int) -> dict[str, Tensor]:
+    """Member j's ``on_*`` user tensors under the plain names its learner reads."""
+    return {k: user[member_user_key(j, k)] for k in onl.USER_KEYS}
+
+
+# -- the mixture -------------------------------------------------------------
+@numba.njit(cache=True)
+def _hedge_rounds(P, y, row, starts, Lu, Lg, eta_g, gamma_g, eta_u, gamma_u, learn_global, out):
+    """Mix the members' predictions ``P`` [n, K] of events grouped in rounds;
+    ``Lu`` [users, K] updated per event, ``Lg`` [K] after each round when
+    ``learn_global``."""
+    n, K = P.shape
+    w = np.empty(K)
+    for r in range(len(starts) - 1):
+        for i in range(starts[r], starts[r + 1]):
+            u = row[i]
+            lo = np.inf
+            for k in range(K):
+                w[k] = eta_g * Lg[k] + eta_u * Lu[u, k]
+                lo = min(lo, w[k])
+            tot, p = 0.0, 0.0
+            for k in range(K):
+                w[k] = np.exp(-(w[k] - lo))
+                tot += w[k]
+                p += w[k] * P[i, k]
+            out[i] = p / tot
+            for k in range(K):  # the user's rating is revealed: the user's weights learn now
+                d = P[i, k] - y[i]
+                Lu[u, k] = gamma_u * Lu[u, k] + d * d
+        if not learn_global:
+            continue
+        for i in range(starts[r], starts[r + 1]):  # the shared weights after the round
+            for k in range(K):
+                d = P[i, k] - y[i]
+                Lg[k] = gamma_g * Lg[k] + d * d
+
+
+def hedge(P: np.ndarray, y: np.ndarray, row: np.ndarray, starts: np.ndarray, Lu: np.ndarray, Lg: np.ndarray,
+          hc: HedgeConfig, learn_global: bool = True) -> np.ndarray:
+    """The mixture's prediction of each event (grouped in rounds by
+    ``starts``, rows ``row`` of ``Lu``).  ``Lu`` (float32 [users, K]) and,
+    when ``learn_global``, ``Lg`` (float32 [K]) are updated in place; every
+    event is mixed before its own rating updates any weight."""
+    out = np.empty(len(y), np.float32)
+    _hedge_rounds(np.ascontiguousarray(P, np.float32), np.ascontiguousarray(y, np.float32),
+                  np.ascontiguousarray(row, np.int64), np.ascontiguousarray(starts, np.int64), Lu, Lg,
+                  float(hc.eta_g), float(hc.gamma_g), float(hc.eta_u), float(hc.gamma_u), bool(learn_global), out)
+    return out
+
+
+def hedge_weights(Lg: Tensor, Lu: Tensor, hc: HedgeConfig) -> Tensor:
+    """Normalised weights [B, K] of users with losses ``Lu`` [B, K]."""
+    return torch.softmax(-(hc.eta_g * Lg[None, :] + hc.eta_u * Lu).double(), -1).to(Lu.dtype)
+
+
+def blend(net: Tensor, mix: Tensor, w: float | Tensor, lo: float, hi: float) -> Tensor:
+    """The served prediction: the mixture moved a share ``w`` towards the network."""
+    return (mix + w * (net - mix)).clamp(lo, hi)
+
+
+def blend_step(net: np.ndarray, mix: np.ndarray, y: np.ndarray, w: float, lo: float, hi: float,
+               lr: float = BLEND_LR) -> tuple[np.ndarray, float]:
+    """One batch at share ``w``: (its predictions, the share after it): one
+    normalised gradient step on the batch's squared error, kept in [0, 1]."""
+    dv = net.astype(np.float64) - mix
+    out = np.clip(mix + w * dv, lo, hi)
+    if not len(y):
+        return out.astype(np.float32), w
+    g = float(np.mean((out - y) * dv))
+    return out.astype(np.float32), float(np.clip(w - lr * g / (float(np.mean(dv * dv)) + 1e-3), 0.0, 1.0))
