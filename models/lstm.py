@@ -17,14 +17,23 @@ The prediction for a candidate movie ``i`` uses the state *before* the event::
 All user-side projections are bias-free, so a new user (h = 0, p~ = 0) gets
 ``mu + b_i`` and an unknown movie (zero rows) ``mu + b_u + w . h``.
 
-The served prediction (``online=True``, the default) blends this network
-with the online model of :mod:`models.online` (a per-event biased MF with
-AdaGrad rates, a session bias and side features, learning on both sides)::
+The served prediction (``online=True``, the default) puts this network on
+top of the online part: a Hedge mixture of five online learners
+(:mod:`models.mixture`; each the per-event biased MF of :mod:`models.online`
+with AdaGrad rates, a session bias and side features, learning on both
+sides, one per session time constant)::
 
-    pred = (1 - a) * clamp(network) + a * clamp(online),   a = online_weight
+    pred = clamp(mix + w * (clamp(network) - mix)),   w = net_w, learned
+
+``w`` is a shared global learned on the stream (starting at 0), so a
+network that does not help keeps no weight; ``online_weight=a`` fixes it
+instead (``(1 - a) * network + a * mix``; ``online`` uses a = 1).  A
+fine-tune's judge compares networks at the old fixed share 0.2
+(:meth:`LSTMModel.judging`).
 
 The online user side lives in the state (``on_*`` keys, weight-independent:
-kept across fine-tunes by :meth:`rederive`); the movie side lives in buffers
+kept across fine-tunes by :meth:`rederive`); the movie side -- every
+member's tables, the mixture's shared losses and ``w`` -- lives in buffers
 (``online_*``) that fine-tunes never touch, so a promotion keeps what the
 online updates learned.  :meth:`online_step` is ``step`` plus the movie-side
 *increments* of the batch (sums, mergeable by any number of workers);
@@ -35,8 +44,9 @@ part alone is the evaluable family ``online`` (:mod:`models.online_model`,
 ``network_weight`` 0), so ``fbp evaluate --models lstm,online`` measures the
 network's share.
 
-State bytes per user (defaults hidden=32, k=4, W=32): 1060 (1038 payload + 22 header)
-without the online part.
+State bytes per user (defaults hidden=32, k=4, W=32): 1060 (1038 payload + 22
+header) without the online part, 1540 with it (five members' user sides, their
+losses, the side features).
 """
 
 from __future__ import annotations

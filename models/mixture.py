@@ -49,8 +49,10 @@ from models import online as onl
 #: (README "The network's share and settings that adapt": five members keep
 #: three quarters of fifteen's gain at a third of the cost)
 TAUS = (10.0, 5.0, 30.0, 120.0, 600.0)
-#: step of the network's learned share (chosen on ML-100K's first half by time)
+#: step of the network's learned share per :data:`STEP_EVENTS` events (chosen
+#: on ML-100K's first half by time, at batches of 1,024 events)
 BLEND_LR = 0.1
+STEP_EVENTS = 1024
 #: the mixture's own shared globals
 MIX_GLOBAL = ("hedge_L", "net_w")
 
@@ -180,11 +182,15 @@ def blend(net: Tensor, mix: Tensor, w: float | Tensor, lo: float, hi: float) -> 
 
 def blend_step(net: np.ndarray, mix: np.ndarray, y: np.ndarray, w: float, lo: float, hi: float,
                lr: float = BLEND_LR) -> tuple[np.ndarray, float]:
-    """One batch at share ``w``: (its predictions, the share after it): one
-    normalised gradient step on the batch's squared error, kept in [0, 1]."""
+    """One batch at share ``w``: (its predictions, the share after it): a
+    normalised gradient step on the batch's squared error, kept in [0, 1].
+    The step is ``lr`` per :data:`STEP_EVENTS` events (at most a full
+    normalised step), so the share learns at the same pace whether a worker
+    sees many small batches or a few large ones."""
     dv = net.astype(np.float64) - mix
     out = np.clip(mix + w * dv, lo, hi)
     if not len(y):
         return out.astype(np.float32), w
     g = float(np.mean((out - y) * dv))
-    return out.astype(np.float32), float(np.clip(w - lr * g / (float(np.mean(dv * dv)) + 1e-3), 0.0, 1.0))
+    step = min(1.0, lr * len(y) / STEP_EVENTS)
+    return out.astype(np.float32), float(np.clip(w - step * g / (float(np.mean(dv * dv)) + 1e-3), 0.0, 1.0))
