@@ -84,30 +84,35 @@ class LSTMModel(UserVectorHead, MFModel):
 
     def __init__(self, hidden: int = 32, item_dim: int = 16, k: int = 4, online: bool = True,
                  online_weight: float | None = None, online_cfg: dict | None = None,
-                 n_user_features: int = 0, online_taus: tuple[float, ...] | list[float] | None = None,
-                 hedge: dict | None = None, **kw) -> None:
+                 n_user_features: int = 0, online_members: list | None = None,
+                 hedge: dict | None = None, user_genre: dict | bool | None = None, **kw) -> None:
         super().__init__(k=k, **kw)
         self.online = bool(online)
         #: None: the network's share is learned on the stream (``net_w``); a
         #: number: the online part's fixed weight (1: the online part alone)
         self.online_weight = None if online_weight is None else float(online_weight)
         self.online_cfg = onl.OnlineConfig.from_dict(online_cfg or {})
-        self.online_taus = tuple(float(t) for t in (mx.TAUS if online_taus is None else online_taus))
-        if not self.online_taus:
-            raise ValueError("online_taus needs at least one session time constant")
+        members = mx.MEMBERS if online_members is None else online_members
+        self.online_members = tuple((float(t), float(sc)) for t, sc in members)
+        if not self.online_members:
+            raise ValueError("online_members needs at least one (session tau, rate scale) pair")
         self.hedge_cfg = mx.HedgeConfig.from_dict(hedge)
+        #: per-user x genre biases on the mixture's errors (None: off)
+        self.ug_cfg = None if user_genre is False else mx.UserGenreConfig.from_dict(
+            user_genre if isinstance(user_genre, dict) else None)
         self.n_user_features = int(n_user_features)
         self._hp.update(hidden=int(hidden), item_dim=int(item_dim), online=self.online,
                         online_weight=self.online_weight, online_cfg=self.online_cfg.to_dict(),
-                        n_user_features=self.n_user_features, online_taus=list(self.online_taus),
-                        hedge=self.hedge_cfg.to_dict())
+                        n_user_features=self.n_user_features,
+                        online_members=[list(m) for m in self.online_members], hedge=self.hedge_cfg.to_dict(),
+                        user_genre=False if self.ug_cfg is None else self.ug_cfg.to_dict())
         self.hidden = int(hidden)
         if self.online:
             for j, cfg in enumerate(self._member_cfgs()):
                 ms = onl.MovieSide(cfg, self.capacity, self.n_features, self.n_user_features)
                 for name, t in ms.t.items():
                     self.register_buffer(f"online_{mx.member_name(j, name)}", t)
-            K = len(self.online_taus)
+            K = len(self.online_members)
             self.register_buffer("online_hedge_L", torch.zeros(K))
             self.register_buffer("online_net_w", torch.zeros(1))
             self.movie_tables = self.movie_tables + tuple(
@@ -135,16 +140,19 @@ class LSTMModel(UserVectorHead, MFModel):
         super().init_from_data(mean_rating)
 
     def _member_cfgs(self) -> list[onl.OnlineConfig]:
-        return mx.member_configs(self.online_cfg, self.online_taus)
+        return mx.member_configs(self.online_cfg, self.online_members)
 
     def _spec_extra(self) -> StateSpec:
         spec = super()._spec_extra()
         spec.update({"h": ((self.hidden,), torch.float32), "c": ((self.hidden,), torch.float32)})
         if self.online:
             spec.update(onl.user_spec_with_features(self.online_cfg, self.n_user_features))
-            for j in range(1, len(self.online_taus)):
+            for j in range(1, len(self.online_members)):
                 spec.update({mx.member_user_key(j, k): v for k, v in onl.user_spec(self.online_cfg).items()})
-            spec["on_L"] = ((len(self.online_taus),), torch.float32)
+            spec["on_L"] = ((len(self.online_members),), torch.float32)
+            if self.ug_cfg is not None:
+                G = len(self.genre_vocab)
+                spec.update({"on_gb": ((G,), torch.float32), "on_gG": ((G,), torch.float32)})
         return spec
 
     # -- the online part ------------------------------------------------------
@@ -162,7 +170,7 @@ class LSTMModel(UserVectorHead, MFModel):
         if not self.online:
             return None
         ms = self._ms_cache
-        names = [mx.member_name(j, n) for j in range(len(self.online_taus))
+        names = [mx.member_name(j, n) for j in range(len(self.online_members))
                  for n in onl.MovieSide.ROW + onl.MovieSide.GLOBAL] + list(mx.MIX_GLOBAL)
         if ms is None or any(ms.t[n] is not self._buffers[f"online_{n}"] for n in names):
             members = [onl.MovieSide(cfg, 0, 0, 0, tensors={
@@ -203,6 +211,10 @@ class LSTMModel(UserVectorHead, MFModel):
         on = (mx.hedge_weights(ms.t["hedge_L"], state["on_L"], hc) * P).sum(1)
         d2 = (P - rating[:, None]) ** 2
         user["on_L"] = hc.gamma_u * state["on_L"] + d2
+        if self.ug_cfg is not None:
+            corr, user["on_gb"], user["on_gG"] = mx.user_genre_round(self.movie_genres(movie), on, rating,
+                                                                    state["on_gb"], state["on_gG"], self.ug_cfg)
+            on = on + corr
         decay = hc.gamma_g ** torch.arange(len(rating) - 1, -1, -1, device=d2.device, dtype=torch.float64)
         Lg = ms.t["hedge_L"]
         new_Lg = hc.gamma_g ** len(rating) * Lg.double() + (decay[:, None] * d2.double()).sum(0)
@@ -303,6 +315,10 @@ class LSTMModel(UserVectorHead, MFModel):
         Lg = ms.t["hedge_L"]
         before = Lg.clone()
         p = mx.hedge(P, rt, u, starts, user["on_L"].numpy(), Lg.numpy(), self.hedge_cfg, learn_global=apply)
+        if self.ug_cfg is not None:
+            g = self.movie_genres(torch.from_numpy(mv)).numpy()
+            corr = mx.user_genre_events(p, rt, u, g, user["on_gb"].numpy(), user["on_gG"].numpy(), self.ug_cfg)
+            p = np.clip(p + corr, self.rating_min, self.rating_max).astype(np.float32)
         if apply and len(u):
             inc["hedge_L"] = (None, Lg - before)
         pred = torch.zeros(movie.shape, dtype=torch.float32)
@@ -397,7 +413,10 @@ class LSTMModel(UserVectorHead, MFModel):
         each = torch.stack([self._member_score(side, mx.member_user(state, j), state, ids)
                             for j, side in enumerate(ms.members)], -1)  # [B, N, K]
         w = mx.hedge_weights(ms.t["hedge_L"], state["on_L"], self.hedge_cfg)
-        return self._blend(net, self._clamp((each * w[:, None, :]).sum(-1)))
+        on = (each * w[:, None, :]).sum(-1)
+        if self.ug_cfg is not None:
+            on = on + mx.genre_scores(self.movie_genres(ids), state["on_gb"])
+        return self._blend(net, self._clamp(on))
 
     def _member_score(self, ms: onl.MovieSide, user: dict[str, Tensor], state: State, ids: Tensor) -> Tensor:
         """One member's online prediction of ``ids`` [B, N] for each user."""

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numba
 import numpy as np
+
+from models.mixture import user_genre_events
 
 
 @dataclass(frozen=True)
@@ -32,37 +33,11 @@ class UserGenreConfig:
         return asdict(self)
 
 
-@numba.njit(cache=True)
-def _run(base, y, uidx, genres, n_users, lr, l2, eps):
-    n, G = genres.shape
-    b = np.zeros((n_users, G))
-    acc = np.zeros((n_users, G))
-    out = np.zeros(n, np.float32)
-    for i in range(n):
-        u = uidx[i]
-        nf = 0.0
-        for g in range(G):
-            nf += genres[i, g]
-        nf = max(nf, 1.0)
-        c = 0.0
-        for g in range(G):
-            c += genres[i, g] * b[u, g]
-        c /= nf
-        out[i] = c
-        e = y[i] - base[i] - c  # the error of base + this correction
-        for g in range(G):
-            if genres[i, g] != 0.0:
-                grad = -e * genres[i, g] / nf + l2 * b[u, g]
-                acc[u, g] += grad * grad
-                b[u, g] -= lr / np.sqrt(acc[u, g] + eps) * grad
-    return out
-
-
 def corrections(base: np.ndarray, y: np.ndarray, uidx: np.ndarray, genres: np.ndarray,
                 cfg: UserGenreConfig = UserGenreConfig()) -> np.ndarray:
     """``corr`` of every event (``genres``: each event's movie's multi-hot),
-    computed before the event is learned; the prediction is ``clip(base + corr)``."""
+    computed before the event is learned; the prediction is ``clip(base + corr)``
+    (the served model's kernel, :func:`models.mixture.user_genre_events`)."""
     n_users = int(uidx.max()) + 1 if len(uidx) else 0
-    return _run(np.ascontiguousarray(base, np.float64), np.ascontiguousarray(y, np.float64),
-                np.ascontiguousarray(uidx, np.int64), np.ascontiguousarray(genres, np.float64), n_users,
-                float(cfg.lr), float(cfg.l2), float(cfg.eps))
+    G = genres.shape[1]
+    return user_genre_events(base, y, uidx, genres, np.zeros((n_users, G)), np.zeros((n_users, G)), cfg)
