@@ -85,7 +85,8 @@ class LSTMModel(UserVectorHead, MFModel):
     def __init__(self, hidden: int = 32, item_dim: int = 16, k: int = 4, online: bool = True,
                  online_weight: float | None = None, online_cfg: dict | None = None,
                  n_user_features: int = 0, online_members: list | None = None,
-                 hedge: dict | None = None, user_genre: dict | bool | None = None, **kw) -> None:
+                 hedge: dict | None = None, user_genre: dict | bool | None = None,
+                 shared_movie_side: bool = True, **kw) -> None:
         super().__init__(k=k, **kw)
         self.online = bool(online)
         #: None: the network's share is learned on the stream (``net_w``); a
@@ -97,6 +98,8 @@ class LSTMModel(UserVectorHead, MFModel):
         if not self.online_members:
             raise ValueError("online_members needs at least one (session tau, rate scale) pair")
         self.hedge_cfg = mx.HedgeConfig.from_dict(hedge)
+        #: True: every member reads member 0's movie tables (one learns them)
+        self.shared_movie_side = bool(shared_movie_side)
         #: per-user x genre biases on the mixture's errors (None: off)
         self.ug_cfg = None if user_genre is False else mx.UserGenreConfig.from_dict(
             user_genre if isinstance(user_genre, dict) else None)
@@ -105,10 +108,11 @@ class LSTMModel(UserVectorHead, MFModel):
                         online_weight=self.online_weight, online_cfg=self.online_cfg.to_dict(),
                         n_user_features=self.n_user_features,
                         online_members=[list(m) for m in self.online_members], hedge=self.hedge_cfg.to_dict(),
-                        user_genre=False if self.ug_cfg is None else self.ug_cfg.to_dict())
+                        user_genre=False if self.ug_cfg is None else self.ug_cfg.to_dict(),
+                        shared_movie_side=self.shared_movie_side)
         self.hidden = int(hidden)
         if self.online:
-            for j, cfg in enumerate(self._member_cfgs()):
+            for j, cfg in enumerate(self._member_cfgs()[: self._owners]):
                 ms = onl.MovieSide(cfg, self.capacity, self.n_features, self.n_user_features)
                 for name, t in ms.t.items():
                     self.register_buffer(f"online_{mx.member_name(j, name)}", t)
@@ -116,7 +120,7 @@ class LSTMModel(UserVectorHead, MFModel):
             self.register_buffer("online_hedge_L", torch.zeros(K))
             self.register_buffer("online_net_w", torch.zeros(1))
             self.movie_tables = self.movie_tables + tuple(
-                f"online_{mx.member_name(j, n)}" for j in range(K) for n in onl.MovieSide.ROW)
+                f"online_{mx.member_name(j, n)}" for j in range(self._owners) for n in onl.MovieSide.ROW)
         self._ms_cache: mx.MixtureSide | None = None
         self._net_only = False
         # no per-movie tables of its own: movies enter through the MF factors
@@ -138,6 +142,11 @@ class LSTMModel(UserVectorHead, MFModel):
             self._hp["online_cfg"] = self.online_cfg.to_dict()
             self._ms_cache = None
         super().init_from_data(mean_rating)
+
+    @property
+    def _owners(self) -> int:
+        """How many members own movie tables (1 when the movie side is shared)."""
+        return 1 if self.shared_movie_side else len(self.online_members)
 
     def _member_cfgs(self) -> list[onl.OnlineConfig]:
         return mx.member_configs(self.online_cfg, self.online_members)
@@ -170,13 +179,15 @@ class LSTMModel(UserVectorHead, MFModel):
         if not self.online:
             return None
         ms = self._ms_cache
-        names = [mx.member_name(j, n) for j in range(len(self.online_members))
+        names = [mx.member_name(j, n) for j in range(self._owners)
                  for n in onl.MovieSide.ROW + onl.MovieSide.GLOBAL] + list(mx.MIX_GLOBAL)
         if ms is None or any(ms.t[n] is not self._buffers[f"online_{n}"] for n in names):
+            own = self._owners
             members = [onl.MovieSide(cfg, 0, 0, 0, tensors={
-                n: self._buffers[f"online_{mx.member_name(j, n)}"] for n in onl.MovieSide.ROW + onl.MovieSide.GLOBAL})
-                for j, cfg in enumerate(self._member_cfgs())]
-            ms = self._ms_cache = mx.MixtureSide(members, {n: self._buffers[f"online_{n}"] for n in mx.MIX_GLOBAL})
+                n: self._buffers[f"online_{mx.member_name(j if j < own else 0, n)}"]
+                for n in onl.MovieSide.ROW + onl.MovieSide.GLOBAL}) for j, cfg in enumerate(self._member_cfgs())]
+            ms = self._ms_cache = mx.MixtureSide(members, {n: self._buffers[f"online_{n}"] for n in mx.MIX_GLOBAL},
+                                                 owners=own)
         return ms
 
     def online_step(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor
@@ -191,22 +202,26 @@ class LSTMModel(UserVectorHead, MFModel):
         new.update(user)
         return new, self._blend(net, on), inc
 
-    def online_part(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor
+    def online_part(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, readers: list | None = None
                     ) -> tuple[dict[str, Tensor], Tensor, dict[str, tuple[Tensor | None, Tensor]]]:
         """The online half of :meth:`online_step`, one event per user: (new
         ``on_*`` state, the mixture's clamped prediction, movie-side
         increments: every member's and the shared losses').  Reads ``on_*``,
         ``last_ts`` and ``count`` of ``state``; the torch reference of the
-        compiled path (:meth:`online_batch_kernel`)."""
+        compiled path (:meth:`online_batch_kernel`).  ``readers``: the sides
+        the members that own no tables read (default: the live ones)."""
         movie, rating, ts = movie.to(torch.int64), rating.to(torch.float32), ts.to(torch.int64)
         ms, hc = self.movie_side(), self.hedge_cfg
         gap, has, f, g = ts - state["last_ts"], state["count"] > 0, self._feats(movie), state["on_g"]
         preds, user, inc = [], {"on_g": state["on_g"]}, {}
         for j, side in enumerate(ms.members):
+            if j >= ms.owners and readers is not None:
+                side = readers[j - ms.owners]
             p, new, i = onl.online_round(side, mx.member_user(state, j), movie, rating, gap, has, f, g)
             preds.append(self._clamp(p))
             user.update({mx.member_user_key(j, k): v for k, v in new.items()})
-            inc.update(mx.prefixed(j, i))
+            if j < ms.owners:
+                inc.update(mx.prefixed(j, i))
         P = torch.stack(preds, 1)
         on = (mx.hedge_weights(ms.t["hedge_L"], state["on_L"], hc) * P).sum(1)
         d2 = (P - rating[:, None]) ** 2
@@ -306,11 +321,13 @@ class LSTMModel(UserVectorHead, MFModel):
         ms = self.movie_side()
         P = np.empty((len(u), len(ms.members)), np.float32)
         inc: dict = {}
-        for jm, side in enumerate(ms.members):
+        # readers first: they read the movie side as the batch found it
+        for jm in [*range(ms.owners, len(ms.members)), *range(ms.owners)]:
             last_ts = state["last_ts"].numpy().astype(np.int64)  # copies: the kernel advances them
             count = state["count"].numpy().astype(np.int64)
-            P[:, jm], got = online_events(side, mx.member_user(user, jm), last_ts, count, u, mv, rt, tt, feats, uf,
-                                          starts, apply, self.rating_min, self.rating_max)
+            P[:, jm], got = online_events(ms.members[jm], mx.member_user(user, jm), last_ts, count, u, mv, rt, tt,
+                                          feats, uf, starts, apply and jm < ms.owners, self.rating_min,
+                                          self.rating_max)
             inc.update(mx.prefixed(jm, got))
         Lg = ms.t["hedge_L"]
         before = Lg.clone()
@@ -333,6 +350,9 @@ class LSTMModel(UserVectorHead, MFModel):
         from models.batch import sum_increments
 
         ms = self.movie_side()
+        # the members that own no tables read the movie side as the batch found it
+        readers = [onl.MovieSide(m.cfg, 0, 0, 0, tensors={n: v.clone() for n, v in m.t.items()})
+                   for m in ms.members[ms.owners:]]
         work = {k: state[k].clone() for k in state if k.startswith("on_") or k in ("last_ts", "count")}
         pred = torch.zeros(movie.shape, dtype=torch.float32, device=movie.device)
         parts = []
@@ -341,7 +361,7 @@ class LSTMModel(UserVectorHead, MFModel):
             if not len(u):
                 continue
             sub = {k: v[u] for k, v in work.items()}
-            user, p, inc = self.online_part(sub, movie[u, j], rating[u, j], ts[u, j])
+            user, p, inc = self.online_part(sub, movie[u, j], rating[u, j], ts[u, j], readers)
             if apply:  # frozen: nothing to merge or hand back
                 ms.apply(inc)
                 parts.append(inc)

@@ -116,13 +116,18 @@ class UserGenreConfig:
 class MixtureSide:
     """K members' movie sides and the mixture's globals as one mergeable
     side (:class:`models.base.MovieSide`): ``t`` maps every name to a view
-    of the owner's buffers, ``members[j]`` is member j's own side."""
+    of the owner's buffers, ``members[j]`` is member j's side (its config
+    over its own tables, or over member 0's when the side is shared)."""
 
-    def __init__(self, members: list[onl.MovieSide], mix: dict[str, Tensor]) -> None:
+    def __init__(self, members: list[onl.MovieSide], mix: dict[str, Tensor], owners: int | None = None) -> None:
+        #: members[:owners] own movie tables; the others read member 0's
+        #: (a shared movie side: only the user sides differ)
+        self.owners = len(members) if owners is None else int(owners)
         self.members = members
-        self.ROW = tuple(member_name(j, n) for j in range(len(members)) for n in onl.MovieSide.ROW)
-        self.GLOBAL = tuple(member_name(j, n) for j in range(len(members)) for n in onl.MovieSide.GLOBAL) + MIX_GLOBAL
-        self.t: dict[str, Tensor] = {member_name(j, n): v for j, m in enumerate(members) for n, v in m.t.items()}
+        own = range(self.owners)
+        self.ROW = tuple(member_name(j, n) for j in own for n in onl.MovieSide.ROW)
+        self.GLOBAL = tuple(member_name(j, n) for j in own for n in onl.MovieSide.GLOBAL) + MIX_GLOBAL
+        self.t: dict[str, Tensor] = {member_name(j, n): v for j in own for n, v in members[j].t.items()}
         self.t.update(mix)
         self.cfg = members[0].cfg
 
