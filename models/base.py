@@ -310,6 +310,10 @@ class RatingModel(nn.Module, abc.ABC):
         p, new = self.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)
         return p, new, {}
 
+    def adopt_local(self, old: "RatingModel") -> None:
+        """Take over what ``old``, the model this one replaces in a worker,
+        learned locally and no checkpoint carries; nothing by default."""
+
     def judging(self) -> AbstractContextManager[Any]:
         """Within: predictions as a fine-tune's judge compares a challenger
         with its champion.  The default changes nothing; a family whose

@@ -61,8 +61,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models import lstm_kernel
 from models import mixture as mx
+from models import neighbours as nbr
 from models import online as onl
-from models.base import State, StateSpec
+from models.base import RatingModel, State, StateSpec
 from models.common import lookup, user_item_dot
 from models.mf import MFModel, UserVectorHead
 
@@ -86,7 +87,7 @@ class LSTMModel(UserVectorHead, MFModel):
                  online_weight: float | None = None, online_cfg: dict | None = None,
                  n_user_features: int = 0, online_members: list | None = None,
                  hedge: dict | None = None, user_genre: dict | bool | None = None,
-                 shared_movie_side: bool = True, **kw) -> None:
+                 shared_movie_side: bool = True, neighbours: dict | bool = False, **kw) -> None:
         super().__init__(k=k, **kw)
         self.online = bool(online)
         #: None: the network's share is learned on the stream (``net_w``); a
@@ -103,13 +104,17 @@ class LSTMModel(UserVectorHead, MFModel):
         #: per-user x genre biases on the mixture's errors (None: off)
         self.ug_cfg = None if user_genre is False else mx.UserGenreConfig.from_dict(
             user_genre if isinstance(user_genre, dict) else None)
+        #: the item neighbourhood on the online part's errors (opt-in: None, off)
+        self.nb_cfg = None if neighbours is False or neighbours is None else nbr.NeighbourConfig.from_dict(
+            neighbours if isinstance(neighbours, dict) else None)
         self.n_user_features = int(n_user_features)
         self._hp.update(hidden=int(hidden), item_dim=int(item_dim), online=self.online,
                         online_weight=self.online_weight, online_cfg=self.online_cfg.to_dict(),
                         n_user_features=self.n_user_features,
                         online_members=[list(m) for m in self.online_members], hedge=self.hedge_cfg.to_dict(),
                         user_genre=False if self.ug_cfg is None else self.ug_cfg.to_dict(),
-                        shared_movie_side=self.shared_movie_side)
+                        shared_movie_side=self.shared_movie_side,
+                        neighbours=False if self.nb_cfg is None else self.nb_cfg.to_dict())
         self.hidden = int(hidden)
         if self.online:
             for j, cfg in enumerate(self._member_cfgs()[: self._owners]):
@@ -121,6 +126,11 @@ class LSTMModel(UserVectorHead, MFModel):
             self.register_buffer("online_net_w", torch.zeros(1))
             self.movie_tables = self.movie_tables + tuple(
                 f"online_{mx.member_name(j, n)}" for j in range(self._owners) for n in onl.MovieSide.ROW)
+        #: the neighbourhood's tables (keys, A, B, N): host arrays, learned
+        #: where the model is served and never saved (models.neighbours)
+        self.nb_tables: tuple[np.ndarray, ...] | None = None
+        if self.online and self.nb_cfg is not None:
+            self.nb_tables = self._nb_grown(None, self.capacity)
         self._ms_cache: mx.MixtureSide | None = None
         self._net_only = False
         # no per-movie tables of its own: movies enter through the MF factors
@@ -162,6 +172,10 @@ class LSTMModel(UserVectorHead, MFModel):
             if self.ug_cfg is not None:
                 G = len(self.genre_vocab)
                 spec.update({"on_gb": ((G,), torch.float32), "on_gG": ((G,), torch.float32)})
+            if self.nb_cfg is not None:
+                H = self.nb_cfg.history
+                spec.update({"on_nm": ((H,), torch.int32), "on_ne": ((H,), torch.float32),
+                             "on_nn": ((), torch.int64)})
         return spec
 
     # -- the online part ------------------------------------------------------
@@ -202,14 +216,16 @@ class LSTMModel(UserVectorHead, MFModel):
         new.update(user)
         return new, self._blend(net, on), inc
 
-    def online_part(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, readers: list | None = None
+    def online_part(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor, readers: list | None = None,
+                    learn_tables: bool = False
                     ) -> tuple[dict[str, Tensor], Tensor, dict[str, tuple[Tensor | None, Tensor]]]:
         """The online half of :meth:`online_step`, one event per user: (new
         ``on_*`` state, the mixture's clamped prediction, movie-side
         increments: every member's and the shared losses').  Reads ``on_*``,
         ``last_ts`` and ``count`` of ``state``; the torch reference of the
         compiled path (:meth:`online_batch_kernel`).  ``readers``: the sides
-        the members that own no tables read (default: the live ones)."""
+        the members that own no tables read (default: the live ones);
+        ``learn_tables``: the neighbourhood's tables learn the events too."""
         movie, rating, ts = movie.to(torch.int64), rating.to(torch.float32), ts.to(torch.int64)
         ms, hc = self.movie_side(), self.hedge_cfg
         gap, has, f, g = ts - state["last_ts"], state["count"] > 0, self._feats(movie), state["on_g"]
@@ -230,6 +246,10 @@ class LSTMModel(UserVectorHead, MFModel):
             corr, user["on_gb"], user["on_gG"] = mx.user_genre_round(self.movie_genres(movie), on, rating,
                                                                     state["on_gb"], state["on_gG"], self.ug_cfg)
             on = on + corr
+        on = self._clamp(on)
+        if self.nb_cfg is not None:
+            user.update(self._neighbours(state, torch.arange(len(movie)), movie, rating, on, learn_tables))
+            on = on + user.pop("corr").to(on.device)
         decay = hc.gamma_g ** torch.arange(len(rating) - 1, -1, -1, device=d2.device, dtype=torch.float64)
         Lg = ms.t["hedge_L"]
         new_Lg = hc.gamma_g ** len(rating) * Lg.double() + (decay[:, None] * d2.double()).sum(0)
@@ -296,13 +316,53 @@ class LSTMModel(UserVectorHead, MFModel):
             return self.online_batch_kernel(state, movie, rating, ts, mask, apply=apply)
         return self.online_batch_rounds(state, movie, rating, ts, mask, apply=apply)
 
+    def _neighbours(self, user: State, row: Tensor, movie: Tensor, rating: Tensor, base: Tensor, learn: bool,
+                    in_place: bool = False) -> dict[str, Tensor]:
+        """The neighbourhood over events of users ``row`` (rows of ``user``'s
+        ``on_n*``; each user's events in order) on top of ``base``: the
+        corrections (``corr``) and the new ``on_n*`` rows (updated in place
+        with ``in_place``, on CPU).  ``learn``: the tables learn the events."""
+        hist = {k: user[k] if in_place else user[k].detach().cpu().clone() for k in ("on_nm", "on_ne", "on_nn")}
+        tables = self.nb_tables
+        assert tables is not None
+        corr = nbr.neighbour_events(base.detach().cpu().numpy(), rating.detach().cpu().numpy(),
+                                    row.cpu().numpy(), movie.detach().cpu().numpy(),
+                                    *(hist[k].numpy() for k in ("on_nm", "on_ne", "on_nn")), tables, self.nb_cfg,
+                                    learn)
+        dev = user["on_nm"].device
+        out = {k: v.to(dev) for k, v in hist.items()}
+        out["corr"] = torch.from_numpy(corr.astype(np.float32))
+        return out
+
+    def _nb_grown(self, old: tuple[np.ndarray, ...] | None, capacity: int) -> tuple[np.ndarray, ...]:
+        S = self.nb_cfg.slots
+        new = (np.zeros((capacity, S), np.int32), *(np.zeros((capacity, S), np.float32) for _ in range(3)))
+        for a, b in zip(old or (), new):
+            b[: len(a)] = a[:capacity]
+        return new
+
+    def ensure_capacity(self, max_movie_id: int) -> bool:
+        grown = super().ensure_capacity(max_movie_id)
+        if grown and getattr(self, "nb_tables", None) is not None:
+            self.nb_tables = self._nb_grown(self.nb_tables, self.capacity)
+        return grown
+
+    def adopt_local(self, old: RatingModel) -> None:
+        """Keep the neighbourhood's tables a served model had learned (a swap
+        brings new weights, not new neighbours)."""
+        got = getattr(old, "nb_tables", None)
+        if self.nb_tables is not None and got is not None and got[0].shape[1] == self.nb_tables[0].shape[1]:
+            self.nb_tables = self._nb_grown(got, max(self.capacity, len(got[0])))
+            if len(got[0]) > self.capacity:
+                self.ensure_capacity(len(got[0]) - 1)
+
     def _kernel_ok(self, state: State, movie: Tensor) -> bool:
         """The kernels need CPU float32 tensors, the movie side contiguous (they
         update the buffers in place as numpy views)."""
         ms = self.movie_side()
         return movie.device.type == "cpu" and all(
             v.device.type == "cpu" and v.dtype == torch.float32 and v.is_contiguous() for v in ms.t.values()
-        ) and all(state[k].device.type == "cpu" and state[k].dtype == torch.float32
+        ) and all(state[k].device.type == "cpu" and (state[k].dtype == torch.float32 or not state[k].is_floating_point())
                   for k in state if k.startswith("on_"))
 
     @torch.no_grad()
@@ -336,6 +396,10 @@ class LSTMModel(UserVectorHead, MFModel):
             g = self.movie_genres(torch.from_numpy(mv)).numpy()
             corr = mx.user_genre_events(p, rt, u, g, user["on_gb"].numpy(), user["on_gG"].numpy(), self.ug_cfg)
             p = np.clip(p + corr, self.rating_min, self.rating_max).astype(np.float32)
+        if self.nb_cfg is not None:
+            got = self._neighbours(user, torch.from_numpy(u), torch.from_numpy(mv), torch.from_numpy(rt),
+                                   torch.from_numpy(p), apply, in_place=True)
+            p = np.clip(p + got["corr"].numpy(), self.rating_min, self.rating_max).astype(np.float32)
         if apply and len(u):
             inc["hedge_L"] = (None, Lg - before)
         pred = torch.zeros(movie.shape, dtype=torch.float32)
@@ -361,7 +425,7 @@ class LSTMModel(UserVectorHead, MFModel):
             if not len(u):
                 continue
             sub = {k: v[u] for k, v in work.items()}
-            user, p, inc = self.online_part(sub, movie[u, j], rating[u, j], ts[u, j], readers)
+            user, p, inc = self.online_part(sub, movie[u, j], rating[u, j], ts[u, j], readers, learn_tables=apply)
             if apply:  # frozen: nothing to merge or hand back
                 ms.apply(inc)
                 parts.append(inc)

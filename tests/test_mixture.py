@@ -132,3 +132,71 @@ def test_the_mixture_and_the_genre_biases_beat_the_default_member_on_real_rating
     print(f"single {single:.4f} mixture {mixed:.4f} + genre biases {served:.4f}")
     assert copies == pytest.approx(single, abs=1e-6)
     assert mixed < single - 0.001 and served < mixed - 0.001, (single, mixed, served)
+
+
+# -- the opt-in neighbourhood (models/neighbours.py) ----------------------------
+def _batch(seed: int, U: int = 4, T: int = 6, n_movies: int = 20):
+    g = torch.Generator().manual_seed(seed)
+    movie = torch.randint(0, n_movies, (U, T), generator=g)
+    rating = torch.randint(1, 6, (U, T), generator=g).float()
+    ts = torch.cumsum(torch.randint(0, 50, (U, T), generator=g), 1)
+    mask = torch.ones(U, T, dtype=torch.bool)
+    mask[1, 4:] = False
+    return movie, rating, ts, mask
+
+
+def test_neighbourhood_kernel_equals_the_round_loop_and_step_equals_the_sequence():
+    """With the neighbourhood on, the compiled batch path and the torch
+    round loop give the same predictions, states and tables; ``step`` event
+    by event equals ``forward_sequence`` (tables fixed during both)."""
+    import copy
+
+    m = _model(neighbours=True).eval()
+    for seed in range(3):  # the tables fill up over several batches
+        ref = copy.deepcopy(m)
+        state = m.init_state(4)
+        batch = _batch(seed)
+        p1, u1, _ = m.online_batch_kernel(state, *batch)
+        p2, u2, _ = ref.online_batch_rounds(state, *batch)
+        torch.testing.assert_close(p1, p2, atol=1e-5, rtol=1e-5)
+        for k in ("on_nm", "on_ne", "on_nn"):
+            torch.testing.assert_close(u1[k], u2[k], atol=1e-5, rtol=1e-5)
+        for a, b in zip(m.nb_tables, ref.nb_tables):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert m.nb_tables[3].sum() > 0, "the tables must have learned pairs"
+    movie, rating, ts, mask = _batch(7)
+    full = torch.ones_like(mask)
+    state = m.init_state(4)
+    seq, _ = m.forward_sequence(movie, rating, ts, full, state=state, return_state=True)
+    steps = []
+    for j in range(movie.shape[1]):
+        state, p = m.step(state, movie[:, j], rating[:, j], ts[:, j])
+        steps.append(p)
+    torch.testing.assert_close(seq, torch.stack(steps, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_a_swap_keeps_the_neighbourhood_tables():
+    from stream.batch.serving import Serving
+
+    old, new = _model(neighbours=True), _model(neighbours=True)
+    old.ensure_capacity(40)
+    old.nb_tables[3][5, 0] = 2.0
+    serving = Serving(old)
+    serving.offer(new)
+    assert serving.swap() and serving.model is new
+    assert new.capacity >= 41 and new.nb_tables[3][5, 0] == 2.0
+    plain = _model()
+    plain.adopt_local(old)  # a model without a neighbourhood takes nothing
+    assert plain.nb_tables is None
+
+
+def test_the_neighbourhood_helps_on_real_ratings(ml100k):
+    """ML-100K's first half by time (where its settings were chosen): the
+    online part with the neighbourhood on its errors beats it without
+    (0.9224 -> 0.9216 today)."""
+    df = stream_order(ml100k.ratings).iloc[:50_000].reset_index(drop=True)
+    kw = dict(genre_vocab=ml100k.genre_vocab, users=ml100k.users, seed=0)
+    off = run_prequential("online", df, ml100k.movies, **kw).rmse
+    on = run_prequential("online", df, ml100k.movies, hparams={"neighbours": True}, **kw).rmse
+    print(f"neighbourhood off {off:.4f} on {on:.4f}")
+    assert on < off - 0.0004, (off, on)

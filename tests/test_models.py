@@ -95,8 +95,10 @@ def test_bytes_per_user():
     # lstm: 1060 for the network's state + 92 per mixture member for the online
     # user side (bias, factors and their AdaGrad sums, session bias) x 7 + the
     # mixture's 7 losses: 1732 (no genres here; each genre adds 8 bytes for the
-    # user's genre bias and its AdaGrad sum: 1884 with ML-100K's 19)
+    # user's genre bias and its AdaGrad sum: 1884 with ML-100K's 19); the
+    # opt-in neighbourhood adds its last 64 (movie, error) pairs and their count
     assert sizes["lstm"] <= 1732 and all(v < 2048 for v in sizes.values()), sizes
+    assert S.state_bytes(build("lstm", neighbours=True)) == sizes["lstm"] + 520
     with_genres = S.state_bytes(build("lstm", genre_vocab=[f"g{i}" for i in range(19)]))
     assert with_genres == sizes["lstm"] + 19 * 8, with_genres
 

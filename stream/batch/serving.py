@@ -42,6 +42,7 @@ class Serving:
             return False
         new, self.pending = self.pending, None
         old = self.model
+        new.adopt_local(old)  # e.g. the neighbourhood's tables, learned here and never saved
         self.model = new.to(self.device).eval()
         self.reset_logged = False
         m.MODEL_INFO.remove(old.name, self.device.type)

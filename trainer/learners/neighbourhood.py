@@ -22,9 +22,9 @@ Memory: by default the simulator keeps dense ``[movies, movies]`` tables
 catalogue (10k movies: 1.2 GB).  With ``slots=M`` each movie keeps M rows
 (neighbour id, A, B, N: 16 bytes as int32/float32), found by probing from a
 hash of the id and, when the probed rows are full, replacing the one with
-the fewest co-raters (:func:`_run_slots`): the served design, a bounded
-table per movie shared like the movie side (README "The network's share and
-settings that adapt" has its accuracy).  The user side is the last
+the fewest co-raters: the served kernel (:mod:`models.neighbours`) over
+fresh tables (README "The network's share and settings that adapt" has its
+accuracy).  The user side is the last
 ``history`` (movie, error) pairs, which the served state's event window
 already holds but for the error.
 """
@@ -36,6 +36,9 @@ from dataclasses import asdict, dataclass
 import numba
 import numpy as np
 
+from models.neighbours import NeighbourConfig as ServedConfig
+from models.neighbours import neighbour_events, vote
+
 
 @dataclass(frozen=True)
 class NeighbourhoodConfig:
@@ -45,26 +48,11 @@ class NeighbourhoodConfig:
     shrink: float = 10.0  # co-rater count at which a similarity keeps half its value
     lam: float = 1.0  # shrinks the correction towards 0 when neighbours are weak
     history: int = 200  # most recent ratings of the user kept (and paired on learning)
-    slots: int = 0  # 0: dense tables; N: N neighbour slots per movie (the served design, :func:`_run_slots`)
+    slots: int = 0  # 0: dense tables; N: N neighbour slots per movie (the served design, :mod:`models.neighbours`)
     probes: int = 8  # slots probed per lookup in the bounded tables
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@numba.njit(cache=True)
-def _vote(s, ev, m, k, lam):
-    """The k most similar kept ratings' errors, weighted by similarity and
-    shrunk by ``lam``: the correction both table layouts predict."""
-    if m == 0:
-        return 0.0
-    order = np.argsort(-np.abs(s[:m]))
-    num, tot = 0.0, 0.0
-    for r in range(min(k, m)):
-        t = order[r]
-        num += s[t] * ev[t]
-        tot += abs(s[t])
-    return num / (tot + lam)
 
 
 @numba.njit(cache=True)
@@ -89,7 +77,7 @@ def _run(base, y, uidx, movie, n_users, n_items, k, shrink, lam, history):
             c = N[h, j]
             s[t] = A[h, j] / den * c / (c + shrink)
             ev[t] = he[u, t]
-        out[i] = _vote(s, ev, m, k, lam)
+        out[i] = vote(s, ev, m, k, lam)
         # learn: the base's error on this rating, paired with the user's kept ones
         e = y[i] - base[i]
         for t in range(m):
@@ -108,101 +96,20 @@ def _run(base, y, uidx, movie, n_users, n_items, k, shrink, lam, history):
     return out
 
 
-@numba.njit(cache=True)
-def _find(keys, x, y, probes):
-    """Slot of neighbour ``y`` in movie ``x``'s table, or -1."""
-    M = keys.shape[1]
-    s0 = (y * 2654435761) % M
-    for p in range(probes):
-        s = (s0 + p) % M
-        if keys[x, s] == y:
-            return s
-        if keys[x, s] == -1:
-            return -1
-    return -1
-
-
-@numba.njit(cache=True)
-def _claim(keys, A, B, N, x, y, probes):
-    """Slot of ``y`` in ``x``'s table, taking an empty one or, when the probed
-    slots are full, the one with the fewest co-raters (its sums start over)."""
-    M = keys.shape[1]
-    s0 = (y * 2654435761) % M
-    low, low_n = -1, np.inf
-    for p in range(probes):
-        s = (s0 + p) % M
-        if keys[x, s] == y:
-            return s
-        if keys[x, s] == -1:
-            keys[x, s] = y
-            return s
-        if N[x, s] < low_n:
-            low, low_n = s, N[x, s]
-    keys[x, low] = y
-    A[x, low] = 0.0
-    B[x, low] = 0.0
-    N[x, low] = 0.0
-    return low
-
-
-@numba.njit(cache=True)
-def _run_slots(base, y, uidx, movie, n_users, n_items, k, shrink, lam, history, slots, probes):
-    """:func:`_run` with bounded tables: movie ``x`` keeps ``slots`` rows
-    (neighbour id, A_xy, B_xy, N_xy), found by probing from a hash of the id;
-    a pair whose rows were replaced reads as similarity 0."""
-    n = len(y)
-    keys = np.full((n_items, slots), -1, np.int64)
-    A = np.zeros((n_items, slots), np.float32)
-    B = np.zeros((n_items, slots), np.float32)
-    N = np.zeros((n_items, slots), np.float32)
-    hi = np.zeros((n_users, history), np.int64)
-    he = np.zeros((n_users, history), np.float32)
-    cnt = np.zeros(n_users, np.int64)
-    out = np.zeros(n, np.float32)
-    s = np.empty(history, np.float64)
-    ev = np.empty(history, np.float64)
-    for i in range(n):
-        u, j = uidx[i], movie[i]
-        m = min(cnt[u], history)
-        for t in range(m):
-            h = hi[u, t]
-            a, b = _find(keys, h, j, probes), _find(keys, j, h, probes)
-            s[t] = 0.0
-            if a >= 0 and b >= 0:
-                c = min(N[h, a], N[j, b])
-                s[t] = A[h, a] / (np.sqrt(float(B[h, a]) * float(B[j, b])) + 1e-9) * c / (c + shrink)
-            ev[t] = he[u, t]
-        out[i] = _vote(s, ev, m, k, lam)
-        e = y[i] - base[i]
-        for t in range(m):
-            h = hi[u, t]
-            eh = he[u, t]
-            a = _claim(keys, A, B, N, h, j, probes)
-            A[h, a] += eh * e
-            B[h, a] += eh * eh
-            N[h, a] += 1.0
-            b = _claim(keys, A, B, N, j, h, probes)
-            A[j, b] += eh * e
-            B[j, b] += e * e
-            N[j, b] += 1.0
-        slot = cnt[u] % history
-        hi[u, slot] = j
-        he[u, slot] = e
-        cnt[u] += 1
-    return out
-
-
 def corrections(base: np.ndarray, y: np.ndarray, uidx: np.ndarray, movie: np.ndarray,
                 cfg: NeighbourhoodConfig = NeighbourhoodConfig()) -> np.ndarray:
     """``corr`` of every event (stream order), each computed before the
     event's rating is learned; the prediction is ``clip(base + corr)``."""
     n_users = int(uidx.max()) + 1 if len(uidx) else 0
     n_items = int(movie.max()) + 1 if len(movie) else 0
-    if cfg.slots:
-        return _run_slots(np.ascontiguousarray(base, np.float64), np.ascontiguousarray(y, np.float64),
-                          np.ascontiguousarray(uidx, np.int64), np.ascontiguousarray(movie, np.int64), n_users,
-                          n_items, int(cfg.k), float(cfg.shrink), float(cfg.lam), int(cfg.history),
-                          int(cfg.slots), int(cfg.probes))
+    if cfg.slots:  # the served kernel over fresh tables
+        H = int(cfg.history)
+        tables = (np.zeros((n_items, cfg.slots), np.int64),
+                  *(np.zeros((n_items, cfg.slots), np.float32) for _ in range(3)))
+        return neighbour_events(base, y, uidx, movie, np.zeros((n_users, H), np.int64),
+                                np.zeros((n_users, H), np.float32), np.zeros(n_users, np.int64), tables,
+                                ServedConfig(k=cfg.k, shrink=cfg.shrink, lam=cfg.lam, history=H, slots=cfg.slots,
+                                             probes=cfg.probes), learn=True).astype(np.float32)
     return _run(np.ascontiguousarray(base, np.float64), np.ascontiguousarray(y, np.float64),
                 np.ascontiguousarray(uidx, np.int64), np.ascontiguousarray(movie, np.int64), n_users, n_items,
                 int(cfg.k), float(cfg.shrink), float(cfg.lam), int(cfg.history))
