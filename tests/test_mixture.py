@@ -200,3 +200,20 @@ def test_the_neighbourhood_helps_on_real_ratings(ml100k):
     on = run_prequential("online", df, ml100k.movies, hparams={"neighbours": True}, **kw).rmse
     print(f"neighbourhood off {off:.4f} on {on:.4f}")
     assert on < off - 0.0004, (off, on)
+
+
+def test_the_served_ablation_runs_each_variant_on_the_same_events(monkeypatch):
+    """Each row is the served family with one setting changed; the served row
+    is exactly what run_prequential gives, the network row its network half."""
+    from core.datasets import load_dataset
+    from trainer import served_ablation as A
+
+    monkeypatch.setattr(A, "VARIANTS", {k: A.VARIANTS[k] for k in ("served lstm", "no genre biases")})
+    doc = A.run("synthetic:800")
+    ds = load_dataset("synthetic:800")
+    ref = run_prequential("lstm", ds.ratings, ds.movies, genre_vocab=ds.genre_vocab, users=ds.users, seed=0)
+    assert doc["rows"]["served lstm"]["rmse"] == ref.rmse
+    y = stream_order(ds.ratings)["rating"].to_numpy(np.float64)
+    assert doc["rows"]["network alone"]["rmse"] == pytest.approx(float(np.sqrt(np.mean((ref.extra["network"] - y) ** 2))))
+    assert set(doc["rows"]) == {"served lstm", "network alone", "no genre biases", "river-biasedmf"}
+    assert "| no genre biases |" in A.table(doc)
