@@ -15,10 +15,10 @@ from trainer.prequential import run_prequential, run_river_prequential, stream_o
 torch.set_num_threads(1)
 
 N = 10_000
-#: the served lstm leads River's BiasedMF by 0.027 on this slice (0.9465 vs
-#: 0.9737); with the movie side frozen it trails by 0.017 and without the
-#: session bias it leads by 0.019 only: both miss this margin
-MARGIN = 0.02
+#: the served lstm leads River's BiasedMF by 0.031 on this slice (0.9427 vs
+#: 0.9737); without the session bias (every mixture member) it leads by 0.021
+#: only, and misses this margin
+MARGIN = 0.025
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_served_model_beats_river_biasedmf_by_a_margin(ml100k_slice, served):
 
 def test_permuted_ratings_score_no_better_than_their_spread(ml100k, ml100k_slice):
     """Ratings shuffled across events carry no signal: a model that scores
-    well on them reads the answers (0.9465 on the real slice, 1.123 shuffled,
+    well on them reads the answers (0.9427 on the real slice, 1.119 shuffled,
     spread 1.092)."""
     df = ml100k_slice.copy()
     df["rating"] = np.random.default_rng(0).permutation(df["rating"].to_numpy())
