@@ -246,7 +246,12 @@ class OnlinePart:
     @torch.no_grad()
     def _online_sequence(self, state, movie, rating, ts, mask) -> tuple[Tensor, dict[str, Tensor]]:
         """The online part event by event with the movie side fixed, exactly as
-        ``step`` computes it (a loop over T: its SGD updates are sequential)."""
+        ``step`` computes it: on CPU the compiled kernels with nothing shared
+        learned (``apply=False``), else a torch loop over T (its SGD updates
+        are sequential)."""
+        if self._kernel_ok(state, movie):
+            pred, user, _ = self.online_batch_kernel(state, movie, rating.to(torch.float32), ts, mask, apply=False)
+            return pred, user
         movie = torch.where(mask, movie.to(torch.int64), torch.zeros_like(movie, dtype=torch.int64))
         rating, ts = rating.to(torch.float32), ts.to(torch.int64)
         work = {k: v for k, v in state.items() if k.startswith("on_") or k in ("last_ts", "count")}
