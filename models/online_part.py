@@ -226,22 +226,32 @@ class OnlinePart:
         user = {k: v for k, v in work.items() if k.startswith("on_")}
         return pred, user, sum_increments(parts) if parts else {}
 
-    def _member_score(self, ms: onl.MovieSide, user: dict[str, Tensor], state: State, ids: Tensor) -> Tensor:
-        """One member's online prediction of ``ids`` [B, N] for each user."""
+    def _member_score(self, ms: onl.MovieSide, user: dict[str, Tensor], state: State, ids: Tensor,
+                      movie_part: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """One member's online prediction of ``ids`` [B, N] for each user;
+        ``movie_part``: its side's :meth:`_movie_part` (shared by members that
+        read the same movie side)."""
         cfg, t = ms.cfg, ms.t
-        mu = (t["mu"][0] + cfg.mu_prior * cfg.mu_prior_n) / (t["mu"][1] + cfg.mu_prior_n)
-        qe = ms.q0(ids) + ms.row(t["q"], ids)
+        qe, bias = movie_part or self._movie_part(ms, ids)
         pe = user["on_p"]
-        bias = mu + ms.row(t["b"], ids)
         if cfg.use_features:
-            f = self._feats(ids)
-            qe = qe + f @ t["V"]
             pe = pe + state["on_g"] @ t["U"]
-            bias = bias + f @ t["wm"]
         bu = user["on_ub"] + (state["on_g"] @ t["wu"] if cfg.use_features else 0.0)
         if cfg.use_session:  # as if rated now, in the same session (a per-user constant: no effect on ranking)
             bu = bu + user["on_s"] * (state["count"] > 0)
         return self._clamp(bias + user_item_dot(pe, qe) + (bu[:, None] if torch.is_tensor(bu) else bu))
+
+    def _movie_part(self, ms: onl.MovieSide, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The movie side's share of a score: (factor with features, bias with mean)."""
+        cfg, t = ms.cfg, ms.t
+        mu = (t["mu"][0] + cfg.mu_prior * cfg.mu_prior_n) / (t["mu"][1] + cfg.mu_prior_n)
+        qe = ms.q0(ids) + ms.row(t["q"], ids)
+        bias = mu + ms.row(t["b"], ids)
+        if cfg.use_features:
+            f = self._feats(ids)
+            qe = qe + f @ t["V"]
+            bias = bias + f @ t["wm"]
+        return qe, bias
 
     @torch.no_grad()
     def _online_sequence(self, state, movie, rating, ts, mask) -> tuple[Tensor, dict[str, Tensor]]:
@@ -272,7 +282,11 @@ class OnlinePart:
         the mixture of the members' scores at the user's weights, plus the
         genre biases (top-K ranks by it; the opt-in neighbourhood is left out)."""
         ms = self.movie_side()
-        each = torch.stack([self._member_score(side, mx.member_user(state, j), state, ids)
+        parts: dict[int, tuple[Tensor, Tensor]] = {}  # members on one movie side share its part
+        for side in ms.members:
+            if id(side.t["q"]) not in parts:
+                parts[id(side.t["q"])] = self._movie_part(side, ids)
+        each = torch.stack([self._member_score(side, mx.member_user(state, j), state, ids, parts[id(side.t["q"])])
                             for j, side in enumerate(ms.members)], -1)  # [B, N, K]
         w = mx.hedge_weights(ms.t["hedge_L"], state["on_L"], self.hedge_cfg)
         on = (each * w[:, None, :]).sum(-1)
