@@ -254,8 +254,11 @@ def user_genre_round(genres: Tensor, base: Tensor, rating: Tensor, b: Tensor, ac
 
 
 def genre_scores(genres: Tensor, b: Tensor) -> Tensor:
-    """The corrections of candidate movies (``genres`` [N, G] or [B, N, G]) for users ``b`` [B, G]: [B, N]."""
+    """The corrections of candidate movies (``genres`` [N, G] or [B, N, G]) for users ``b`` [B, G]: [B, N]
+    (one matmul when the candidates are shared)."""
     nf = genres.sum(-1).clamp(min=1.0)
+    if genres.dim() == 2:
+        return (b @ genres.T) / nf
     return (genres * b[:, None, :]).sum(-1) / nf
 
 

@@ -286,10 +286,11 @@ class OnlinePart:
         for side in ms.members:
             if id(side.t["q"]) not in parts:
                 parts[id(side.t["q"])] = self._movie_part(side, ids)
-        each = torch.stack([self._member_score(side, mx.member_user(state, j), state, ids, parts[id(side.t["q"])])
-                            for j, side in enumerate(ms.members)], -1)  # [B, N, K]
         w = mx.hedge_weights(ms.t["hedge_L"], state["on_L"], self.hedge_cfg)
-        on = (each * w[:, None, :]).sum(-1)
+        on = None
+        for j, side in enumerate(ms.members):  # accumulated member by member: no [B, N, K] block
+            sc = self._member_score(side, mx.member_user(state, j), state, ids, parts[id(side.t["q"])])
+            on = sc.mul_(w[:, j:j + 1]) if on is None else on.add_(sc.mul_(w[:, j:j + 1]))
         if self.ug_cfg is not None:
             on = on + mx.genre_scores(self.movie_genres(ids), state["on_gb"])
         return self._clamp(on)
