@@ -314,6 +314,11 @@ class RatingModel(nn.Module, abc.ABC):
         """Take over what ``old``, the model this one replaces in a worker,
         learned locally and no checkpoint carries; nothing by default."""
 
+    def start_network_share(self) -> None:
+        """Give a network just trained from scratch its starting share of the
+        served prediction (a family that learns the share on the stream);
+        nothing by default."""
+
     def judging(self) -> AbstractContextManager[Any]:
         """Within: predictions as a fine-tune's judge compares a challenger
         with its champion.  The default changes nothing; a family whose

@@ -256,6 +256,14 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
         finally:
             self._net_only = old
 
+    @torch.no_grad()
+    def start_network_share(self) -> None:
+        """A network trained from scratch starts at the share it is judged at
+        (:data:`JUDGE_SHARE`): whatever the share learned before training
+        judged an untrained network.  The stream moves it from there."""
+        if self.online and self.online_weight is None:
+            self._buffers["online_net_w"].fill_(JUDGE_SHARE)
+
     @contextmanager
     def judging(self):
         """Within: a learned share is fixed at :data:`JUDGE_SHARE` (the old

@@ -235,3 +235,20 @@ def test_the_sequence_pass_takes_the_kernel_and_equals_the_torch_loop(monkeypatc
     for k in su:
         torch.testing.assert_close(fu[k].to(su[k].dtype), su[k], atol=1e-5, rtol=1e-5)
     assert all(torch.equal(side[k], v) for k, v in m.movie_side().t.items()), "the movie side must stay fixed"
+
+
+def test_a_network_trained_from_scratch_starts_at_the_judged_share(ml100k):
+    """``fit`` on a fresh model: the share learned before training (against
+    an untrained network) is replaced by the reference share, which the
+    validation events then move; fine-tunes of a live model keep theirs."""
+    from models.lstm import JUDGE_SHARE
+    from trainer.train import fit, make_model
+
+    df = stream_order(ml100k.ratings).iloc[:3000]
+    m = make_model("lstm", ml100k.movies, ml100k.genre_vocab, int(df["movie_id"].max()))
+    fit(m, df, epochs=1, valid_frac=0.1, seed=0)
+    w = m.network_share
+    assert 0.0 < w <= 1.0 and abs(w - JUDGE_SHARE) < 0.1, w
+    m.online_net_w.fill_(0.5)
+    fit(m, df, epochs=1, valid_frac=0.0, seed=0)  # the movie side is live: no fresh start
+    assert m.network_share == 0.5

@@ -210,6 +210,7 @@ def fit(
         rep.best_valid_rmse = best
     model.eval()
     if online_pass is not None:
+        model.start_network_share()  # what the pass before training learned of it judged an untrained network
         online_pass.learn(n)
     rep.seconds = time.perf_counter() - t0
     return rep
