@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from models import online as onl
+from models.config import DictConfig
 
 #: the members: (session time constant in s, scale of the AdaGrad rates); the
 #: first is the base config.  Five time constants at rates x1 plus tau 10 s at
@@ -59,7 +60,7 @@ MIX_GLOBAL = ("hedge_L", "net_w")
 
 
 @dataclass(frozen=True)
-class HedgeConfig:
+class HedgeConfig(DictConfig):
     """Mixture settings, chosen on the first half of ML-100K by time
     (``python -m trainer.hedge``) and then frozen."""
 
@@ -67,14 +68,6 @@ class HedgeConfig:
     gamma_g: float = 0.999
     eta_u: float = 0.3
     gamma_u: float = 0.99
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "HedgeConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: float(v) for k, v in (d or {}).items() if k in names})
 
 
 def member_name(j: int, name: str) -> str:
@@ -95,7 +88,7 @@ def member_configs(base: onl.OnlineConfig, members) -> list[onl.OnlineConfig]:
 
 
 @dataclass(frozen=True)
-class UserGenreConfig:
+class UserGenreConfig(DictConfig):
     """Per-user x genre biases on the mixture's errors; chosen on ML-100K's
     first half by time over lr 0.02-0.2 x l2 0-0.1 (0.9219 against the
     mixture's 0.9235 there), then frozen."""
@@ -103,14 +96,6 @@ class UserGenreConfig:
     lr: float = 0.05
     l2: float = 0.1
     eps: float = 1e-2
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "UserGenreConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: float(v) for k, v in (d or {}).items() if k in names})
 
 
 class MixtureSide:
@@ -131,16 +116,8 @@ class MixtureSide:
         self.t.update(mix)
         self.cfg = members[0].cfg
 
-    @property
-    def capacity(self) -> int:
-        return self.members[0].capacity
-
     def apply(self, inc: dict[str, tuple[Tensor | None, Tensor]]) -> None:
-        for name, (rows, delta) in inc.items():
-            if rows is None:
-                self.t[name] += delta
-            else:
-                self.t[name].index_add_(0, rows, delta)
+        onl.apply_increments(self.t, inc)
 
 
 def prefixed(j: int, inc: dict) -> dict:
@@ -188,11 +165,11 @@ def _hedge_rounds(P, y, row, starts, Lu, Lg, eta_g, gamma_g, eta_u, gamma_u, lea
 def hedge(P: np.ndarray, y: np.ndarray, row: np.ndarray, starts: np.ndarray, Lu: np.ndarray, Lg: np.ndarray,
           hc: HedgeConfig, learn_global: bool = True) -> np.ndarray:
     """The mixture's prediction of each event (grouped in rounds by
-    ``starts``, rows ``row`` of ``Lu``).  ``Lu`` (float32 [users, K]) and,
-    when ``learn_global``, ``Lg`` (float32 [K]) are updated in place; every
+    ``starts``, rows ``row`` of ``Lu``).  ``Lu`` ([users, K]) and, when
+    ``learn_global``, ``Lg`` ([K]) are updated in place; every
     event is mixed before its own rating updates any weight."""
     out = np.empty(len(y), np.float32)
-    _hedge_rounds(np.ascontiguousarray(P, np.float32), np.ascontiguousarray(y, np.float32),
+    _hedge_rounds(np.ascontiguousarray(P, np.float32), np.ascontiguousarray(y, np.float64),
                   np.ascontiguousarray(row, np.int64), np.ascontiguousarray(starts, np.int64), Lu, Lg,
                   float(hc.eta_g), float(hc.gamma_g), float(hc.eta_u), float(hc.gamma_u), bool(learn_global), out)
     return out

@@ -27,14 +27,16 @@ that adapt").
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numba
 import numpy as np
 
+from models.config import DictConfig
+
 
 @dataclass(frozen=True)
-class NeighbourConfig:
+class NeighbourConfig(DictConfig):
     """k, shrink and lam chosen on ML-100K's first half by time, on the
     served online part's errors (docs/results/issue22/neighbour-tune-ml100k-first-half.json:
     0.9216 against 0.9224 without); history 64 and 256 slots x 16 probes are
@@ -46,15 +48,6 @@ class NeighbourConfig:
     history: int = 64
     slots: int = 256
     probes: int = 16
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "NeighbourConfig":
-        names = {f.name: f.type for f in fields(cls)}
-        return cls(**{k: (int(v) if k in ("k", "history", "slots", "probes") else float(v))
-                      for k, v in (d or {}).items() if k in names})
 
 
 @numba.njit(cache=True)

@@ -38,20 +38,21 @@ tests/test_online_kernel.py holds equal to it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from models.common import lookup
+from models.config import DictConfig
 
 #: the user-side state keys this module owns (prefix ``on_``)
 USER_KEYS = ("on_ub", "on_ubG", "on_p", "on_pG", "on_s")
 
 
 @dataclass(frozen=True)
-class OnlineConfig:
+class OnlineConfig(DictConfig):
     """Hyper-parameters, chosen on the first half of ML-100K by time (see
     ``trainer/ablations.py``) and then frozen."""
 
@@ -71,14 +72,6 @@ class OnlineConfig:
     use_features: bool = True
     adaptive: bool = True
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "OnlineConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
-
 
 def q_init(ids: Tensor, k: int, std: float) -> Tensor:
     """Deterministic pseudo-random initial factor of each movie id [..] -> [.., k]:
@@ -95,6 +88,16 @@ def q_init(ids: Tensor, k: int, std: float) -> Tensor:
         h ^= h >> np.uint64(15)
     u = h.astype(np.float64) / 2.0**32 - 0.5
     return torch.from_numpy((u * std * math.sqrt(12.0)).astype(np.float32)).to(ids.device)
+
+
+def apply_increments(t: dict[str, Tensor], inc: dict[str, tuple[Tensor | None, Tensor]]) -> None:
+    """Add increments ``name -> (row ids or None for a global tensor, delta)``
+    to the tensors ``t`` in place (rows may repeat: they add up)."""
+    for name, (rows, delta) in inc.items():
+        if rows is None:
+            t[name] += delta
+        else:
+            t[name].index_add_(0, rows, delta)
 
 
 class MovieSide:
@@ -153,11 +156,7 @@ class MovieSide:
 
     def apply(self, inc: dict[str, tuple[Tensor | None, Tensor]]) -> None:
         """Add increments: ``name -> (row ids or None for a global tensor, delta)``."""
-        for name, (rows, delta) in inc.items():
-            if rows is None:
-                self.t[name] += delta
-            else:
-                self.t[name].index_add_(0, rows, delta)
+        apply_increments(self.t, inc)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {f"online_{k}": v for k, v in self.t.items()}

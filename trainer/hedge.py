@@ -38,12 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 import pandas as pd
 import torch
 
-from models.mixture import BLEND_LR, HedgeConfig, blend_step
+from models.mixture import BLEND_LR, HedgeConfig, blend_step, hedge
 from models.online import OnlineConfig, OnlineLearner
 from trainer.prequential import PrequentialResult, _result, occurrence_rank, stream_order
 
@@ -93,47 +92,15 @@ def member_predictions(ds: Any, df: pd.DataFrame, cfgs: list[OnlineConfig], star
     return out
 
 
-@numba.njit(cache=True)
-def _mix(P, y, uidx, n_users, starts, eta_g, gamma_g, eta_u, gamma_u):
-    n, K = P.shape
-    Lg = np.zeros(K)
-    Lu = np.zeros((n_users, K))
-    out = np.empty(n, np.float32)
-    w = np.empty(K)
-    for b in range(len(starts) - 1):
-        s, e = starts[b], starts[b + 1]
-        for i in range(s, e):
-            u = uidx[i]
-            lo = np.inf
-            for k in range(K):
-                w[k] = eta_g * Lg[k] + eta_u * Lu[u, k]
-                lo = min(lo, w[k])
-            tot, p = 0.0, 0.0
-            for k in range(K):
-                w[k] = np.exp(-(w[k] - lo))
-                tot += w[k]
-                p += w[k] * P[i, k]
-            out[i] = p / tot
-            for k in range(K):  # the user's rating is revealed: its weights learn now
-                d = P[i, k] - y[i]
-                Lu[u, k] = gamma_u * Lu[u, k] + d * d
-        for i in range(s, e):  # the batch's errors reach the shared weights after the batch
-            for k in range(K):
-                d = P[i, k] - y[i]
-                Lg[k] = gamma_g * Lg[k] + d * d
-    return out
-
-
 def mix(P: np.ndarray, y: np.ndarray, uidx: np.ndarray, hc: HedgeConfig, starts: np.ndarray | None = None
         ) -> np.ndarray:
     """The mixture's prediction of every event (see the module docstring),
-    the shared weights updated after each batch of ``starts``."""
+    the shared weights updated after each batch of ``starts``: the served
+    kernel (:func:`models.mixture.hedge`) with each batch as one round."""
     n_users = int(uidx.max()) + 1 if len(uidx) else 0
     starts = batch_starts(len(y)) if starts is None else starts
-    return _mix(np.ascontiguousarray(P, np.float32), np.ascontiguousarray(y, np.float64),
-                np.ascontiguousarray(uidx, np.int64), n_users, np.ascontiguousarray(starts, np.int64),
-                float(hc.eta_g),
-                float(hc.gamma_g), float(hc.eta_u), float(hc.gamma_u))
+    K = P.shape[1]
+    return hedge(P, y, uidx, starts, np.zeros((n_users, K)), np.zeros(K), hc)
 
 
 def _rmse(p: np.ndarray, y: np.ndarray) -> float:
