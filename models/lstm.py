@@ -25,7 +25,8 @@ sides, one per session time constant)::
 
     pred = clamp(mix + w * (clamp(network) - mix)),   w = net_w, learned
 
-``w`` is a shared global learned on the stream (starting at 0), so a
+``w`` is a shared global learned on the stream (0 before any training,
+:data:`JUDGE_SHARE` for a network trained from scratch), so a
 network that does not help keeps no weight; ``online_weight=a`` fixes it
 instead (``(1 - a) * network + a * mix``; ``online`` uses a = 1).  A
 fine-tune's judge compares networks at the old fixed share 0.2

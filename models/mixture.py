@@ -21,14 +21,17 @@ The network then gets a learned share ``w`` of the prediction::
 
     served = clamp(mix + w * (network - mix)),   w in [0, 1]
 
-``w`` (``net_w``, a shared global, starting at 0) takes one normalised
+``w`` (``net_w``, a shared global: 0 before the network is trained, 0.2
+once it is trained from scratch) takes one normalised
 gradient step on each learned batch's squared error, so where the network
 does not help it keeps (close to) no weight instead of a fixed 0.2.
 
-Each member's movie side is its own :class:`models.online.MovieSide` (its
-tensors named ``m{j}_*``; member 0 keeps the plain names), and
-:class:`MixtureSide` presents them, plus the two shared globals, as one
-mergeable side that :mod:`models.online_pack` packs like any other.
+Each member predicts through a :class:`models.online.MovieSide`: by default
+all of them read member 0's tables and only member 0 learns them (one row
+per movie in Redis); with ``shared_movie_side=False`` each learns its own
+(tensors named ``m{j}_*``; member 0 keeps the plain names).
+:class:`MixtureSide` presents the tables, plus the two shared globals, as
+one mergeable side that :mod:`models.online_pack` packs like any other.
 Settings were chosen on the first half of ML-100K by time
 (``python -m trainer.hedge``), then frozen.
 """
