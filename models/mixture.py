@@ -52,7 +52,8 @@ from models.config import DictConfig
 #: the members: (session time constant in s, scale of the AdaGrad rates); the
 #: first is the base config.  Five time constants at rates x1 plus tau 10 s at
 #: x0.5 and x2: on ML-100K's first half by time 0.9235 against 0.9241 for the
-#: five taus alone and 0.9233 for all fifteen of ``trainer.hedge.members``
+#: five taus alone and 0.9234 for all fifteen of ``trainer.hedge.members``
+#: (``python -m trainer.served_tune``)
 MEMBERS = ((10.0, 1.0), (5.0, 1.0), (30.0, 1.0), (120.0, 1.0), (600.0, 1.0), (10.0, 0.5), (10.0, 2.0))
 #: step of the network's learned share per :data:`STEP_EVENTS` events (chosen
 #: on ML-100K's first half by time, at batches of 1,024 events)
@@ -93,7 +94,8 @@ def member_configs(base: onl.OnlineConfig, members) -> list[onl.OnlineConfig]:
 @dataclass(frozen=True)
 class UserGenreConfig(DictConfig):
     """Per-user x genre biases on the mixture's errors; chosen on ML-100K's
-    first half by time over lr 0.02-0.2 x l2 0-0.1 (0.9219 against the
+    first half by time over lr 0.02-0.2 x l2 0-0.1 (``python -m
+    trainer.served_tune``: 0.9219 against the
     mixture's 0.9235 there), then frozen."""
 
     lr: float = 0.05

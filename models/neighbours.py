@@ -38,7 +38,7 @@ from models.config import DictConfig
 @dataclass(frozen=True)
 class NeighbourConfig(DictConfig):
     """k, shrink and lam chosen on ML-100K's first half by time, on the
-    served online part's errors (docs/results/issue22/neighbour-tune-ml100k-first-half.json:
+    served online part's errors (``python -m trainer.served_tune``:
     0.9216 against 0.9224 without); history 64 and 256 slots x 16 probes are
     the state and memory budget."""
 

@@ -252,3 +252,15 @@ def test_a_network_trained_from_scratch_starts_at_the_judged_share(ml100k):
     m.online_net_w.fill_(0.5)
     fit(m, df, epochs=1, valid_frac=0.0, seed=0)  # the movie side is live: no fresh start
     assert m.network_share == 0.5
+
+
+def test_served_tune_scores_each_choice_on_the_tuning_slice_only():
+    """The settings' record: every candidate scored on the first share of
+    ML-100K by time (the slice's own size), grids best first."""
+    from trainer.served_tune import SETS, tune
+
+    doc = tune(frac=0.05)
+    assert doc["n"] == 5000 and set(doc["members"]) == set(SETS)
+    for grid in (doc["user_genre"]["grid (rmse, lr, l2)"], doc["neighbours"]["grid (rmse, k, shrink, lam, cpu us per event)"]):
+        scores = [row[0] for row in grid]
+        assert scores == sorted(scores) and all(np.isfinite(scores))

@@ -32,7 +32,6 @@ pool and the grid its settings were chosen on.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.mixture import BLEND_LR, HedgeConfig, blend_step, hedge
+from models.mixture import BLEND_LR, HedgeConfig, blend_step, hedge, member_configs
 from models.online import OnlineConfig, OnlineLearner
 from trainer.prequential import PrequentialResult, _result, occurrence_rank, stream_order
 
@@ -54,9 +53,7 @@ RATE_SCALES = (0.5, 1.0, 2.0)
 def members(base: OnlineConfig | None = None, taus=TAUS, scales=RATE_SCALES) -> list[OnlineConfig]:
     """One learner per (tau, rate scale); the scale multiplies the bias,
     factor and feature AdaGrad rates."""
-    base = base or OnlineConfig()
-    return [dataclasses.replace(base, tau_s=t, lr_bias=base.lr_bias * s, lr_factor=base.lr_factor * s,
-                                lr_feat=base.lr_feat * s) for t in taus for s in scales]
+    return member_configs(base or OnlineConfig(), [(t, s) for t in taus for s in scales])
 
 
 def batch_starts(n: int, batch_events: int = 1024, cuts: list[int] | tuple[int, ...] = ()) -> np.ndarray:

@@ -1,0 +1,79 @@
+"""How the served online part's hand-chosen settings were chosen (issue #22):
+on the first half of ML-100K by time only, then frozen.
+
+``python -m trainer.served_tune PATH`` prints and writes (JSON):
+
+* ``members``: the Hedge mixture over three candidate member sets, each
+  member with its own movie side as :func:`trainer.hedge.member_predictions`
+  runs it (:data:`models.mixture.MEMBERS` is the seven);
+* ``user_genre``: the genre biases on the seven's mixture over a grid of
+  rate x l2 (:class:`models.mixture.UserGenreConfig`);
+* ``neighbours``: the neighbourhood on the served online part's errors over
+  a grid of k x shrink x lam at its budget (history 64, 256 slots x 16
+  probes; :class:`models.neighbours.NeighbourConfig`), and the CPU its
+  kernel took per event (``time.process_time``, one run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.datasets import load_dataset
+from models.mixture import MEMBERS, HedgeConfig, UserGenreConfig, member_configs
+from models.online import OnlineConfig
+from trainer.diverse import _clip, stream_arrays
+from trainer.hedge import RATE_SCALES, TAUS, batch_starts, member_predictions, mix
+from trainer.learners import neighbourhood as nb
+from trainer.learners import user_genre as ug
+from trainer.prequential import run_prequential, stream_order, stretch_cuts
+
+SETS = {"five taus at rates x1": [(t, 1.0) for t in TAUS], "seven (served)": list(MEMBERS),
+        "fifteen (trainer.hedge.members)": [(t, s) for t in TAUS for s in RATE_SCALES]}
+
+
+def _rmse(p: np.ndarray, y: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(p, np.float64) - y) ** 2)))
+
+
+def tune(frac: float = 0.5) -> dict[str, Any]:
+    ds = load_dataset("ml-100k")
+    df = stream_order(ds.ratings)
+    df = df.iloc[: int(len(df) * frac)].reset_index(drop=True)
+    a = stream_arrays(ds, df)
+    y, starts = a["y"], batch_starts(len(df), 1024, stretch_cuts(len(df), 5000))
+    mixes = {name: mix(member_predictions(ds, df, member_configs(OnlineConfig(), ms), starts), y, a["uidx"],
+                       HedgeConfig(), starts) for name, ms in SETS.items()}
+    base = mixes["seven (served)"].astype(np.float64)
+    genre = sorted((_rmse(_clip(base + ug.corrections(base, y, a["uidx"], a["genres"], UserGenreConfig(lr=lr, l2=l2))), y),
+                    lr, l2) for lr, l2 in itertools.product((0.02, 0.05, 0.1, 0.2), (0.0, 0.01, 0.05, 0.1)))
+    served = run_prequential("online", df, ds.movies, genre_vocab=ds.genre_vocab, users=ds.users, seed=0,
+                             hparams={"neighbours": False}).predictions.astype(np.float64)
+    grid = []
+    for k, shrink, lam in itertools.product((20, 50, 100), (100.0, 200.0, 500.0, 1000.0), (0.5, 1.0, 2.0)):
+        cfg = nb.NeighbourhoodConfig(k=k, shrink=shrink, lam=lam, history=64, slots=256, probes=16)
+        t0 = time.process_time()
+        corr = nb.corrections(served, y, a["uidx"], a["movie"], cfg)
+        grid.append((_rmse(_clip(served + corr), y), k, shrink, lam, (time.process_time() - t0) / len(y) * 1e6))
+    grid.sort()
+    return {"slice": f"ML-100K, first {frac:.0%} by time", "n": len(df),
+            "members": {name: _rmse(m, y) for name, m in mixes.items()},
+            "user_genre": {"mixture of seven": _rmse(base, y),
+                           "grid (rmse, lr, l2)": genre},
+            "neighbours": {"served online part without it": _rmse(served, y),
+                           "grid (rmse, k, shrink, lam, cpu us per event)": grid}}
+
+
+if __name__ == "__main__":
+    doc = tune()
+    print(json.dumps({"members": doc["members"], "user_genre best": doc["user_genre"]["grid (rmse, lr, l2)"][:3],
+                      "mixture of seven": doc["user_genre"]["mixture of seven"],
+                      "neighbours best": doc["neighbours"]["grid (rmse, k, shrink, lam, cpu us per event)"][:3],
+                      "without neighbours": doc["neighbours"]["served online part without it"]}, indent=1))
+    Path(sys.argv[1]).write_text(json.dumps(doc, indent=1))
