@@ -264,3 +264,17 @@ def test_served_tune_scores_each_choice_on_the_tuning_slice_only():
     for grid in (doc["user_genre"]["grid (rmse, lr, l2)"], doc["neighbours"]["grid (rmse, k, shrink, lam, cpu us per event)"]):
         scores = [row[0] for row in grid]
         assert scores == sorted(scores) and all(np.isfinite(scores))
+    budget = doc["neighbours"]["budget (history, slots, probes, rmse, cpu us per event)"]
+    assert [row[0] for row in budget] == [16, 32, 64, 64, 64] and all(np.isfinite(row[3]) for row in budget)
+    sides = doc["movie_side"]
+    assert sides["one shared (served)"] == doc["neighbours"]["served online part without it"]
+    assert sides["each member its own"] != sides["one shared (served)"]
+    share = doc["share"]
+    # hindsight bounds: finer buckets can only fit better; the learned share
+    # can do no better than the best single share chosen after the fact
+    # (up to the clamp to the rating range, which only helps the served one)
+    single = share["hindsight: best single share"]
+    assert share["hindsight: best share per log2 rating count"] <= single + 1e-12
+    assert share["hindsight: best share per disagreement step"] <= single + 1e-12
+    assert single <= share["online part alone"] + 1e-12
+    assert 0.0 <= share["final learned share"] <= 1.0

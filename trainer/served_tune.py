@@ -11,7 +11,16 @@ on the first half of ML-100K by time only, then frozen.
 * ``neighbours``: the neighbourhood on the served online part's errors over
   a grid of k x shrink x lam at its budget (history 64, 256 slots x 16
   probes; :class:`models.neighbours.NeighbourConfig`), and the CPU its
-  kernel took per event (``time.process_time``, one run).
+  kernel took per event (``time.process_time``, one run); then the budget
+  itself (history, slots, probes) at the chosen k x shrink x lam;
+* ``movie_side``: the served online part with one shared movie side (the
+  default) against each member learning its own;
+* ``share``: how the network's prediction is combined with the online
+  part's, on the served lstm's own two halves (seed 0): the learned global
+  share as served, and the best combinations in hindsight -- one global
+  share, and one per bucket of the user's rating count or of the two
+  halves' disagreement -- bounds on what a finer learned combination could
+  add.
 """
 
 from __future__ import annotations
@@ -62,12 +71,52 @@ def tune(frac: float = 0.5) -> dict[str, Any]:
         corr = nb.corrections(served, y, a["uidx"], a["movie"], cfg)
         grid.append((_rmse(_clip(served + corr), y), k, shrink, lam, (time.process_time() - t0) / len(y) * 1e6))
     grid.sort()
+    _, k, shrink, lam, _ = grid[0]
+    budget = []
+    for history, slots, probes in ((16, 256, 16), (32, 256, 16), (64, 256, 16), (64, 128, 16), (64, 256, 8)):
+        cfg = nb.NeighbourhoodConfig(k=k, shrink=shrink, lam=lam, history=history, slots=slots, probes=probes)
+        t0 = time.process_time()
+        corr = nb.corrections(served, y, a["uidx"], a["movie"], cfg)
+        budget.append((history, slots, probes, _rmse(_clip(served + corr), y),
+                       (time.process_time() - t0) / len(y) * 1e6))
+    own = run_prequential("online", df, ds.movies, genre_vocab=ds.genre_vocab, users=ds.users, seed=0,
+                          hparams={"shared_movie_side": False}).rmse
     return {"slice": f"ML-100K, first {frac:.0%} by time", "n": len(df),
             "members": {name: _rmse(m, y) for name, m in mixes.items()},
             "user_genre": {"mixture of seven": _rmse(base, y),
                            "grid (rmse, lr, l2)": genre},
             "neighbours": {"served online part without it": _rmse(served, y),
-                           "grid (rmse, k, shrink, lam, cpu us per event)": grid}}
+                           "grid (rmse, k, shrink, lam, cpu us per event)": grid,
+                           "budget (history, slots, probes, rmse, cpu us per event)": budget},
+            "movie_side": {"one shared (served)": _rmse(served, y), "each member its own": float(own)},
+            "share": share_bounds(ds, df, a["uidx"], y)}
+
+
+def share_bounds(ds: Any, df: Any, uidx: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """The served lstm's RMSE with its learned share, and in hindsight with
+    the best single share and the best share per bucket (the user's rating
+    count before the event, log2; the halves' disagreement |net - online|
+    in steps of 0.1): what any finer combination of the same two halves
+    could at most add."""
+    r = run_prequential("lstm", df, ds.movies, genre_vocab=ds.genre_vocab, users=ds.users, seed=0)
+    net, on = (np.asarray(r.extra[k], np.float64) for k in ("network", "online"))
+    dv, err = net - on, y - on
+    count = np.zeros(len(y), np.int64)
+    seen: dict[int, int] = {}
+    for i, u in enumerate(uidx.tolist()):
+        count[i] = seen.get(u, 0)
+        seen[u] = count[i] + 1
+
+    def best(key: np.ndarray) -> float:
+        n = int(key.max()) + 1
+        w = np.bincount(key, dv * err, n) / np.maximum(np.bincount(key, dv * dv, n), 1e-12)
+        return _rmse(on + w[key] * dv, y)
+
+    return {"online part alone": _rmse(on, y), "served (learned share)": float(r.rmse),
+            "final learned share": float(r.extra["final_network_weight"]),
+            "hindsight: best single share": best(np.zeros(len(y), np.int64)),
+            "hindsight: best share per log2 rating count": best(np.minimum(np.log2(count + 1).astype(np.int64), 9)),
+            "hindsight: best share per disagreement step": best(np.minimum((np.abs(dv) / 0.1).astype(np.int64), 9))}
 
 
 if __name__ == "__main__":
@@ -75,5 +124,7 @@ if __name__ == "__main__":
     print(json.dumps({"members": doc["members"], "user_genre best": doc["user_genre"]["grid (rmse, lr, l2)"][:3],
                       "mixture of seven": doc["user_genre"]["mixture of seven"],
                       "neighbours best": doc["neighbours"]["grid (rmse, k, shrink, lam, cpu us per event)"][:3],
-                      "without neighbours": doc["neighbours"]["served online part without it"]}, indent=1))
+                      "without neighbours": doc["neighbours"]["served online part without it"],
+                      "neighbour budget": doc["neighbours"]["budget (history, slots, probes, rmse, cpu us per event)"],
+                      "movie_side": doc["movie_side"], "share": doc["share"]}, indent=1))
     Path(sys.argv[1]).write_text(json.dumps(doc, indent=1))
