@@ -1,8 +1,9 @@
 """The movie catalog's record: what a movie is called, for people.
 
-Prediction never needs a title (the model knows movies by id), so the
-catalog is read only where people look -- the live page, the query API,
-``fbp tail`` -- and an id the catalog does not know is shown as the id.
+Prediction never needs a title (the model knows movies by id): titles are
+read only where people look -- the live page, the query API, ``fbp tail``
+-- and an id the catalog does not know is shown as the id.  The model reads
+genres and year, for movies it has none for (:mod:`core.side_features`).
 
 One JSON shape serves the optional ``movies`` topic (compacted, keyed by the
 movie id as decimal text; a null value -- a tombstone -- removes the movie)

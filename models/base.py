@@ -68,6 +68,7 @@ import abc
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar, Literal, NamedTuple, Protocol, overload
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -142,6 +143,21 @@ class RatingModel(nn.Module, abc.ABC):
     def set_movies(self, movies: Any) -> None:
         """Take movie side information (a DataFrame: movie_id, year, genres)
         before training.  Families without side features ignore it."""
+
+    def add_movies(self, movies: Any) -> int:
+        """Side information for movies met while serving (a DataFrame like
+        :meth:`set_movies`'): only rows that have none are filled, every
+        other row stays as it is; returns how many rows were filled.  Why:
+        a movie the training data never had gets its genres and year from a
+        catalogue as soon as it is rated.  Families without side features
+        ignore it (0)."""
+        return 0
+
+    def movies_without_features(self, ids: np.ndarray) -> np.ndarray:
+        """Those of ``ids`` (int64, distinct) whose side-feature rows are
+        empty: what :meth:`add_movies` could fill (none for a family without
+        side features)."""
+        return np.zeros(0, np.int64)
 
     def genre_names(self) -> list[str]:
         """The genre vocabulary behind :meth:`movie_genres` (empty: none)."""
@@ -312,7 +328,8 @@ class RatingModel(nn.Module, abc.ABC):
 
     def adopt_local(self, old: "RatingModel") -> None:
         """Take over what ``old``, the model this one replaces in a worker,
-        learned locally and no checkpoint carries; nothing by default."""
+        learned locally and no checkpoint carries (side features added while
+        serving, the neighbourhood's tables); nothing by default."""
 
     def start_network_share(self) -> None:
         """Give a network just trained from scratch its starting share of the

@@ -76,27 +76,36 @@ def gap_feature(gap_s: Tensor) -> Tensor:
     return torch.log1p(gap_s.clamp(min=0).to(torch.float32) / HOUR) / 6.0
 
 
+def movie_feature_rows(movies: Any, genre_vocab: list[str], year_min: float, year_max: float
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(movie ids int64[n], their rows float32[n, n_f]): [genre multi-hot |
+    normalised year | year known] of each movie of a movies DataFrame."""
+    n_f = len(genre_vocab) + 2
+    if movies is None or len(movies) == 0:
+        return np.zeros(0, np.int64), np.zeros((0, n_f), np.float32)
+    ids = np.asarray(movies["movie_id"], np.int64)
+    rows = np.zeros((len(ids), n_f), dtype=np.float32)
+    gidx = {g: i for i, g in enumerate(genre_vocab)}
+    span = max(float(year_max) - float(year_min), 1.0)
+    for r, (year, genres) in enumerate(zip(movies["year"], movies["genres"])):
+        for g in genres if genres is not None else ():
+            j = gidx.get(g)
+            if j is not None:
+                rows[r, j] = 1.0
+        if year is not None and not (isinstance(year, float) and math.isnan(year)):
+            rows[r, -2] = float(np.clip((float(year) - year_min) / span, -1.0, 2.0))
+            rows[r, -1] = 1.0
+    return ids, rows
+
+
 def movie_feature_matrix(
     movies: Any, genre_vocab: list[str], year_min: float, year_max: float, capacity: int
 ) -> Tensor:
     """Rows ``movie_id`` -> [genre multi-hot | normalised year | year known]."""
-    n_f = len(genre_vocab) + 2
-    feats = np.zeros((capacity, n_f), dtype=np.float32)
-    if movies is None or len(movies) == 0:
-        return torch.from_numpy(feats)
-    gidx = {g: i for i, g in enumerate(genre_vocab)}
-    span = max(float(year_max) - float(year_min), 1.0)
-    for mid, year, genres in zip(movies["movie_id"], movies["year"], movies["genres"]):
-        mid = int(mid)
-        if mid < 0 or mid >= capacity:
-            continue
-        for g in genres if genres is not None else ():
-            j = gidx.get(g)
-            if j is not None:
-                feats[mid, j] = 1.0
-        if year is not None and not (isinstance(year, float) and math.isnan(year)):
-            feats[mid, -2] = float(np.clip((float(year) - year_min) / span, -1.0, 2.0))
-            feats[mid, -1] = 1.0
+    feats = np.zeros((capacity, len(genre_vocab) + 2), dtype=np.float32)
+    ids, rows = movie_feature_rows(movies, genre_vocab, year_min, year_max)
+    inside = (ids >= 0) & (ids < capacity)
+    feats[ids[inside]] = rows[inside]
     return torch.from_numpy(feats)
 
 
@@ -190,6 +199,47 @@ class StatefulModel(RatingModel):
         feats = movie_feature_matrix(movies, self.genre_vocab, hp["year_min"], hp["year_max"], self.capacity)
         with torch.no_grad():
             self.movie_features.copy_(feats.to(self.movie_features.device))
+
+    def add_movies(self, movies: Any) -> int:
+        ids, rows = movie_feature_rows(movies, self.genre_vocab, self._hp["year_min"], self._hp["year_max"])
+        keep = (ids >= 0) & rows.any(1)
+        if not keep.any():
+            return 0
+        return self.add_movies_rows(ids[keep], rows[keep])
+
+    def movies_without_features(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        blank = ids >= 0
+        inside = blank & (ids < self.capacity)
+        if inside.any():
+            rows = self.movie_features[torch.from_numpy(ids[inside]).to(self.movie_features.device)]
+            blank[inside] = ~(rows != 0).any(1).cpu().numpy()
+        return ids[blank]
+
+    def adopt_local(self, old: RatingModel) -> None:
+        """Keep the side features ``old`` was given while serving
+        (:meth:`add_movies`) where this model has none and both read the same
+        features (genre vocabulary, year span)."""
+        super().adopt_local(old)
+        got = getattr(old, "movie_features", None)
+        if (got is None or getattr(old, "genre_vocab", None) != self.genre_vocab
+                or any(old.hparams().get(k) != self._hp[k] for k in ("year_min", "year_max"))):
+            return
+        ids = np.nonzero((got != 0).any(1).cpu().numpy())[0]
+        if len(ids):
+            self.add_movies_rows(ids, got[torch.from_numpy(ids).to(got.device)].cpu().numpy())
+
+    def add_movies_rows(self, ids: np.ndarray, rows: np.ndarray) -> int:
+        """:meth:`add_movies` from feature rows already built."""
+        self.ensure_capacity(int(ids.max()))
+        blank = np.isin(ids, self.movies_without_features(ids))
+        if not blank.any():
+            return 0
+        dev = self.movie_features.device
+        with torch.no_grad():
+            self.movie_features[torch.from_numpy(ids[blank]).to(dev)] = torch.from_numpy(rows[blank]).to(dev)
+        self._candidates = None  # a movie with features is a top-K candidate now
+        return int(blank.sum())
 
     def genre_names(self) -> list[str]:
         return list(self.genre_vocab)

@@ -139,6 +139,7 @@ class OnlinePart:
     def adopt_local(self, old: RatingModel) -> None:
         """Keep the neighbourhood's tables a served model had learned (a swap
         brings new weights, not new neighbours)."""
+        super().adopt_local(old)  # type: ignore[misc]
         got = getattr(old, "nb_tables", None)
         if self.nb_tables is not None and got is not None and got[0].shape[1] == self.nb_tables[0].shape[1]:
             self.nb_tables = self._nb_grown(got, max(self.capacity, len(got[0])))

@@ -13,7 +13,8 @@
   the movie; only Kafka or Redis failing stops it.
 * ``fbp catalog show ID...`` -- what the catalog says about some ids.
 
-Titles are for people: prediction never reads the catalog.
+Titles are for people; prediction reads only genres and year, for movies
+the serving model has none for (``stream.batch.side_features``).
 """
 
 from __future__ import annotations

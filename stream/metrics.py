@@ -108,6 +108,12 @@ DLQ_STRIPPED = Counter(
     "Dead letters re-sent without payload, key and headers after a record-size error",
     registry=REGISTRY,
 )
+CATALOG_FEATURES = Counter(
+    "fbp_catalog_features_total",
+    "Movies the serving model had no genres or year for: filled from the movie catalog, "
+    "or asked for and not in it (asked again after worker.catalog_retry_s)",
+    ["outcome"], registry=REGISTRY,
+)
 SWAPS = Counter("fbp_model_swaps_total", "Models hot-swapped into this worker", registry=REGISTRY)
 SWAP_REFUSED = Counter(
     "fbp_model_swaps_refused_total", "Published models this worker refused", ["reason"],

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from core.repos.catalog import AsyncMovieCatalog
 from core.repos.movies import MovieSideStore
 from core.repos.states import StateStore
 from core.rolling import RollingError
@@ -34,6 +35,7 @@ from stream.batch.movie_rows import MovieRows
 from stream.batch.observe import observe, track_offsets
 from stream.batch.overlay import Overlay
 from stream.batch.serving import Serving
+from stream.batch.side_features import SideFeatures
 from stream.batch.types import BatchResult, Begun, Incoming, KafkaRecord, Predicted, SendFn, SendManyFn, Work, timed
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,14 @@ class Predictor:
 
     def __init__(self, model: RatingModel, store: StateStore, send: SendFn, cfg: BatchConfig, *,
                  movies: MovieSideStore | None = None, send_many: SendManyFn | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", catalog: AsyncMovieCatalog | None = None,
+                 catalog_retry_s: float = 60.0) -> None:
         self.cfg, self.store, self.movies = cfg, store, movies
         self.serving = Serving(model, device)
         self.overlay = Overlay()
         self.movie_rows = MovieRows(movies, self.serving, self.overlay)
-        self.loader = redis_load.Loader(store, self.movie_rows, self.overlay)
+        self.side_features = SideFeatures(catalog, self.serving, catalog_retry_s)
+        self.loader = redis_load.Loader(store, self.movie_rows, self.overlay, self.side_features)
         self.model_step = model_step.ModelStep(self.serving, self.movie_rows)
         self.producer = produce.Producer(send, cfg, send_many)
         self.rolling = RollingError()
@@ -99,6 +103,7 @@ class Predictor:
             outputs.queue_reemits(fresh, out)
         if fresh.work:
             with timed(res, model_step.STAGE):
+                self.side_features.apply(loaded.catalog)
                 stepped = self.model_step.run(fresh, [loaded.of(u) for u in fresh.users], loaded.bases, out)
                 out.adds = [stepped.adds] if stepped.adds is not None else []
             with timed(res, topk.STAGE):

@@ -21,6 +21,7 @@ from models.devices import pick_device
 from models.checkpoint import CheckpointError, load_checkpoint
 from stream import heap
 from stream import metrics as m
+from core.repos.catalog import AsyncMovieCatalog
 from core.repos.models import ModelStore
 from core.repos.movies import MovieSideStore
 from stream.faults import FullRedisPause
@@ -66,8 +67,10 @@ def make_predictor(s: Settings, model: RatingModel, store: StateStore, send: Sen
     torch.set_num_threads(s.worker.torch_threads)
     heap.settle()
     movies = MovieSideStore(store.client, store.prefix, on_full=store.on_full) if s.worker.online_movie_side else None
+    catalog = AsyncMovieCatalog(store.client, store.prefix) if s.worker.catalog_features else None
     return Predictor(model, store, send, BatchConfig.from_settings(s), movies=movies, send_many=send_many,
-                     device=pick_device(s.worker.device))
+                     device=pick_device(s.worker.device), catalog=catalog,
+                     catalog_retry_s=s.worker.catalog_retry_s)
 
 
 class Runtime:

@@ -57,7 +57,9 @@ from core.settings import Settings, get_settings
 from models.checkpoint import CheckpointError, load_checkpoint
 from core.events import RatingEvent, decode_limits, decode_rating
 from core.rolling import RollingError, finite_or_none
+from core.repos.catalog import MovieCatalog
 from core.repos.models import ModelStore
+from core.side_features import fill_from_catalog
 from core.redis_conn import sync_redis
 from trainer import metrics as tm
 from core.repos.buffer import BufferedEvent, EventBuffer
@@ -174,6 +176,7 @@ class TrainerService:
                                   reservoir=t.reservoir_events, seed=t.seed)
         self.buffer_key = self.buffer.k_recent
         self.control = TrainerStore(self.r, prefix)
+        self.catalog = MovieCatalog(self.r, prefix) if settings.worker.catalog_features else None
         st = self.control.state()
         now = time.time()
         last_seq = int(st.get("last_run_seq", self.buffer.seq))
@@ -305,6 +308,9 @@ class TrainerService:
             split = split_for_finetune(recent, res, holdout_fraction=t.holdout_fraction,
                                        replay_fraction=t.replay_fraction, champion=cdata,
                                        seed=t.seed + self.runs)
+            if self.catalog is not None:  # the worker serves these movies with the catalog's features too
+                fill_from_catalog(champion, self.catalog, (m for f in (split.context, split.train, split.holdout)
+                                                           if "movie_id" in f for m in f["movie_id"].tolist()))
             if len(split.holdout) < t.min_holdout_events or len(split.recent_train) == 0:
                 outcome = Outcome.SKIPPED
                 error = (f"not enough data: {len(split.holdout)} unseen holdout events "

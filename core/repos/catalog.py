@@ -6,10 +6,13 @@ movie's JSON (:mod:`core.catalog`).  One key, so one slot on a Redis Cluster;
 a whole catalog (ML-25M: 62,000 movies) is a few MB.
 
 Who writes: ``fbp catalog load`` and ``fbp replay`` (a data set's movie file),
-``fbp catalog follow`` (the ``movies`` topic).  Who reads: only what people
-look at -- the live page, the query API's top-K, ``fbp tail`` -- through a
+``fbp catalog follow`` (the ``movies`` topic).  Who reads: what people look
+at -- the live page, the query API's top-K, ``fbp tail`` -- through a
 :class:`TitleCache`, so a page refresh costs at most one HMGET of the ids not
-seen in the last 30 s and the worker's batch path never reads it.
+seen in the last 30 s; and the model's side information
+(:func:`core.side_features.fill`, the worker's ``redis_load`` stage through
+:class:`AsyncMovieCatalog`): genres and year of the movies the model has
+none for, each asked for at most once a minute.
 """
 
 from __future__ import annotations
@@ -57,14 +60,9 @@ class MovieCatalog:
     def get_many(self, movie_ids: Sequence[int]) -> dict[int, Movie]:
         """The known movies among ``movie_ids`` (a stored value that does not
         decode is treated as unknown: it shows as the id)."""
-        ids = list(dict.fromkeys(int(i) for i in movie_ids))
         out: dict[int, Movie] = {}
-        for at in range(0, len(ids), _CHUNK):
-            chunk = ids[at:at + _CHUNK]
-            for mid, raw in zip(chunk, self._r.hmget(self._key, [str(i) for i in chunk])):
-                m = decode_movie(raw) if raw is not None else None
-                if isinstance(m, Movie):
-                    out[mid] = m
+        for chunk in _chunks(movie_ids):
+            _decoded(chunk, self._r.hmget(self._key, [str(i) for i in chunk]), out)
         return out
 
     def count(self) -> int:
@@ -73,6 +71,34 @@ class MovieCatalog:
     def drop(self) -> int:
         """Delete the whole catalog; returns 1 if there was one."""
         return int(self._r.unlink(self._key))
+
+
+class AsyncMovieCatalog:
+    """The worker's read of the catalog (``client``: asyncio Redis or
+    RedisCluster): :meth:`MovieCatalog.get_many` without blocking the loop."""
+
+    def __init__(self, client: Any, prefix: str = "fbp") -> None:
+        self._r = client
+        self._key = catalog_key(check_prefix(prefix), "movies")
+
+    async def get_many(self, movie_ids: Sequence[int]) -> dict[int, Movie]:
+        out: dict[int, Movie] = {}
+        for chunk in _chunks(movie_ids):
+            _decoded(chunk, await self._r.hmget(self._key, [str(i) for i in chunk]), out)
+        return out
+
+
+def _chunks(movie_ids: Iterable[int]) -> Iterable[list[int]]:
+    ids = list(dict.fromkeys(int(i) for i in movie_ids))
+    for at in range(0, len(ids), _CHUNK):
+        yield ids[at:at + _CHUNK]
+
+
+def _decoded(ids: list[int], raws: Sequence[bytes | None], out: dict[int, Movie]) -> None:
+    for mid, raw in zip(ids, raws):
+        m = decode_movie(raw) if raw is not None else None
+        if isinstance(m, Movie):
+            out[mid] = m
 
 
 class TitleCache:

@@ -2,20 +2,24 @@
 
 The states and watermarks of the batch's users (one round trip; states an
 unfinished batch wrote come from the overlay) and, concurrently, the rows of
-its movies (:mod:`.movie_rows`).  Then the events already folded into their
-user's state -- at or below their source's watermark: a redelivery -- are
-set aside."""
+its movies (:mod:`.movie_rows`) and the catalog's side information for the
+movies the model has none for (:mod:`.side_features`).  Then the events
+already folded into their user's state -- at or below their source's
+watermark: a redelivery -- are set aside."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from core.catalog import Movie
 from core.repos.states import StateStore, Stored
 from stream.batch.decode import watermark
 from stream.batch.movie_rows import Bases, MovieRows
 from stream.batch.overlay import Overlay
+from stream.batch.side_features import SideFeatures
 from stream.batch.types import Marks, Work
 
 STAGE = "redis_load"
@@ -24,11 +28,13 @@ STAGE = "redis_load"
 @dataclass
 class Loaded:
     """Unique users in first-seen order (user -> index into ``stored``), their
-    stored states, and the movie rows the batch read (None: no online side)."""
+    stored states, the movie rows the batch read (None: no online side), and
+    the catalog's entries for its movies without side features."""
 
     users: dict[int, int]
     stored: list[Stored]
     bases: Bases | None
+    catalog: Mapping[int, Movie] = field(default_factory=dict)
 
     def of(self, user: int) -> Stored:
         return self.stored[self.users[user]]
@@ -50,14 +56,20 @@ class Fresh:
 
 
 class Loader:
-    def __init__(self, store: StateStore, movies: MovieRows, overlay: Overlay) -> None:
+    def __init__(self, store: StateStore, movies: MovieRows, overlay: Overlay,
+                 side: SideFeatures | None = None) -> None:
         self.store = store
         self.movies = movies
         self.overlay = overlay
+        self.side = side
 
     async def load(self, work: Work) -> Loaded:
-        (users, stored), bases = await asyncio.gather(self._states(work), self.movies.load(work))
-        return Loaded(users, stored, bases)
+        if self.side is None:
+            (users, stored), bases = await asyncio.gather(self._states(work), self.movies.load(work))
+            return Loaded(users, stored, bases)
+        (users, stored), bases, catalog = await asyncio.gather(
+            self._states(work), self.movies.load(work), self.side.load(work))
+        return Loaded(users, stored, bases, catalog)
 
     async def _states(self, work: Work) -> tuple[dict[int, int], list[Stored]]:
         users: dict[int, int] = {}
