@@ -237,7 +237,7 @@ class WorkerSettings(BaseModel):
     online_movie_side: bool = True
     """Learn the online movie side from every event, shared by all workers in Redis (off: it stays as the checkpoint has it until the next promotion)."""
     catalog_features: bool = True
-    """Give the model the movie catalog's genres and year for movies it has none for (a movie its training data never had), read with the batch's states."""
+    """Give the model the movie catalog's genres and year for movies it has none for (a movie its training data never had), read with the batch's states; the trainer follows it before each fine-tune."""
     catalog_retry_s: float = Field(60.0, gt=0, le=86_400)
     """A movie the catalog did not know is asked for again after this long, never more often."""
     exactly_once: bool = False
