@@ -70,9 +70,9 @@ class Asked:
         return out
 
 
-def fill_from_catalog(model: RatingModel, catalog: Any, movie_ids: Iterable[int], asked: Asked | None = None) -> int:
-    """Steps 1-4 with a blocking catalog (``core.repos.catalog.MovieCatalog``):
-    the trainer's way; returns how many rows were filled."""
+def fill_from_catalog(model: RatingModel, catalog: Any, movie_ids: Iterable[int]) -> int:
+    """Steps 1, 3 and 4 with a blocking catalog (``core.repos.catalog.MovieCatalog``):
+    the trainer's way, once per fine-tune, so every missing id is asked;
+    returns how many rows were filled."""
     ids = missing(model, movie_ids)
-    ask = asked.due(ids) if asked is not None else [int(i) for i in ids]
-    return fill(model, catalog.get_many(ask)) if ask else 0
+    return fill(model, catalog.get_many(ids.tolist())) if len(ids) else 0

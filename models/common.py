@@ -205,7 +205,7 @@ class StatefulModel(RatingModel):
         keep = (ids >= 0) & rows.any(1)
         if not keep.any():
             return 0
-        return self.add_movies_rows(ids[keep], rows[keep])
+        return self._fill_feature_rows(ids[keep], rows[keep])
 
     def movies_without_features(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
@@ -227,9 +227,9 @@ class StatefulModel(RatingModel):
             return
         ids = np.nonzero((got != 0).any(1).cpu().numpy())[0]
         if len(ids):
-            self.add_movies_rows(ids, got[torch.from_numpy(ids).to(got.device)].cpu().numpy())
+            self._fill_feature_rows(ids, got[torch.from_numpy(ids).to(got.device)].cpu().numpy())
 
-    def add_movies_rows(self, ids: np.ndarray, rows: np.ndarray) -> int:
+    def _fill_feature_rows(self, ids: np.ndarray, rows: np.ndarray) -> int:
         """:meth:`add_movies` from feature rows already built."""
         self.ensure_capacity(int(ids.max()))
         blank = np.isin(ids, self.movies_without_features(ids))

@@ -115,8 +115,9 @@ def test_the_worker_fills_movies_from_the_catalog_and_asks_again_only_later(redi
         f.set_result(None)
         return f
 
-    MovieCatalog(sync_redis(redis_cfg), redis_cfg.key_prefix).put_many(
-        [Movie(150, "Known to the catalog", 1996, ("Comedy", "Romance"))])
+    cat = MovieCatalog(sync_redis(redis_cfg), redis_cfg.key_prefix)
+    cat.put_many([Movie(150, "Known to the catalog", 1996, ("Comedy", "Romance"))])
+    cat._hset({"152": b"\xff{not a movie", "153": b""})  # written by some other client: unreadable
     seq = iter(range(1000))
 
     def record(user: int, movie: int) -> Incoming:
@@ -128,18 +129,20 @@ def test_the_worker_fills_movies_from_the_catalog_and_asks_again_only_later(redi
         store = StateStore(client, redis_cfg.key_prefix)
         model = _model(ml100k)
         p = Predictor(model, store, send, BatchConfig(predictions_topic="p", dlq_topic="d", top_k=0),
-                      catalog=AsyncMovieCatalog(client, redis_cfg.key_prefix), catalog_retry_s=0.5)
+                      catalog=AsyncMovieCatalog(client, redis_cfg.key_prefix), catalog_retry_s=60.0)
+        now = [0.0]
+        p.side_features.asked.clock = lambda: now[0]  # the retry interval passes when the test says so
         filled, missing = counted("filled"), counted("not_in_catalog")
-        res = await p.process([record(1, 150), record(2, 151), record(3, 5)])
-        assert len(res.predictions) == 3 and not res.rejected
+        res = await p.process([record(1, 150), record(2, 151), record(3, 5), record(7, 152), record(8, 153)])
+        assert len(res.predictions) == 5 and not res.rejected
         g = model.genre_vocab
         assert p.model.movie_features[150][g.index("Romance")] == 1
-        assert sf.missing(p.model, [150, 151]).tolist() == [151]
-        assert counted("filled") - filled == 1 and counted("not_in_catalog") - missing == 1
+        assert sf.missing(p.model, [150, 151, 152, 153]).tolist() == [151, 152, 153]
+        assert counted("filled") - filled == 1 and counted("not_in_catalog") - missing == 3
         await p.process([record(4, 151)])  # within the retry interval: not asked again
-        assert counted("not_in_catalog") - missing == 1
+        assert counted("not_in_catalog") - missing == 3
         MovieCatalog(sync_redis(redis_cfg), redis_cfg.key_prefix).put_many([Movie(151, "Published later", 1997, ("Drama",))])
-        await asyncio.sleep(0.6)
+        now[0] += 61.0
         await p.process([record(5, 151)])
         assert counted("filled") - filled == 2 and not sf.missing(p.model, [151]).size
         p.offer_model(_model(ml100k))
@@ -150,8 +153,9 @@ def test_the_worker_fills_movies_from_the_catalog_and_asks_again_only_later(redi
     asyncio.run(go())
 
 
-def test_the_trainer_fills_its_champion_before_a_fine_tune(redis_cfg, ml100k):
-    """The blocking path the trainer takes: the same steps, once per id."""
+def test_the_blocking_fill_the_trainer_runs_before_a_fine_tune(redis_cfg, ml100k):
+    """``fill_from_catalog``, what the trainer calls on its champion: the same
+    steps with a blocking client; a filled row is not asked for again."""
     from core.redis_conn import sync_redis
 
     r = sync_redis(redis_cfg)

@@ -26,7 +26,6 @@ from models.base import MovieSide
 from models.batch import Increments
 from stream.batch.overlay import Overlay
 from stream.batch.serving import Serving
-from stream.batch.types import Work
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +64,12 @@ class MovieRows:
             log.info("online movie side loaded from Redis (%d rows)", self.serving.model.capacity)
         self.loaded = True
 
-    async def load(self, work: Work) -> Bases | None:
-        """The stored rows of the batch's movies and the globals, written into
-        the model; returns their values before the batch, the bases a missing
-        key starts from when the batch adds to it."""
-        if self.side() is None or not work:
+    async def load(self, ids: np.ndarray) -> Bases | None:
+        """The stored rows of the batch's movies (``ids``: distinct, ascending)
+        and the globals, written into the model; returns their values before
+        the batch, the bases a missing key starts from when the batch adds to it."""
+        if self.side() is None or not len(ids):
             return None
-        ids = np.unique(np.fromiter((ev.movie_id for ev, _ in work), np.int64, len(work)))
         self.serving.model.ensure_capacity(int(ids[-1]))
         return await self._read(ids)
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
+
 from core.catalog import Movie
 from core.repos.states import StateStore, Stored
 from stream.batch.decode import watermark
@@ -56,19 +58,16 @@ class Fresh:
 
 
 class Loader:
-    def __init__(self, store: StateStore, movies: MovieRows, overlay: Overlay,
-                 side: SideFeatures | None = None) -> None:
+    def __init__(self, store: StateStore, movies: MovieRows, overlay: Overlay, side: SideFeatures) -> None:
         self.store = store
         self.movies = movies
         self.overlay = overlay
         self.side = side
 
     async def load(self, work: Work) -> Loaded:
-        if self.side is None:
-            (users, stored), bases = await asyncio.gather(self._states(work), self.movies.load(work))
-            return Loaded(users, stored, bases)
+        movies = np.unique(np.fromiter((ev.movie_id for ev, _ in work), np.int64, len(work)))
         (users, stored), bases, catalog = await asyncio.gather(
-            self._states(work), self.movies.load(work), self.side.load(work))
+            self._states(work), self.movies.load(movies), self.side.load(movies))
         return Loaded(users, stored, bases, catalog)
 
     async def _states(self, work: Work) -> tuple[dict[int, int], list[Stored]]:

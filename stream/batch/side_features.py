@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+
 from core import side_features as sf
 from core.catalog import Movie
 from core.repos.catalog import AsyncMovieCatalog
 from stream import metrics as m
 from stream.batch.serving import Serving
-from stream.batch.types import Work
 
 
 class SideFeatures:
@@ -29,12 +30,13 @@ class SideFeatures:
         self.serving = serving
         self.asked = sf.Asked(retry_s)
 
-    async def load(self, work: Work) -> Mapping[int, Movie]:
-        """The catalog's entries for the batch's movies the model lacks (none
-        without a catalog, or when every movie has its features)."""
-        if self.catalog is None or not work:
+    async def load(self, ids: np.ndarray) -> Mapping[int, Movie]:
+        """The catalog's entries for those of the batch's movies (``ids``,
+        distinct) the model lacks (none without a catalog, or when every movie
+        has its features)."""
+        if self.catalog is None or not len(ids):
             return {}
-        ask = self.asked.due(sf.missing(self.serving.model, (ev.movie_id for ev, _ in work)))
+        ask = self.asked.due(self.serving.model.movies_without_features(ids))
         if not ask:
             return {}
         got = await self.catalog.get_many(ask)
