@@ -18,10 +18,11 @@ All user-side projections are bias-free, so a new user (h = 0, p~ = 0) gets
 ``mu + b_i`` and an unknown movie (zero rows) ``mu + b_u + w . h``.
 
 The served prediction (``online=True``, the default) puts this network on
-top of the online part: a Hedge mixture of five online learners
+top of the online part: a Hedge mixture of seven online learners
 (:mod:`models.mixture`; each the per-event biased MF of :mod:`models.online`
 with AdaGrad rates, a session bias and side features, learning on both
-sides, one per session time constant)::
+sides, one per session time constant and rate), per-user x genre biases
+and an item neighbourhood (:mod:`models.neighbours`) on its errors::
 
     pred = clamp(mix + w * (clamp(network) - mix)),   w = net_w, learned
 
@@ -92,7 +93,7 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
                  online_weight: float | None = None, online_cfg: dict | None = None,
                  n_user_features: int = 0, online_members: list | None = None,
                  hedge: dict | None = None, user_genre: dict | bool | None = None,
-                 shared_movie_side: bool = True, neighbours: dict | bool = False, **kw) -> None:
+                 shared_movie_side: bool = True, neighbours: dict | bool = True, **kw) -> None:
         super().__init__(k=k, **kw)
         self.online = bool(online)
         #: None: the network's share is learned on the stream (``net_w``); a
@@ -109,7 +110,7 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
         #: per-user x genre biases on the mixture's errors (None: off)
         self.ug_cfg = None if user_genre is False else mx.UserGenreConfig.from_dict(
             user_genre if isinstance(user_genre, dict) else None)
-        #: the item neighbourhood on the online part's errors (opt-in: None, off)
+        #: the item neighbourhood on the online part's errors (None: off)
         self.nb_cfg = None if neighbours is False or neighbours is None else nbr.NeighbourConfig.from_dict(
             neighbours if isinstance(neighbours, dict) else None)
         self.n_user_features = int(n_user_features)
@@ -131,9 +132,9 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
             self.register_buffer("online_net_w", torch.zeros(1))
             self.movie_tables = self.movie_tables + tuple(
                 f"online_{mx.member_name(j, n)}" for j in range(self._owners) for n in onl.MovieSide.ROW)
-        #: the neighbourhood's tables (keys, A, B, N): host arrays, learned
-        #: where the model is served and never saved (models.neighbours)
-        self.nb_tables: tuple[np.ndarray, ...] | None = None
+        #: the neighbourhood's tables (models.neighbours.new_tables): a host
+        #: array, learned where the model is served and never saved
+        self.nb_tables: np.ndarray | None = None
         if self.online and self.nb_cfg is not None:
             self.nb_tables = self._nb_grown(None, self.capacity)
         self._ms_cache: mx.MixtureSide | None = None

@@ -1,6 +1,6 @@
 """The served ``lstm``'s online part: the Hedge mixture of online learners
 (:mod:`models.mixture`), the per-user x genre biases on its errors and the
-opt-in item neighbourhood (:mod:`models.neighbours`), over the model's online
+item neighbourhood on those (:mod:`models.neighbours`), over the model's online
 movie side and the users' ``on_*`` state.
 
 Why a module of its own: :mod:`models.lstm` is the network and how the two
@@ -129,11 +129,10 @@ class OnlinePart:
         out["corr"] = torch.from_numpy(corr.astype(np.float32))
         return out
 
-    def _nb_grown(self, old: tuple[np.ndarray, ...] | None, capacity: int) -> tuple[np.ndarray, ...]:
-        S = self.nb_cfg.slots
-        new = (np.zeros((capacity, S), np.int32), *(np.zeros((capacity, S), np.float32) for _ in range(3)))
-        for a, b in zip(old or (), new):
-            b[: len(a)] = a[:capacity]
+    def _nb_grown(self, old: np.ndarray | None, capacity: int) -> np.ndarray:
+        new = nbr.new_tables(capacity, self.nb_cfg.slots)
+        if old is not None:
+            new[: len(old)] = old[:capacity]
         return new
 
     def adopt_local(self, old: RatingModel) -> None:
@@ -141,10 +140,10 @@ class OnlinePart:
         brings new weights, not new neighbours)."""
         super().adopt_local(old)  # type: ignore[misc]
         got = getattr(old, "nb_tables", None)
-        if self.nb_tables is not None and got is not None and got[0].shape[1] == self.nb_tables[0].shape[1]:
-            self.nb_tables = self._nb_grown(got, max(self.capacity, len(got[0])))
-            if len(got[0]) > self.capacity:
-                self.ensure_capacity(len(got[0]) - 1)
+        if self.nb_tables is not None and got is not None and got.shape[1] == self.nb_tables.shape[1]:
+            self.nb_tables = self._nb_grown(got, max(self.capacity, len(got)))
+            if len(got) > self.capacity:
+                self.ensure_capacity(len(got) - 1)
 
     def _kernel_ok(self, state: State, movie: Tensor) -> bool:
         """The kernels need CPU float32 tensors, the movie side contiguous (they
@@ -281,7 +280,7 @@ class OnlinePart:
     def online_score(self, state: State, ids: Tensor) -> Tensor:
         """The online part's prediction of movies ``ids`` for each user [B, N]:
         the mixture of the members' scores at the user's weights, plus the
-        genre biases (top-K ranks by it; the opt-in neighbourhood is left out)."""
+        genre biases (top-K ranks by it; the neighbourhood is left out)."""
         ms = self.movie_side()
         parts: dict[int, tuple[Tensor, Tensor]] = {}  # members on one movie side share its part
         for side in ms.members:

@@ -1,6 +1,7 @@
 """The served ``lstm`` with each adaptive piece taken out, in one run
-(issue #22): what the mixture, the genre biases, the learned share, the
-shared movie side and the network each earn, River beside them.
+(issue #22): what the mixture, the genre biases, the neighbourhood, the
+learned share, the shared movie side and the network each earn, River
+beside them.
 
 Every row is :func:`trainer.prequential.run_prequential` of the served
 family with one hyper-parameter changed (the same events, fine-tune points
@@ -29,9 +30,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "no genre biases": ("lstm", {"user_genre": False}),
     "fixed share 0.2 instead of learned": ("lstm", {"online_weight": 0.8}),
     "each member its own movie side": ("lstm", {"shared_movie_side": False}),
-    "+ neighbourhood (opt-in)": ("lstm", {"neighbours": True}),
+    "no neighbourhood": ("lstm", {"neighbours": False}),
     "issue #12 online part (one learner, no genre biases) alone": (
-        "online", {"online_members": [[10.0, 1.0]], "user_genre": False}),
+        "online", {"online_members": [[10.0, 1.0]], "user_genre": False, "neighbours": False}),
 }
 
 

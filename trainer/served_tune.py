@@ -80,7 +80,7 @@ def tune(frac: float = 0.5) -> dict[str, Any]:
                                                       probes=probes))
               for history, slots, probes in ((16, 256, 16), (32, 256, 16), (64, 256, 16), (64, 128, 16), (64, 256, 8))]
     own = run_prequential("online", df, ds.movies, genre_vocab=ds.genre_vocab, users=ds.users, seed=0,
-                          hparams={"shared_movie_side": False}).rmse
+                          hparams={"shared_movie_side": False, "neighbours": False}).rmse
     return {"slice": f"ML-100K, first {frac:.0%} by time", "n": len(df),
             "members": {name: _rmse(m, y) for name, m in mixes.items()},
             "user_genre": {"mixture of seven": _rmse(base, y),

@@ -37,7 +37,7 @@ import numba
 import numpy as np
 
 from models.neighbours import NeighbourConfig as ServedConfig
-from models.neighbours import neighbour_events, vote
+from models.neighbours import neighbour_events, new_tables, vote
 
 
 @dataclass(frozen=True)
@@ -67,21 +67,27 @@ def _run(base, y, uidx, movie, n_users, n_items, k, shrink, lam, history):
     out = np.zeros(n, np.float32)
     s = np.empty(history, np.float64)
     ev = np.empty(history, np.float64)
+    top = np.empty(history, np.int64)
     for i in range(n):
         u, j = uidx[i], movie[i]
         m = min(cnt[u], history)
         # predict from the state before event i
         for t in range(m):
             h = hi[u, t]
+            if h == j:  # a movie rated again is no neighbour of itself
+                s[t], ev[t] = 0.0, he[u, t]
+                continue
             den = np.sqrt(float(B[h, j]) * float(B[j, h])) + 1e-9
             c = N[h, j]
             s[t] = A[h, j] / den * c / (c + shrink)
             ev[t] = he[u, t]
-        out[i] = vote(s, ev, m, k, lam)
+        out[i] = vote(s, ev, m, k, lam, top)
         # learn: the base's error on this rating, paired with the user's kept ones
         e = y[i] - base[i]
         for t in range(m):
             h = hi[u, t]
+            if h == j:
+                continue
             eh = he[u, t]
             A[h, j] += eh * e
             A[j, h] += eh * e
@@ -104,8 +110,7 @@ def corrections(base: np.ndarray, y: np.ndarray, uidx: np.ndarray, movie: np.nda
     n_items = int(movie.max()) + 1 if len(movie) else 0
     if cfg.slots:  # the served kernel over fresh tables
         H = int(cfg.history)
-        tables = (np.zeros((n_items, cfg.slots), np.int64),
-                  *(np.zeros((n_items, cfg.slots), np.float32) for _ in range(3)))
+        tables = new_tables(n_items, cfg.slots)
         return neighbour_events(base, y, uidx, movie, np.zeros((n_users, H), np.int64),
                                 np.zeros((n_users, H), np.float32), np.zeros(n_users, np.int64), tables,
                                 ServedConfig(k=cfg.k, shrink=cfg.shrink, lam=cfg.lam, history=H, slots=cfg.slots,
