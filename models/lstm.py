@@ -93,7 +93,8 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
                  online_weight: float | None = None, online_cfg: dict | None = None,
                  n_user_features: int = 0, online_members: list | None = None,
                  hedge: dict | None = None, user_genre: dict | bool | None = None,
-                 shared_movie_side: bool = True, neighbours: dict | bool = True, **kw) -> None:
+                 movie_side_owners: int | None = None, neighbours: dict | bool = True,
+                 shared_movie_side: bool | None = None, **kw) -> None:
         super().__init__(k=k, **kw)
         self.online = bool(online)
         #: None: the network's share is learned on the stream (``net_w``); a
@@ -105,8 +106,15 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
         if not self.online_members:
             raise ValueError("online_members needs at least one (session tau, rate scale) pair")
         self.hedge_cfg = mx.HedgeConfig.from_dict(hedge)
-        #: True: every member reads member 0's movie tables (one learns them)
-        self.shared_movie_side = bool(shared_movie_side)
+        if shared_movie_side is not None:  # checkpoints before movie_side_owners
+            movie_side_owners = 1 if shared_movie_side else len(self.online_members)
+        if movie_side_owners is None:
+            movie_side_owners = min(mx.MOVIE_SIDE_OWNERS, len(self.online_members))
+        if not 1 <= int(movie_side_owners) <= len(self.online_members):
+            raise ValueError(f"movie_side_owners must be between 1 and the {len(self.online_members)} members "
+                             f"(it is {movie_side_owners})")
+        #: the first members learn movie tables of their own; the others read member 0's
+        self.movie_side_owners = int(movie_side_owners)
         #: per-user x genre biases on the mixture's errors (None: off)
         self.ug_cfg = None if user_genre is False else mx.UserGenreConfig.from_dict(
             user_genre if isinstance(user_genre, dict) else None)
@@ -119,7 +127,7 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
                         n_user_features=self.n_user_features,
                         online_members=[list(m) for m in self.online_members], hedge=self.hedge_cfg.to_dict(),
                         user_genre=False if self.ug_cfg is None else self.ug_cfg.to_dict(),
-                        shared_movie_side=self.shared_movie_side,
+                        movie_side_owners=self.movie_side_owners,
                         neighbours=False if self.nb_cfg is None else self.nb_cfg.to_dict())
         self.hidden = int(hidden)
         if self.online:

@@ -26,10 +26,10 @@ once it is trained from scratch) takes one normalised
 gradient step on each learned batch's squared error, so where the network
 does not help it keeps (close to) no weight instead of a fixed 0.2.
 
-Each member predicts through a :class:`models.online.MovieSide`: by default
-all of them read member 0's tables and only member 0 learns them (one row
-per movie in Redis); with ``shared_movie_side=False`` each learns its own
-(tensors named ``m{j}_*``; member 0 keeps the plain names).
+Each member predicts through a :class:`models.online.MovieSide`: the first
+``movie_side_owners`` (:data:`MOVIE_SIDE_OWNERS`) learn tables of their own
+(tensors named ``m{j}_*``; member 0 keeps the plain names), the others read
+member 0's; each owner is one more row per movie in Redis.
 :class:`MixtureSide` presents the tables, plus the two shared globals, as
 one mergeable side that :mod:`models.online_pack` packs like any other.
 Settings were chosen on the first half of ML-100K by time
@@ -53,8 +53,15 @@ from models.config import DictConfig
 #: first is the base config.  Five time constants at rates x1 plus tau 10 s at
 #: x0.5 and x2: on ML-100K's first half by time 0.9235 against 0.9241 for the
 #: five taus alone and 0.9234 for all fifteen of ``trainer.hedge.members``
-#: (``python -m trainer.served_tune``)
-MEMBERS = ((10.0, 1.0), (5.0, 1.0), (30.0, 1.0), (120.0, 1.0), (600.0, 1.0), (10.0, 0.5), (10.0, 2.0))
+#: (``python -m trainer.served_tune``).  The first :data:`MOVIE_SIDE_OWNERS`
+#: learn movie tables of their own, so the other rates come first.
+MEMBERS = ((10.0, 1.0), (10.0, 2.0), (10.0, 0.5), (5.0, 1.0), (30.0, 1.0), (120.0, 1.0), (600.0, 1.0))
+#: how many members learn their own movie tables (the others read member
+#: 0's): on ML-100K's first half by time, with the neighbourhood, the online
+#: part gives 0.92098 with one, 0.92056 with two (the second at rates x2, the
+#: best of the six), 0.92034 with three (x0.5 third, the best of five); each
+#: owner adds one row per movie to Redis and to every batch's reads and writes
+MOVIE_SIDE_OWNERS = 3
 #: step of the network's learned share per :data:`STEP_EVENTS` events (chosen
 #: on ML-100K's first half by time, at batches of 1,024 events)
 BLEND_LR = 0.1

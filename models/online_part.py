@@ -33,8 +33,8 @@ class OnlinePart:
 
     @property
     def _owners(self) -> int:
-        """How many members own movie tables (1 when the movie side is shared)."""
-        return 1 if self.shared_movie_side else len(self.online_members)
+        """How many members own movie tables (the first ones; 1: all share member 0's)."""
+        return self.movie_side_owners
 
     def _member_cfgs(self) -> list[onl.OnlineConfig]:
         return mx.member_configs(self.online_cfg, self.online_members)

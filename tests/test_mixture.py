@@ -19,17 +19,17 @@ def _model(**kw):
 
 
 def test_the_mixture_is_one_mergeable_side_with_every_member():
-    """Shared (the default): every member reads member 0's movie tables, the
-    side packs one member's rows plus the mixture's globals; own sides: K
-    members' rows, each learning its own."""
+    """The first ``owners`` members learn movie tables of their own, the
+    others read member 0's; the side packs the owners' rows plus the
+    mixture's globals (one owner: one member's rows; K: every member's)."""
     K = len(mx.MEMBERS)
-    for shared, owners in ((True, 1), (False, K)):
-        m = _model(shared_movie_side=shared)
+    for owners in (1, mx.MOVIE_SIDE_OWNERS, K):
+        m = _model(movie_side_owners=owners)
         ms = m.movie_side()
         assert len(ms.members) == K and [s.cfg.tau_s for s in ms.members] == [t for t, _ in mx.MEMBERS]
         assert [s.cfg.lr_bias / ms.cfg.lr_bias for s in ms.members] == [r for _, r in mx.MEMBERS]
         assert ms.owners == owners and len(ms.ROW) == 4 * owners and ms.GLOBAL[-2:] == mx.MIX_GLOBAL
-        assert all((s.t["q"] is ms.members[0].t["q"]) == (j == 0 or shared) for j, s in enumerate(ms.members))
+        assert all((s.t["q"] is ms.members[0].t["q"]) == (j == 0 or j >= owners) for j, s in enumerate(ms.members))
     # every name is a view of the model's buffers: applying an increment updates the model
     ms.apply({"m2_b": (torch.tensor([3]), torch.tensor([0.5])), "hedge_L": (None, torch.ones(K))})
     assert float(m.online_m2_b[3]) == 0.5 and float(m.online_b[3]) == 0.0
@@ -126,7 +126,7 @@ def test_the_mixture_and_the_genre_biases_beat_the_default_member_on_real_rating
         return run_prequential("online", df, ml100k.movies, hparams=hp, **kw).rmse
 
     single = rmse(online_members=[[10.0, 1.0]], user_genre=False)
-    copies = rmse(online_members=[[10.0, 1.0]] * 5, user_genre=False, shared_movie_side=False)
+    copies = rmse(online_members=[[10.0, 1.0]] * 5, user_genre=False, movie_side_owners=5)
     mixed = rmse(user_genre=False)
     served = rmse()
     print(f"single {single:.4f} mixture {mixed:.4f} + genre biases {served:.4f}")

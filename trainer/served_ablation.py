@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from core.datasets import load_dataset
+from models.mixture import MEMBERS
 from trainer.prequential import run_prequential, run_river_prequential, stream_order
 
 #: row -> (family, hyper-parameters changed from the served defaults)
@@ -29,7 +30,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "one learner instead of the mixture": ("lstm", {"online_members": [[10.0, 1.0]]}),
     "no genre biases": ("lstm", {"user_genre": False}),
     "fixed share 0.2 instead of learned": ("lstm", {"online_weight": 0.8}),
-    "each member its own movie side": ("lstm", {"shared_movie_side": False}),
+    "one shared movie side": ("lstm", {"movie_side_owners": 1}),
+    "each member its own movie side": ("lstm", {"movie_side_owners": len(MEMBERS)}),
     "no neighbourhood": ("lstm", {"neighbours": False}),
     "issue #12 online part (one learner, no genre biases) alone": (
         "online", {"online_members": [[10.0, 1.0]], "user_genre": False, "neighbours": False}),
