@@ -13,8 +13,12 @@ on the first half of ML-100K by time only, then frozen.
   probes; :class:`models.neighbours.NeighbourConfig`), and the CPU its
   kernel took per event (``time.process_time``, one run); then the budget
   itself (history, slots, probes) at the chosen k x shrink x lam;
-* ``movie_side``: the served online part with one shared movie side (the
-  default) against each member learning its own;
+* ``movie_side``: the served online part (without the neighbourhood) with
+  one shared movie side, with three owners (served) and with each member
+  learning its own;
+* ``owners``: how many members learn movie tables of their own
+  (:data:`models.mixture.MOVIE_SIDE_OWNERS`), the online part with the
+  neighbourhood on: one, then greedily the best second and third owner;
 * ``share``: how the network's prediction is combined with the online
   part's, on the served lstm's own two halves (seed 0): the learned global
   share as served, and the best combinations in hindsight -- one global
@@ -35,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from core.datasets import load_dataset
-from models.mixture import MEMBERS, HedgeConfig, UserGenreConfig, member_configs
+from models.mixture import MEMBERS, MOVIE_SIDE_OWNERS, HedgeConfig, UserGenreConfig, member_configs
 from models.online import OnlineConfig
 from trainer.diverse import _clip, stream_arrays
 from trainer.hedge import RATE_SCALES, TAUS, batch_starts, member_predictions, mix
@@ -79,8 +83,9 @@ def tune(frac: float = 0.5) -> dict[str, Any]:
     budget = [(history, slots, probes, *neighbourhood(k=k, shrink=shrink, lam=lam, history=history, slots=slots,
                                                       probes=probes))
               for history, slots, probes in ((16, 256, 16), (32, 256, 16), (64, 256, 16), (64, 128, 16), (64, 256, 8))]
-    own = run_prequential("online", df, ds.movies, genre_vocab=ds.genre_vocab, users=ds.users, seed=0,
-                          hparams={"shared_movie_side": False, "neighbours": False}).rmse
+    sides = {n: float(run_prequential("online", df, ds.movies, genre_vocab=ds.genre_vocab, users=ds.users, seed=0,
+                                      hparams={"movie_side_owners": n, "neighbours": False}).rmse)
+             for n in (1, len(MEMBERS))}
     return {"slice": f"ML-100K, first {frac:.0%} by time", "n": len(df),
             "members": {name: _rmse(m, y) for name, m in mixes.items()},
             "user_genre": {"mixture of seven": _rmse(base, y),
@@ -88,8 +93,31 @@ def tune(frac: float = 0.5) -> dict[str, Any]:
             "neighbours": {"served online part without it": _rmse(served, y),
                            "grid (rmse, k, shrink, lam, cpu us per event)": grid,
                            "budget (history, slots, probes, rmse, cpu us per event)": budget},
-            "movie_side": {"one shared (served)": _rmse(served, y), "each member its own": float(own)},
+            "movie_side": {"one shared": sides[1], f"{MOVIE_SIDE_OWNERS} owners (served)": _rmse(served, y),
+                           "each member its own": sides[len(MEMBERS)]},
+            "owners": owners(ds, df),
             "share": share_bounds(ds, df, a["uidx"], y)}
+
+
+def owners(ds: Any, df: Any) -> dict[str, Any]:
+    """The online part with the first n members owning movie tables: member
+    0 alone, then the best second of the other six, then the best third of
+    the remaining five (each scored with the others reading member 0's)."""
+    kw = dict(genre_vocab=ds.genre_vocab, users=ds.users, seed=0)
+
+    def rmse(order: list, n: int) -> float:
+        return float(run_prequential("online", df, ds.movies, hparams={
+            "online_members": [list(m) for m in order], "movie_side_owners": n}, **kw).rmse)
+
+    chosen, rest = [MEMBERS[0]], list(MEMBERS[1:])
+    doc: dict[str, Any] = {"1 owner": rmse(chosen + rest, 1)}
+    for n in range(2, MOVIE_SIDE_OWNERS + 1):
+        tried = {str(list(c)): rmse(chosen + [c] + [m for m in rest if m != c], n) for c in rest}
+        best = min(rest, key=lambda c: tried[str(list(c))])
+        doc[f"{n} owners: each candidate"] = tried
+        chosen, rest = chosen + [best], [m for m in rest if m != best]
+    doc["chosen"] = [list(m) for m in chosen]
+    return doc
 
 
 def share_bounds(ds: Any, df: Any, uidx: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -122,5 +150,5 @@ if __name__ == "__main__":
                       "neighbours best": doc["neighbours"]["grid (rmse, k, shrink, lam, cpu us per event)"][:3],
                       "without neighbours": doc["neighbours"]["served online part without it"],
                       "neighbour budget": doc["neighbours"]["budget (history, slots, probes, rmse, cpu us per event)"],
-                      "movie_side": doc["movie_side"], "share": doc["share"]}, indent=1))
+                      "movie_side": doc["movie_side"], "owners": doc["owners"], "share": doc["share"]}, indent=1))
     Path(sys.argv[1]).write_text(json.dumps(doc, indent=1))
