@@ -112,18 +112,19 @@ class OnlinePart:
         return self.online_batch_rounds(state, movie, rating, ts, mask, apply=apply)
 
     def _neighbours(self, user: State, row: Tensor, movie: Tensor, rating: Tensor, base: Tensor, learn: bool,
-                    in_place: bool = False) -> dict[str, Tensor]:
-        """The neighbourhood over events of users ``row`` (rows of ``user``'s
-        ``on_n*``; each user's events in order) on top of ``base``: the
-        corrections (``corr``) and the new ``on_n*`` rows (updated in place
-        with ``in_place``, on CPU).  ``learn``: the tables learn the events."""
+                    in_place: bool = False, starts: np.ndarray | None = None) -> dict[str, Tensor]:
+        """The neighbourhood over the rounds ``starts`` (default: one round,
+        one event per user) of events of users ``row`` (rows of ``user``'s
+        ``on_n*``) on top of ``base``: the corrections (``corr``) and the new
+        ``on_n*`` rows (updated in place with ``in_place``, on CPU).
+        ``learn``: the tables learn the events."""
         hist = {k: user[k] if in_place else user[k].detach().cpu().clone() for k in ("on_nm", "on_ne", "on_nn")}
         tables = self.nb_tables
         assert tables is not None
         corr = nbr.neighbour_events(base.detach().cpu().numpy(), rating.detach().cpu().numpy(),
                                     row.cpu().numpy(), movie.detach().cpu().numpy(),
                                     *(hist[k].numpy() for k in ("on_nm", "on_ne", "on_nn")), tables, self.nb_cfg,
-                                    learn)
+                                    learn, np.asarray([0, len(row)]) if starts is None else starts)
         dev = user["on_nm"].device
         out = {k: v.to(dev) for k, v in hist.items()}
         out["corr"] = torch.from_numpy(corr.astype(np.float32))
@@ -187,7 +188,7 @@ class OnlinePart:
             p = np.clip(p + corr, self.rating_min, self.rating_max).astype(np.float32)
         if self.nb_cfg is not None:
             got = self._neighbours(user, torch.from_numpy(u), torch.from_numpy(mv), torch.from_numpy(rt),
-                                   torch.from_numpy(p), apply, in_place=True)
+                                   torch.from_numpy(p), apply, in_place=True, starts=starts)
             p = np.clip(p + got["corr"].numpy(), self.rating_min, self.rating_max).astype(np.float32)
         if apply and len(u):
             inc["hedge_L"] = (None, Lg - before)

@@ -201,7 +201,10 @@ def test_worker_batches_equal_simulator_and_movie_side_moves(stack, ckpt, ml100k
     got = np.array([sent[f"e{i}"] for i in range(len(df))])
     diff = np.abs(got - ref)
     print(f"max abs diff worker vs simulator {diff.max():.2e} over {len(df)} events")
-    assert len(sent) == len(df) and diff.max() < 1e-4
+    # float32 noise only: the worker's movie side is summed in Redis (three
+    # members' tables since issue #22: 1.3e-4 at most), the simulator's in
+    # process; a top-k neighbourhood vote broken by that noise gave 0.03
+    assert len(sent) == len(df) and diff.max() < 5e-4
     assert glob is not None
     # the global mean's (sum, count) grew by exactly the events seen
     assert glob[1] - base[1] == pytest.approx(len(df))

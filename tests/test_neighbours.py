@@ -86,3 +86,30 @@ def test_a_later_rating_of_a_correlated_movie_is_corrected_towards_it():
 def test_settings_it_cannot_run_are_refused(bad):
     with pytest.raises(ValueError, match="neighbours"):
         nbr.NeighbourConfig(**bad)
+
+
+def test_how_a_batch_orders_its_users_changes_no_correction():
+    """Rounds of one event per user, the users in two different orders
+    within each round (as two workers' batches, or a worker and the
+    simulator, may lay them out): the same correction for every event."""
+    rng = np.random.default_rng(0)
+    cfg = nbr.NeighbourConfig(history=8, slots=8, probes=4)  # small: rows fill up and evict
+    U, R = 30, 12
+    movie = rng.integers(0, 25, (R, U))
+    y = rng.uniform(-2, 2, (R, U))
+
+    def run(order: np.ndarray) -> np.ndarray:
+        T = nbr.new_tables(25, cfg.slots)
+        hm, he, hn = np.zeros((U, cfg.history), np.int32), np.zeros((U, cfg.history), np.float32), np.zeros(U, np.int32)
+        rows = np.concatenate([order] * R)
+        mv = np.concatenate([movie[r, order] for r in range(R)])
+        ys = np.concatenate([y[r, order] for r in range(R)])
+        out = nbr.neighbour_events(np.zeros(len(ys)), ys, rows, mv, hm, he, hn, T, cfg, learn=True,
+                                   starts=np.arange(0, R * U + 1, U))
+        back = np.empty((R, U))
+        back[:, order] = out.reshape(R, U)
+        return back
+
+    a, b = run(np.arange(U)), run(rng.permutation(U))
+    assert np.abs(a).max() > 0.01  # it corrects something
+    np.testing.assert_allclose(a, b, atol=1e-6)
