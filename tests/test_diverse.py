@@ -14,6 +14,7 @@ import torch
 
 from trainer import diverse as D
 from trainer.hedge import _rmse, batch_starts, member_predictions
+from models.neighbours import VAR_FLOOR
 from trainer.learners import neighbourhood as nb
 from trainer.learners import user_genre as ug
 from trainer.learners.wide_mf import wide_members
@@ -63,7 +64,7 @@ def test_bounded_neighbour_tables_equal_the_dense_ones_when_nothing_is_evicted(s
     hold every pair; with 8 slots of 30 movies they must forget some."""
     b, y, u, m, g = _toy(seed)
     cfg = nb.NeighbourhoodConfig(k=5, shrink=2.0, lam=0.5, history=20)
-    dense = nb.corrections(b, y, u, m, cfg)
+    dense = nb.corrections(b, y, u, m, dataclasses.replace(cfg, var_floor=VAR_FLOOR))
     full = nb.corrections(b, y, u, m, dataclasses.replace(cfg, slots=32, probes=32))
     assert np.allclose(full, dense, atol=1e-5)
     small = nb.corrections(b, y, u, m, dataclasses.replace(cfg, slots=8, probes=3))

@@ -50,13 +50,14 @@ class NeighbourhoodConfig:
     history: int = 200  # most recent ratings of the user kept (and paired on learning)
     slots: int = 0  # 0: dense tables; N: N neighbour slots per movie (the served design, :mod:`models.neighbours`)
     probes: int = 8  # slots probed per lookup in the bounded tables
+    var_floor: float = 0.0  # dense tables: added to each sum of squares (the bounded ones use the served kernel's)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @numba.njit(cache=True)
-def _run(base, y, uidx, movie, n_users, n_items, k, shrink, lam, history):
+def _run(base, y, uidx, movie, n_users, n_items, k, shrink, lam, history, floor):
     n = len(y)
     A = np.zeros((n_items, n_items), np.float32)
     B = np.zeros((n_items, n_items), np.float32)
@@ -77,7 +78,7 @@ def _run(base, y, uidx, movie, n_users, n_items, k, shrink, lam, history):
             if h == j:  # a movie rated again is no neighbour of itself
                 s[t], ev[t] = 0.0, he[u, t]
                 continue
-            den = np.sqrt(float(B[h, j]) * float(B[j, h])) + 1e-9
+            den = np.sqrt((float(B[h, j]) + floor) * (float(B[j, h]) + floor)) + 1e-9
             c = N[h, j]
             s[t] = A[h, j] / den * c / (c + shrink)
             ev[t] = he[u, t]
@@ -117,4 +118,4 @@ def corrections(base: np.ndarray, y: np.ndarray, uidx: np.ndarray, movie: np.nda
                                              probes=cfg.probes), learn=True).astype(np.float32)
     return _run(np.ascontiguousarray(base, np.float64), np.ascontiguousarray(y, np.float64),
                 np.ascontiguousarray(uidx, np.int64), np.ascontiguousarray(movie, np.int64), n_users, n_items,
-                int(cfg.k), float(cfg.shrink), float(cfg.lam), int(cfg.history))
+                int(cfg.k), float(cfg.shrink), float(cfg.lam), int(cfg.history), float(cfg.var_floor))
