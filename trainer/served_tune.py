@@ -12,7 +12,8 @@ on the first half of ML-100K by time only, then frozen.
   a grid of k x shrink x lam at its budget (history 64, 256 slots x 16
   probes; :class:`models.neighbours.NeighbourConfig`), and the CPU its
   kernel took per event (``time.process_time``, one run); then the budget
-  itself (history, slots, probes) at the chosen k x shrink x lam;
+  itself (history, slots, probes) at the chosen shrink x lam and the served
+  k (every kept rating votes);
 * ``movie_side``: the served online part (without the neighbourhood) with
   one shared movie side, with three owners (served) and with each member
   learning its own;
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from core.datasets import load_dataset
+from models.neighbours import NeighbourConfig
 from models.mixture import MEMBERS, MOVIE_SIDE_OWNERS, HedgeConfig, UserGenreConfig, member_configs
 from models.online import OnlineConfig
 from trainer.diverse import _clip, stream_arrays
@@ -79,7 +81,8 @@ def tune(frac: float = 0.5) -> dict[str, Any]:
     grid = sorted((rmse, k, shrink, lam, us) for k, shrink, lam in itertools.product(
         (20, 50, 100), (100.0, 200.0, 500.0, 1000.0), (0.5, 1.0, 2.0))
         for rmse, us in [neighbourhood(k=k, shrink=shrink, lam=lam, history=64, slots=256, probes=16)])
-    _, k, shrink, lam, _ = grid[0]
+    _, _, shrink, lam, _ = grid[0]
+    k = NeighbourConfig().k  # served: every kept rating votes (models.neighbours.NeighbourConfig says why)
     budget = [(history, slots, probes, *neighbourhood(k=k, shrink=shrink, lam=lam, history=history, slots=slots,
                                                       probes=probes))
               for history, slots, probes in ((16, 256, 16), (32, 256, 16), (64, 256, 16), (64, 128, 16), (64, 256, 8))]
