@@ -149,6 +149,12 @@ def vote(s, ev, m, k, lam, top):
     first among equals, with nothing allocated per event."""
     if m == 0:
         return 0.0
+    if k >= m:  # every kept rating votes (the served default): nothing to select
+        num, tot = 0.0, 0.0
+        for t in range(m):
+            num += s[t] * ev[t]
+            tot += abs(s[t])
+        return num / (tot + lam) if tot + lam > 0.0 else 0.0
     kk = min(k, m)
     n = 0
     for t in range(m):
@@ -195,6 +201,9 @@ def _events(base, y, row, movie, hm, he, hn, T, starts, k, shrink, lam, probes, 
     for r in range(len(starts) - 1):
         width = max(width, starts[r + 1] - starts[r])
     at = np.empty((width, H), np.int32)  # each pair's slot, found once for the vote and the learning
+    key = np.empty(width)
+    key2 = np.empty(width)
+    one = np.zeros(1, np.int64)
     for r in range(len(starts) - 1):
         r0, r1 = starts[r], starts[r + 1]
         for i in range(r0, r1):  # the round's corrections, from the tables as the round found them
@@ -212,10 +221,21 @@ def _events(base, y, row, movie, hm, he, hn, T, starts, k, shrink, lam, probes, 
         # then its ratings: the tables and each user's history learn them, in
         # an order of the events' own (movie, error), not of the batch's rows,
         # so that evictions too are the same however the users are laid out
-        key = np.empty(r1 - r0)
-        for i in range(r0, r1):
-            key[i - r0] = movie[i] * 16.0 + (y[i] - base[i] + 8.0)
-        for q in np.argsort(key, kind="mergesort"):
+        if r1 - r0 > 1:
+            # ties (same movie, same error: e.g. two exact predictions) broken
+            # by the users' own histories (count, last movie), never by rows
+            for i in range(r0, r1):
+                u = row[i]
+                last = hm[u, (hn[u] - 1) % H] if hn[u] > 0 else -1
+                key[i - r0] = float(hn[u]) * 4294967296.0 + float(last)
+            order = np.argsort(key[: r1 - r0], kind="mergesort")
+            for q in range(r1 - r0):
+                i = r0 + order[q]
+                key2[q] = movie[i] * 16.0 + (y[i] - base[i] + 8.0)
+            order = order[np.argsort(key2[: r1 - r0], kind="mergesort")]
+        else:  # one event (strict time order): nothing to order
+            order = one
+        for q in order:
             i = r0 + q
             u, j = row[i], movie[i]
             m = min(hn[u], H)
