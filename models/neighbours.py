@@ -50,7 +50,7 @@ class NeighbourConfig(DictConfig):
     """shrink and lam chosen on ML-100K's first half by time, on the served
     online part's errors (``python -m trainer.served_tune``: 0.9203 against
     0.9218 without); history 64 and 256 slots x 16 probes are the state and
-    memory budget (history 32: 0.9208 at half the CPU).
+    memory budget (history 32: 0.9207 at about half the CPU).
 
     Every kept rating votes (``k`` = ``history``): the grid's best, the 20
     most similar, scored 0.9202, but a top-k is not continuous in the
