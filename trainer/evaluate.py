@@ -90,6 +90,7 @@ import pandas as pd
 import torch
 import typer
 
+from core.settings import FINETUNE_EPOCHS
 from models.registry import DEFAULT_MODEL
 from trainer.prequential import (RIVER_MODELS, PrequentialResult, river_baseline, river_biasedmf, run_prequential,
                                  run_river_prequential, stream_order, stretch_cuts)
@@ -183,7 +184,7 @@ def run_time_split(
 
 
 def run_stream_protocol(
-    ds: Any, names: list[str], *, protocol: str = "prequential", finetune_every: int = 5000, epochs: int = 2,
+    ds: Any, names: list[str], *, protocol: str = "prequential", finetune_every: int = 5000, epochs: int = FINETUNE_EPOCHS,
     seeds: tuple[int, ...] = (0,), policy: str = "window", river: bool = True, progress: bool = False,
     device: str = "cpu", batch_events: int = 1024,
 ) -> tuple[dict[str, Any], dict[str, PrequentialResult]]:
@@ -320,7 +321,7 @@ def cli(
                                "lstm-diverse-knn-learned: prequential/demo only)"),
     seeds: int = typer.Option(3, min=1, help="number of seeds (seed, seed+1, ...); mean and std are reported"),
     finetune_every: int = typer.Option(5000, min=0, help="prequential: fine-tune every N events (0: never); demo: 10000"),
-    epochs: int = typer.Option(2, min=1, help="prequential/demo: epochs per fine-tune"),
+    epochs: int = typer.Option(FINETUNE_EPOCHS, min=1, help="prequential/demo: epochs per fine-tune"),
     train_epochs: int = typer.Option(20, min=1, help="time-split: max training epochs (early stopping)"),
     train_frac: float = typer.Option(0.8, min=0.05, max=0.99, help="time-split: train fraction by time"),
     policy: str = typer.Option("window", help="prequential state-after-fine-tune policy: window, replay or keep"),

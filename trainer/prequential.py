@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core.settings import FINETUNE_EPOCHS
 from models import state as mstate
 from models.base import RatingModel, State
 from trainer.stream_order import occurrence_rank, padded as _padded, step_online_events, stream_order
@@ -236,7 +237,7 @@ def run_prequential(
     movies: pd.DataFrame | None = None,
     *,
     finetune_every: int = 5000,
-    epochs: int = 2,
+    epochs: int = FINETUNE_EPOCHS,
     seed: int = 0,
     batch_events: int = 1024,
     genre_vocab: list[str] | None = None,
