@@ -94,8 +94,7 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
                  n_user_features: int = 0, online_members: list | None = None,
                  hedge: dict | None = None, user_genre: dict | bool | None = None,
                  movie_side_owners: int | None = None, neighbours: dict | bool = True,
-                 shared_movie_side: bool | None = None, residual: bool = False,
-                 mixture_inputs: bool = False, **kw) -> None:
+                 shared_movie_side: bool | None = None, **kw) -> None:
         super().__init__(k=k, **kw)
         self.online = bool(online)
         #: None: the network's share is learned on the stream (``net_w``); a
@@ -123,15 +122,7 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
         self.nb_cfg = None if neighbours is False or neighbours is None else nbr.NeighbourConfig.from_dict(
             neighbours if isinstance(neighbours, dict) else None)
         self.n_user_features = int(n_user_features)
-        #: the network predicts the online part's prediction plus a correction
-        #: from the user's hidden state, so training fits the online part's
-        #: residual (False: a rating predictor of its own, checkpoints before it)
-        self.residual = bool(residual) and self.online
-        #: the LSTM also reads the online part's prediction of each event and its error
-        self.mix_in = bool(mixture_inputs) and self.online
-        self._needs_base = self.residual or self.mix_in
-        self._base: Tensor | None = None
-        self._hp.update(residual=self.residual, mixture_inputs=self.mix_in, hidden=int(hidden), item_dim=int(item_dim), online=self.online,
+        self._hp.update(hidden=int(hidden), item_dim=int(item_dim), online=self.online,
                         online_weight=self.online_weight, online_cfg=self.online_cfg.to_dict(),
                         n_user_features=self.n_user_features,
                         online_members=[list(m) for m in self.online_members], hedge=self.hedge_cfg.to_dict(),
@@ -158,7 +149,7 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
         self._net_only = False
         # no per-movie tables of its own: movies enter through the MF factors
         # q_i and the side features f_i (far fewer parameters to overfit)
-        self.lstm = nn.LSTM(self.k + 5 + self.n_features + (2 if self.mix_in else 0), hidden, batch_first=True)
+        self.lstm = nn.LSTM(self.k + 5 + self.n_features, hidden, batch_first=True)
         self.user_proj = nn.Linear(hidden, item_dim, bias=False)
         self.user_bias_head = nn.Linear(hidden, 1, bias=False)
         self.feat_proj = nn.Linear(self.k + self.n_features, item_dim, bias=False)
@@ -206,11 +197,10 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
         """``step`` plus the movie-side increments of this batch (one event per
         user).  The caller merges them (``movie_side().apply`` here, Redis
         ``HINCRBYFLOAT`` in a stream) before the next batch."""
+        new, net = self._network_step(state, movie, rating, ts)
         if not self.online or self._net_only:
-            new, net = self._network_step(state, movie, rating, ts)
             return new, net, {}
         user, on, inc = self.online_part(state, movie, rating, ts)
-        new, net = self._network_step(state, movie, rating, ts, base=on)
         new.update(user)
         return new, self._blend(net, on), inc
 
@@ -226,10 +216,7 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
         (predictions [U, T], new states, the batch's increments summed per
         movie row); ``learn_movies=False``: the movie side and the share stay
         fixed (the frozen path)."""
-        on = None
-        if self.online:  # first: a residual network predicts on top of what it served
-            on, user, inc = self.online_batch(state, movie, rating, ts, mask, apply=learn_movies)
-        with self.network_only(base=on):
+        with self.network_only():
             if movie.shape[1] == 1:
                 new, p = self.step(state, movie[:, 0], rating[:, 0], ts[:, 0])
                 net = p[:, None]
@@ -237,6 +224,7 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
                 net, new = self.forward_sequence(movie, rating, ts, mask, state=state, return_state=True)
         if not self.online:
             return net, new, {}
+        on, user, inc = self.online_batch(state, movie, rating, ts, mask, apply=learn_movies)
         new.update(user)
         pred, share = self.learn_blend(net, on, rating, mask, apply=learn_movies)
         inc.update(share)
@@ -269,27 +257,14 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
         return grown
 
     @contextmanager
-    def network_only(self, base: Tensor | None = None):
+    def network_only(self):
         """Within: ``step``/``forward_sequence`` give the network alone and
-        leave the ``on_*`` state unchanged (the simulator's fast path).
-        ``base``: the online part's predictions of the call's events ([B] for
-        ``step``, [B, T] for ``forward_sequence``), what a residual network
-        corrects; without it the online part is run again with the movie side
-        fixed."""
+        leave the ``on_*`` state unchanged (the simulator's fast path)."""
         old, self._net_only = self._net_only, True
         try:
-            with self._with_base(base if self._needs_base else None):
-                yield self
+            yield self
         finally:
             self._net_only = old
-
-    @contextmanager
-    def _with_base(self, base: Tensor | None):
-        old, self._base = self._base, base
-        try:
-            yield
-        finally:
-            self._base = old
 
     @torch.no_grad()
     def start_network_share(self) -> None:
@@ -333,44 +308,31 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
         a = self.online_weight
         return (1.0 - a) * net + a * on
 
-    def _network_step(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor,
-                      base: Tensor | None = None) -> tuple[State, Tensor]:
-        if self._needs_base and base is None:
-            base = self._base
-            if base is None:
-                base = self.online_part(state, movie, rating, ts)[1]
-        with self._with_base(None if base is None else base.reshape(-1, 1)):
-            return super().step(state, movie, rating, ts)
+    def _network_step(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor) -> tuple[State, Tensor]:
+        return super().step(state, movie, rating, ts)
 
     def step(self, state: State, movie: Tensor, rating: Tensor, ts: Tensor) -> tuple[State, Tensor]:
         new, pred, _ = self.online_step(state, movie, rating, ts)
         return new, pred
 
     def score(self, state: State, movie_ids: Tensor) -> Tensor:
-        if not self.online or (self._net_only and not self.residual):
-            return super().score(state, movie_ids)
-        on = self.online_score(state, movie_ids.to(torch.int64))
-        with self._with_base(on if self.residual else None):
-            net = super().score(state, movie_ids)
-        return net if self._net_only else self._blend(net, on)
+        net = super().score(state, movie_ids)
+        if not self.online or self._net_only:
+            return net
+        return self._blend(net, self.online_score(state, movie_ids.to(torch.int64)))
 
     def forward_sequence(self, movie, rating, ts, mask, *, state=None, return_state=False):
         if state is None:
             state = self.init_state(movie.shape[0], movie.device)
+        out = super().forward_sequence(movie, rating, ts, mask, state=state, return_state=return_state)
         if not self.online:
-            return super().forward_sequence(movie, rating, ts, mask, state=state, return_state=return_state)
-        served = not (self.training or self._net_only)
-        on = user = None
-        if served or (self._needs_base and self._base is None):
-            on, user = self._online_sequence(state, movie, rating, ts, mask)
-        base = (self._base if self._base is not None else on) if self._needs_base else None
-        with self._with_base(base):
-            out = super().forward_sequence(movie, rating, ts, mask, state=state, return_state=return_state)
+            return out
         net, fin = out if return_state else (out, None)
-        if not served:  # training fits the network; the online part learns by itself
+        if self.training or self._net_only:  # training fits the network; the online part learns by itself
             if fin is not None:
                 fin.update({k: state[k] for k in state if k.startswith("on_")})
             return out
+        on, user = self._online_sequence(state, movie, rating, ts, mask)
         pred = self._blend(net, on)
         if not return_state:
             return pred
@@ -387,11 +349,6 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
 
     def _inputs(self, movie: Tensor, rating: Tensor, mf_pred: Tensor, gap: Tensor) -> Tensor:
         r0 = rating - self.global_mean
-        if self.mix_in:
-            on = self._base.reshape(rating.shape)
-            extra = [(rating - on).unsqueeze(-1), (on - self.global_mean).unsqueeze(-1)]
-        else:
-            extra = []
         return torch.cat(
             [
                 lookup(self.item_factors, movie),
@@ -401,14 +358,11 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
                 gap.unsqueeze(-1),
                 torch.ones_like(r0).unsqueeze(-1),
                 self._feats(movie),
-                *extra,
             ],
             -1,
         )
 
     def _predict_state(self, state: State, ids: Tensor) -> Tensor:
-        if self.residual:
-            return self._base + self._user_term(state["h"], ids)
         return self._mf_predict_state(state, ids) + self._user_term(state["h"], ids)
 
     def _cell(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -434,8 +388,7 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
         h_before, hn, cn = self._recurrence(x, L, h0, c0)
         u = self.user_proj(h_before)
         v = self._item_vec(movie)
-        first = self._base if self.residual else mf_pred
-        pred = first + self.user_bias_head(h_before)[..., 0] + (u * v).sum(-1)
+        pred = mf_pred + self.user_bias_head(h_before)[..., 0] + (u * v).sum(-1)
         if want_state:
             has = (L > 0)[:, None]
             extra["h"] = torch.where(has, hn, h0)

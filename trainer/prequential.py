@@ -40,7 +40,6 @@ W=32 window -- loses nothing measurable here.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,13 +187,11 @@ def blend_events(model: RatingModel, net: np.ndarray, on: np.ndarray, rating: np
 @torch.no_grad()
 def sequence_events(
     model: RatingModel, states: State, uidx: np.ndarray, movie: np.ndarray, rating: np.ndarray, ts: np.ndarray,
-    batch_users: int = 256, base: np.ndarray | None = None,
+    batch_users: int = 256,
 ) -> np.ndarray:
     """Same as :func:`step_events` (the equivalence property guarantees it),
     but each user's events of the chunk go through one ``forward_sequence``
-    starting from the user's state -- much faster for long chunks.  ``base``
-    (within ``network_only``): the online part's prediction of each event,
-    what a residual network corrects."""
+    starting from the user's state -- much faster for long chunks."""
     from trainer.sequences import build_sequences, iterate
 
     dev = model.device
@@ -204,16 +201,10 @@ def sequence_events(
     preds = np.empty(len(uidx), dtype=np.float32)
     for b in iterate(seqs, batch_users, dev, max_events=1 << 17):
         u = torch.from_numpy(seqs.users[b.idx]).to(dev)
-        m = b.mask.cpu().numpy()
-        ctx = nullcontext()
-        if base is not None:
-            padded = np.zeros(m.shape, np.float32)
-            padded[m] = base[b.row[m]]
-            ctx = model.network_only(base=torch.from_numpy(padded).to(dev))  # type: ignore[attr-defined]
-        with ctx:
-            pred, fin = model.forward_sequence(b.movie, b.rating, b.ts, b.mask,
-                                               state=mstate.select(states, u), return_state=True)
+        pred, fin = model.forward_sequence(b.movie, b.rating, b.ts, b.mask,
+                                           state=mstate.select(states, u), return_state=True)
         mstate.scatter(states, u, fin)
+        m = b.mask.cpu().numpy()
         preds[b.row[m]] = pred.float().cpu().numpy()[m]
     return preds
 
@@ -330,7 +321,7 @@ def run_prequential(
             _advance_counters(states, *a)
         else:
             with model.network_only():  # type: ignore[attr-defined]
-                net = sequence_events(model, states, *a, base=on)
+                net = sequence_events(model, states, *a)
         preds[lo:hi] = blend_events(model, net, on, rating[lo:hi], batch_events)
         parts[0][lo:hi], parts[1][lo:hi] = net, on
     preds = np.empty(len(df), dtype=np.float32)
@@ -366,8 +357,6 @@ def run_prequential(
         if pos in points and trains:
             t1 = time.perf_counter()
             seen = df.iloc[:pos]
-            if getattr(model, "_needs_base", False) and start == 0:
-                seen = seen.assign(online_pred=parts[1][:pos])
             fit(model, seen, epochs=epochs, lr=lr, l2=l2, batch_users=batch_users, device=device,
                 valid_frac=0.0, seed=seed + finetunes, progress=False)
             model.eval()
@@ -400,6 +389,8 @@ def _advance_counters(states: State, uidx: np.ndarray, movie: np.ndarray, rating
 
 
 def _network_only(model: RatingModel) -> Any:
+    from contextlib import nullcontext
+
     return model.network_only() if _online(model) else nullcontext()  # type: ignore[attr-defined]
 
 

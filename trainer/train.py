@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from contextlib import nullcontext
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,10 +162,6 @@ def fit(
     if n_valid:
         keep = np.isin(valid_seqs.users, np.unique(ratings_df["user_id"].to_numpy()[is_valid]))
         valid_seqs = _subset_users(valid_seqs, keep)
-    base_train = None
-    if getattr(model, "_needs_base", False) and "online_pred" in ratings_df.columns:
-        base_train = ratings_df["online_pred"].to_numpy(np.float32)[~is_valid] if n_valid else \
-            ratings_df["online_pred"].to_numpy(np.float32)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     rep = FitReport(n_train=int(n - n_valid), n_valid=n_valid)
     best = math.inf
@@ -179,12 +174,7 @@ def fit(
         bar = tqdm(batches, desc=f"{model.name} epoch {ep + 1}/{epochs}", disable=not progress, leave=False)
         for idx in bar:
             b = pad(train_seqs, idx, dev)
-            ctx = nullcontext()
-            if base_train is not None:
-                padded = np.where(b.row >= 0, base_train[np.maximum(b.row, 0)], 0.0).astype(np.float32)
-                ctx = model.network_only(base=torch.from_numpy(padded).to(dev))
-            with ctx:
-                pred = model.forward_sequence(b.movie, b.rating, b.ts, b.mask)
+            pred = model.forward_sequence(b.movie, b.rating, b.ts, b.mask)
             err = (pred - b.rating)[b.mask]
             loss = err.pow(2).mean()
             if l2 > 0:
