@@ -31,6 +31,7 @@ from fbp_errors import ConfigError  # noqa: E402  (re-exported: callers import i
 #: fine-tune CPU (README "The network's share and settings that adapt")
 FINETUNE_EPOCHS = 2
 
+
 class KafkaSettings(BaseModel):
     """How to reach Kafka and which topics carry what."""
     model_config = ConfigDict(use_attribute_docstrings=True)

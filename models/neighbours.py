@@ -191,6 +191,18 @@ def similarity(T, x, a, shrink):
 
 
 @numba.njit(cache=True)
+def history_key(hm, he, hn, u):
+    """A hash of user row ``u``'s kept history (count, movies, errors to
+    2^-20): equal for equal histories, whatever row the user has in a batch."""
+    h = np.int64(1469598103934665603)
+    h = (h ^ np.int64(hn[u])) * np.int64(1099511628211)
+    for t in range(min(hn[u], hm.shape[1])):
+        h = (h ^ np.int64(hm[u, t])) * np.int64(1099511628211)
+        h = (h ^ np.int64(round(he[u, t] * 1048576.0))) * np.int64(1099511628211)
+    return h
+
+
+@numba.njit(cache=True)
 def _events(base, y, row, movie, hm, he, hn, T, starts, k, shrink, lam, probes, learn, out):
     H = hm.shape[1]
     cap = T.shape[0]
@@ -201,7 +213,7 @@ def _events(base, y, row, movie, hm, he, hn, T, starts, k, shrink, lam, probes, 
     for r in range(len(starts) - 1):
         width = max(width, starts[r + 1] - starts[r])
     at = np.empty((width, H), np.int32)  # each pair's slot, found once for the vote and the learning
-    key = np.empty(width)
+    key = np.empty(width, np.int64)
     key2 = np.empty(width)
     one = np.zeros(1, np.int64)
     for r in range(len(starts) - 1):
@@ -223,11 +235,10 @@ def _events(base, y, row, movie, hm, he, hn, T, starts, k, shrink, lam, probes, 
         # so that evictions too are the same however the users are laid out
         if r1 - r0 > 1:
             # ties (same movie, same error: e.g. two exact predictions) broken
-            # by the users' own histories (count, last movie), never by rows
+            # by the users' whole histories, never by rows: events still tied
+            # then learn the same sums, so their order changes nothing
             for i in range(r0, r1):
-                u = row[i]
-                last = hm[u, (hn[u] - 1) % H] if hn[u] > 0 else -1
-                key[i - r0] = float(hn[u]) * 4294967296.0 + float(last)
+                key[i - r0] = history_key(hm, he, hn, row[i])
             order = np.argsort(key[: r1 - r0], kind="mergesort")
             for q in range(r1 - r0):
                 i = r0 + order[q]
