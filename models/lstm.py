@@ -76,13 +76,13 @@ from models.online_part import OnlinePart
 #: the fixed blend weight of the online part before the learned share (kept
 #: for the simulator's ``lstm-hedge``; ``online_weight=None`` learns it)
 ONLINE_WEIGHT = 0.8
+#: the ridge on the network's user bias (the MF family's is 5): chosen with
+#: the network's learning rate (``trainer.train.TRAIN_DEFAULTS``) on ML-100K's
+#: first half by time, checked on a synthetic stream
+#: (``docs/results/issue22/network_half_tune.py``)
+LAMBDA_U = 20.0
 #: the network's share when a fine-tune's judge compares networks (:meth:`LSTMModel.judging`)
 JUDGE_SHARE = 1.0 - ONLINE_WEIGHT
-
-
-def online_gap(gap_s: Tensor) -> Tensor:
-    """Log time gap that resolves seconds and minutes: log1p(seconds) / log1p(1 year)."""
-    return torch.log1p(gap_s.clamp(min=0).to(torch.float32)) / 17.3
 
 
 class LSTMModel(OnlinePart, UserVectorHead, MFModel):
@@ -94,8 +94,8 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
                  n_user_features: int = 0, online_members: list | None = None,
                  hedge: dict | None = None, user_genre: dict | bool | None = None,
                  movie_side_owners: int | None = None, neighbours: dict | bool = True,
-                 shared_movie_side: bool | None = None, **kw) -> None:
-        super().__init__(k=k, **kw)
+                 shared_movie_side: bool | None = None, lambda_u: float = LAMBDA_U, **kw) -> None:
+        super().__init__(k=k, lambda_u=lambda_u, **kw)
         self.online = bool(online)
         #: None: the network's share is learned on the stream (``net_w``); a
         #: number: the online part's fixed weight (1: the online part alone)
