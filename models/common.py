@@ -71,33 +71,23 @@ def incl_total(start: Tensor, x: Tensor) -> Tensor:
     return torch.cumsum(torch.cat([start.unsqueeze(1), x], 1), 1)[:, -1]
 
 
-def decayed_sums(start: Tensor, x: Tensor, L: Tensor, decay: float, chunk: int = 32) -> tuple[Tensor, Tensor]:
-    """Forgetting running sums ``S <- decay * S + x`` along dim 1 of ``x``
-    [B, T, ...] from ``start`` [B, ...]: (the sums *before* each position
-    [B, T, ...], the sums after each row's first ``L`` positions [B, ...]).
-    Padding past ``L`` must be zero.  Computed in float64 chunk by chunk (the
-    rescaling ``decay ** -t`` stays within ``decay ** -chunk``), so it equals
-    ``step``'s repeated float32 updates to rounding for any length."""
-    B, T = x.shape[:2]
-    g = float(decay)
-    xs = torch.cat([x.double(), torch.zeros_like(x[:, :1], dtype=torch.float64)], 1)  # T + 1 positions
-    carry = start.double()
-    outs = []
-    tail = (1,) * (x.dim() - 2)
-    for a in range(0, T + 1, chunk):
-        blk = xs[:, a:a + chunk]
-        n = blk.shape[1]
-        t = torch.arange(n, dtype=torch.float64, device=x.device)
-        up = (g ** -(t + 1)).view(1, n, *tail)  # x_s enters as decay^-(s+1)
-        down = (g ** t).view(1, n, *tail)
-        inner = torch.cumsum(blk * up, 1) - blk * up  # exclusive
-        before = down * (carry.unsqueeze(1) + inner)
-        outs.append(before)
-        carry = (g ** n) * (carry + (blk * up).sum(1))
-    allb = torch.cat(outs, 1)  # [B, T + 1, ...]: position t holds the sums before event t
-    idx = L.view(B, 1, *tail).expand(B, 1, *allb.shape[2:])
-    final = allb.gather(1, idx)[:, 0]
-    return allb[:, :T].to(x.dtype), final.to(x.dtype)
+def ragged_sums(start: Tensor, x: Tensor, row: Tensor) -> tuple[Tensor, Tensor]:
+    """Running sums over the real events of a padded batch, flattened: ``x``
+    [N, ...] holds them row by row in order (``mask.nonzero()`` order) and
+    ``row`` [N] says whose each is.  Returns (each event's sums *before* it,
+    starting from ``start[row]``, in float64 [N, ...]; each row's total after
+    its events [B, ...], ``start``'s dtype).  One cumsum over the N events,
+    not over the [B, T] block, which is mostly padding when a few users have
+    many events.  Float64, so taking each row's offset out of the running
+    total loses nothing, and ``step``'s float32 ``+=`` agrees to rounding."""
+    xd = x.double()
+    excl = torch.cumsum(xd, 0) - xd
+    first = torch.ones_like(row, dtype=torch.bool)
+    first[1:] = row[1:] != row[:-1]
+    seg = torch.cumsum(first.to(torch.int64), 0) - 1
+    before = start.double()[row] + excl - excl[first][seg]
+    total = start.double().index_add(0, row, xd)
+    return before, total.to(start.dtype)
 
 
 def gap_feature(gap_s: Tensor) -> Tensor:

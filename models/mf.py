@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from models.base import State, StateSpec
-from models.common import StatefulModel, decayed_sums, excl_cumsum, incl_total, lookup, user_item_dot
+from models.common import StatefulModel, lookup, ragged_sums, user_item_dot
 
 
 class MFModel(StatefulModel):
@@ -33,14 +33,9 @@ class MFModel(StatefulModel):
     movie_tables = ("movie_bias", "movie_features", "item_factors")
     uses_resid_bias = False
 
-    def __init__(self, k: int = 10, lambda_f: float = 5.0, init_std: float = 0.1, decay: float = 1.0, **kw) -> None:
+    def __init__(self, k: int = 10, lambda_f: float = 5.0, init_std: float = 0.1, **kw) -> None:
         super().__init__(**kw)
-        if not 0.5 <= float(decay) <= 1.0:
-            raise ValueError(f"decay must be between 0.5 and 1 (it is {decay})")
-        self._hp.update(k=int(k), lambda_f=float(lambda_f), init_std=float(init_std), decay=float(decay))
-        #: each event's weight in the ridge statistics shrinks by this factor per
-        #: later event of the user (1: every event counts forever)
-        self.decay = float(decay)
+        self._hp.update(k=int(k), lambda_f=float(lambda_f), init_std=float(init_std))
         self.k = int(k)
         self.lambda_f = float(lambda_f)
         self.item_factors = self._emb(self.capacity, self.k, init_std)
@@ -71,35 +66,21 @@ class MFModel(StatefulModel):
     def _mf_step(self, state: State, movie: Tensor, rating: Tensor) -> State:
         qt = self._qt(movie)
         y = rating - self.global_mean - self._bias(movie)
-        outer, by = qt[:, :, None] * qt[:, None, :], qt * y[:, None]
-        if self.decay != 1.0:
-            return {"A": self.decay * state["A"] + outer, "b": self.decay * state["b"] + by}
-        return {"A": state["A"] + outer, "b": state["b"] + by}
+        return {"A": state["A"] + qt[:, :, None] * qt[:, None, :], "b": state["b"] + qt * y[:, None]}
 
     def _mf_sequence(self, state: State, movie: Tensor, rating: Tensor, mask: Tensor, want_state: bool):
-        mf = mask.to(torch.float32)
-        qt = self._qt(movie) * mf[..., None]  # [B,T,K]
-        y = (rating - self.global_mean - self._bias(movie)) * mf
-        outer = qt[..., :, None] * qt[..., None, :]  # [B,T,K,K]
-        by = qt * y[..., None]
-        if self.decay != 1.0:
-            L = mask.sum(1)
-            A_before, A_fin = decayed_sums(state["A"], outer, L, self.decay)
-            b_before, b_fin = decayed_sums(state["b"], by, L, self.decay)
-        else:
-            A_before = excl_cumsum(state["A"], outer)
-            b_before = excl_cumsum(state["b"], by)
-        # solved at real events only: a batch's [B, T] block is mostly padding
-        # when a few users have many events (the same systems, the same numbers)
-        p = torch.zeros_like(b_before)  # [B,T,K]
-        p[mask] = self._solve(A_before[mask], b_before[mask])
-        pred = self.global_mean + self._bias(movie) + (self._qt(movie) * p).sum(-1)
-        extra = {}
-        if want_state:
-            if self.decay != 1.0:
-                extra = {"A": A_fin, "b": b_fin}
-            else:
-                extra = {"A": incl_total(state["A"], outer), "b": incl_total(state["b"], by)}
+        # over the real events only, flattened row by row (a batch's [B, T]
+        # block is mostly padding when a few users have many events): the
+        # same systems, the same numbers, without [B, T, K, K] statistics
+        row, col = mask.nonzero(as_tuple=True)
+        ids = movie[row, col]
+        qt = self._qt(ids)  # [N, K]
+        y = rating[row, col] - self.global_mean - self._bias(ids)
+        A_before, A_after = ragged_sums(state["A"], qt[:, :, None] * qt[:, None, :], row)
+        b_before, b_after = ragged_sums(state["b"], qt * y[:, None], row)
+        dot = (qt * self._solve(A_before, b_before)).sum(-1)
+        pred = self.global_mean + self._bias(movie) + torch.zeros_like(rating).index_put((row, col), dot)
+        extra = {"A": A_after, "b": b_after} if want_state else {}
         return pred, extra
 
     def _predict_state(self, state: State, ids: Tensor) -> Tensor:
