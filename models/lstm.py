@@ -49,9 +49,9 @@ part alone is the evaluable family ``online`` (:mod:`models.online_model`,
 ``network_weight`` 0), so ``fbp evaluate --models lstm,online`` measures the
 network's share.
 
-State bytes per user (defaults hidden=32, k=4, W=32): 1060 (1038 payload + 22
-header) without the online part, 1540 with it (five members' user sides, their
-losses, the side features).
+State bytes per user (defaults hidden=32, k=12, W=32): 1668 without the
+online part (1060 at k=4), 2860 with it (seven members' user sides, their
+losses and the neighbourhood's history; no genres).
 """
 
 from __future__ import annotations
@@ -76,11 +76,15 @@ from models.online_part import OnlinePart
 #: the fixed blend weight of the online part before the learned share (kept
 #: for the simulator's ``lstm-hedge``; ``online_weight=None`` learns it)
 ONLINE_WEIGHT = 0.8
-#: the ridge on the network's user bias (the MF family's is 5): chosen with
-#: the network's learning rate (``trainer.train.TRAIN_DEFAULTS``) on ML-100K's
-#: first half by time, checked on a synthetic stream
-#: (``docs/results/issue22/network_half_tune.py``)
-LAMBDA_U = 20.0
+#: the network's MF: its number of factors and the ridges on the user's
+#: factors and bias (the MF family's are 10, 5 and 5).  Chosen with the
+#: network's learning rate (``trainer.train.TRAIN_DEFAULTS``) on ML-100K's
+#: first half by time and on a synthetic stream (``synthetic:50000:7``), by
+#: the mean change of the two RMSEs (``docs/results/issue22/network_half_tune.py``,
+#: ``network-half-tune.json``, rounds 5 to 7)
+K = 12
+LAMBDA_F = 2.0
+LAMBDA_U = 50.0
 #: the network's share when a fine-tune's judge compares networks (:meth:`LSTMModel.judging`)
 JUDGE_SHARE = 1.0 - ONLINE_WEIGHT
 
@@ -89,13 +93,14 @@ class LSTMModel(OnlinePart, UserVectorHead, MFModel):
     name = "lstm"
     movie_tables = ("movie_bias", "movie_features", "item_factors")
 
-    def __init__(self, hidden: int = 32, item_dim: int = 16, k: int = 4, online: bool = True,
+    def __init__(self, hidden: int = 32, item_dim: int = 16, k: int = K, online: bool = True,
                  online_weight: float | None = None, online_cfg: dict | None = None,
                  n_user_features: int = 0, online_members: list | None = None,
                  hedge: dict | None = None, user_genre: dict | bool | None = None,
                  movie_side_owners: int | None = None, neighbours: dict | bool = True,
-                 shared_movie_side: bool | None = None, lambda_u: float = LAMBDA_U, **kw) -> None:
-        super().__init__(k=k, lambda_u=lambda_u, **kw)
+                 shared_movie_side: bool | None = None, lambda_u: float = LAMBDA_U,
+                 lambda_f: float = LAMBDA_F, **kw) -> None:
+        super().__init__(k=k, lambda_u=lambda_u, lambda_f=lambda_f, **kw)
         self.online = bool(online)
         #: None: the network's share is learned on the stream (``net_w``); a
         #: number: the online part's fixed weight (1: the online part alone)

@@ -17,7 +17,8 @@ Blob layout (all little-endian)::
 The payload uses each tensor's dtype from ``state_spec`` (float32, int64,
 int16).  Bytes per user at default hparams (W=32; payload + header):
 baseline 670 + 26 = 696, cnn (k=8) 1022 + 21 = 1043, mf (k=10) 1190 + 20 = 1210,
-lstm (hidden=32, k=4, with its online user side) 1130 + 22 = 1152, toy 662 + 21 = 683.  The generic part (count, mean,
+lstm (hidden=32, k=12, with its online part's user side and no genres) 2838 + 22 = 2860,
+toy 662 + 21 = 683.  The generic part (count, mean,
 last_ts, window of 32 events, win_len) is 662 bytes of that.
 
 Model version changes keep the layout (same fingerprint) but make a user's
