@@ -78,8 +78,8 @@ epoch 0.9553 (k=8); l2 3e-3 0.9536 (k=8).  The genre/year movie-bias prior
 took mf from 0.9608 to 0.9573; the warm-up fine-tunes from 0.9573 to 0.9543.
 These notes were measured on the full stream, the one scored above (the
 network alone, before the online part); issue #22 re-chose the served
-network's settings on ML-100K's first half by time
-(``docs/results/issue22/network_half_tune.py``; README).
+network's settings (now k=12) on ML-100K's first half by time and on a
+synthetic stream (``docs/results/issue22/network_half_tune.py``; README).
 """
 
 from __future__ import annotations
