@@ -1,5 +1,7 @@
 """CPU cost per event of ``Predictor.process`` alone (no Kafka, no Faust), on
-real Redis: ``python -m bench.predictor_cpu [BATCH ...]``.
+real Redis: ``python -m bench.predictor_cpu [BATCH ...] [HPARAMS]``, where
+``HPARAMS`` is the served lstm's hyper-parameters as JSON (``'{"k": 4}'``;
+default: the lstm's defaults), to compare two settings side by side.
 
 Measured in process CPU time (torch on one thread), so other load on a shared
 machine barely moves it; the Redis server's own CPU is not included.  Each
@@ -18,6 +20,7 @@ measures the frozen movie side, without its Redis reads and increments.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 import uuid
@@ -25,7 +28,7 @@ import uuid
 import torch
 
 
-async def _run(batch: int, n: int = 20_000) -> tuple[float, dict[str, float]]:
+async def _run(batch: int, hparams: dict, n: int = 20_000) -> tuple[float, dict[str, float]]:
     from core.settings import get_settings
     from models.registry import build
     from core.events import KafkaRecord, RatingEvent, encode_rating, rating_key
@@ -46,7 +49,7 @@ async def _run(batch: int, n: int = 20_000) -> tuple[float, dict[str, float]]:
 
     torch.manual_seed(0)
     store = StateStore.from_settings(client, s.redis.model_copy(update={"key_prefix": prefix}))
-    p = make_predictor(s, build("lstm"), store, send)
+    p = make_predictor(s, build("lstm", **hparams), store, send)
     torch.set_num_threads(1)
     # keyed by user id as a correct producer keys them (an unkeyed record would
     # take the re-key path and measure something else)
@@ -70,8 +73,10 @@ async def _run(batch: int, n: int = 20_000) -> tuple[float, dict[str, float]]:
 
 
 def main() -> None:
-    for b in [int(x) for x in sys.argv[1:]] or [128, 512, 2048]:
-        cpu_us, stages = asyncio.run(_run(b))
+    args = sys.argv[1:]
+    hparams = json.loads(args.pop()) if args and args[-1].lstrip().startswith("{") else {}
+    for b in [int(x) for x in args] or [128, 512, 2048]:
+        cpu_us, stages = asyncio.run(_run(b, hparams))
         per_stage = "  ".join(f"{k} {v:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1]))
         print(f"batch {b:5d}: {cpu_us:6.1f} us CPU per event; stages (wall us per event): {per_stage}")
 
