@@ -176,7 +176,11 @@ def test_foreign_clients_keyed_unkeyed_and_miskeyed_through_one_worker(stack, ns
     pid = worker.popen.pid
     valid: list[dict] = []
     bad: list[str] = []  # expected DLQ reasons
-    consumer = ConsoleConsumer(stack, ns.predictions, tmp_path / "predictions.txt")
+    try:  # a consumer that cannot start must not leave the worker holding its port
+        consumer = ConsoleConsumer(stack, ns.predictions, tmp_path / "predictions.txt")
+    except BaseException:
+        worker.stop()
+        raise
     try:
         # Kafka's console producer, keyed and unkeyed.
         cp_keyed = [ev(f"cp-k{i}", 301 + i % 2, 50 + i) for i in range(4)]
